@@ -1,0 +1,283 @@
+//! The admin listener: health, readiness, metrics, the rules in force, reload, and the fleet
+//! census. It binds to loopback by default and never shares the device port. Mutating
+//! endpoints need `Authorization: Bearer <token>`, compared in constant time.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use crate::duration::format_duration;
+use crate::gate::{Gate, ReloadOutcome};
+use crate::rules::{Action, RuleSet};
+
+/// The admin API's bearer token; never logged, never shown.
+#[derive(Clone, Default)]
+pub struct AdminToken(Option<Arc<str>>);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "AdminToken(set)" } else { "AdminToken(unset)" })
+    }
+}
+
+impl AdminToken {
+    /// A configured token (surrounding whitespace, e.g. a trailing newline, is ignored).
+    pub fn new(token: &str) -> AdminToken {
+        let t = token.trim();
+        AdminToken((!t.is_empty()).then(|| Arc::from(t)))
+    }
+
+    /// No token: mutating endpoints answer 403 with how to configure one.
+    pub fn none() -> AdminToken {
+        AdminToken(None)
+    }
+
+    /// Whether a token is configured.
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn check(&self, headers: &http::HeaderMap) -> Result<(), Response<Full<Bytes>>> {
+        let Some(expected) = &self.0 else {
+            return Err(json_response(StatusCode::FORBIDDEN, &json!({"error": "no admin token configured: set [admin] token_file in fwgate.toml or the FWGATE_ADMIN_TOKEN environment variable, then restart"})));
+        };
+        let presented = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+            Ok(())
+        } else {
+            Err(json_response(
+                StatusCode::UNAUTHORIZED,
+                &json!({"error": "missing or wrong bearer token"}),
+            ))
+        }
+    }
+}
+
+/// Compares without an early exit on the first differing byte (timing does not leak the token).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// Everything the admin endpoints need.
+pub struct Admin {
+    /// The admission state.
+    pub gate: Arc<Gate>,
+    /// Bearer token for mutating endpoints.
+    pub token: AdminToken,
+}
+
+/// Serves the admin API until `shutdown` resolves.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(route(&admin, req).await) }
+            });
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let gate = &admin.gate;
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if gate.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(gate.metrics.encode())));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        (&Method::GET, "/v1/rules") => json_response(StatusCode::OK, &rules_json(gate)),
+        (&Method::POST, "/v1/reload") => {
+            if let Err(r) = admin.token.check(req.headers()) {
+                return r;
+            }
+            match gate.reload(false).await {
+                Ok(ReloadOutcome::Applied {
+                    generation,
+                    closing,
+                }) => json_response(
+                    StatusCode::OK,
+                    &json!({"result": "applied", "generation": generation, "closing_connections": closing}),
+                ),
+                Ok(ReloadOutcome::Unchanged { generation }) => json_response(
+                    StatusCode::OK,
+                    &json!({"result": "unchanged", "generation": generation}),
+                ),
+                Err(errors) => json_response(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &json!({"result": "error", "generation": gate.rules().source.generation,
+                            "error": errors.to_string(),
+                            "note": "the previous rules stay in force"}),
+                ),
+            }
+        }
+        (&Method::GET, "/v1/versions") => json_response(StatusCode::OK, &gate.census.report(gate)),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/rules" | "/v1/reload" | "/v1/versions") => {
+            json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": format!("{} is not allowed on {path}", req.method())}),
+            )
+        }
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "not found", "endpoints": ["GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/rules", "POST /v1/reload", "GET /v1/versions"]}),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// A JSON response (pretty-printed: operators read these with curl).
+pub fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_else(|_| b"{}".to_vec());
+    body.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// The rules in force as JSON (for `/v1/rules`).
+pub fn rules_json(gate: &Gate) -> Value {
+    let rules = gate.rules();
+    let status = gate.reload_status();
+    let mut v = rule_set_json(&rules);
+    v["last_error"] = status.last_error.map(Value::from).unwrap_or(Value::Null);
+    v["last_reload_attempt_unix"] = status.last_attempt_unix.map(Value::from).unwrap_or(Value::Null);
+    v
+}
+
+/// A rule set as JSON.
+pub fn rule_set_json(rules: &RuleSet) -> Value {
+    let action = |a: &Action| match a {
+        Action::Allow => json!({"action": "allow"}),
+        Action::Deny(r) => json!({
+            "action": "deny",
+            "status": r.status.as_u16(),
+            "retry_after": r.retry_after.map(format_duration),
+            "jitter": r.jitter,
+        }),
+    };
+    let list: Vec<Value> = rules
+        .rules
+        .iter()
+        .map(|r| {
+            let mut v = action(&r.decider.action);
+            v["name"] = json!(&*r.decider.name);
+            v["versions"] = json!(r.range.as_str());
+            v["mode"] = json!(r.mode.as_str());
+            v["path_prefix"] = json!(r.path_prefix.as_deref());
+            v["close_existing"] = json!(r.decider.close_existing);
+            v["drain"] = json!(format_duration(r.decider.drain));
+            v["line"] = json!(r.line);
+            v
+        })
+        .collect();
+    json!({
+        "generation": rules.source.generation,
+        "source": rules.source.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<embedded>".into()),
+        "content_hash": rules.source.content_hash,
+        "loaded_at_unix": rules.source.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "ordering": rules.ordering.as_str(),
+        "version_sources": rules.version_sources.sources().iter().map(|s| s.describe()).collect::<Vec<_>>(),
+        "device_id_sources": rules.device_sources.sources().iter().map(|s| s.describe()).collect::<Vec<_>>(),
+        "defaults": {
+            "action": action(&rules.defaults.no_match.action),
+            "missing": action(&rules.defaults.missing.action),
+            "unparseable": action(&rules.defaults.unparseable.action),
+        },
+        "rules": list,
+        "warnings": rules.warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn token_is_trimmed_and_never_debug_printed() {
+        let t = AdminToken::new("s3cret\n");
+        assert!(t.is_set());
+        assert!(!format!("{t:?}").contains("s3cret"));
+        let mut h = http::HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer s3cret"));
+        assert!(t.check(&h).is_ok());
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer nope"));
+        assert_eq!(t.check(&h).unwrap_err().status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            AdminToken::none().check(&h).unwrap_err().status(),
+            StatusCode::FORBIDDEN
+        );
+    }
+}

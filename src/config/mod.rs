@@ -1,0 +1,469 @@
+//! Process settings (`fwgate.toml`): listeners, upstream, admin, logging, file locations.
+//!
+//! Two stages: [`RawConfig`] mirrors the file (`deny_unknown_fields`, so a typo is an error, not
+//! a silently ignored key), then [`Config::from_toml`] validates everything at once and resolves
+//! relative paths against the config file's directory. The rest of the crate sees only [`Config`].
+//! The rules file, which operators edit and fwgate hot-reloads, is [`crate::rules::file`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::diag::{FileError, FileErrors};
+use crate::duration::parse_duration;
+
+/// Where devices connect when no config says otherwise.
+pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:8080";
+/// The backend fwgate protects when no config says otherwise.
+pub const DEFAULT_UPSTREAM_ADDR: &str = "127.0.0.1:9000";
+/// Loopback only: the admin API can change what the fleet may do.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9901";
+/// How long to wait for a TCP connection to the backend before answering 504.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for the backend's response head before answering 504 (nginx's proxy_read_timeout).
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an idle pooled backend connection is kept for reuse.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle backend connections kept for reuse; bounds file descriptors held for nothing.
+pub const DEFAULT_POOL_MAX_IDLE: usize = 256;
+/// Slowloris bound: a client must send its whole request head within this time.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on the bytes of one request head (request line plus headers); over it the answer is 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Refusal access-log lines per second before lines are sampled (a storm must not flood the log).
+pub const DEFAULT_REFUSAL_LOG_PER_SECOND: u32 = 50;
+
+/// The configuration fwgate runs with when started without `--config`: listen on 8080, forward
+/// to 127.0.0.1:9000, admit everything. Deliberately minimal and safe.
+pub const EMBEDDED_CONFIG: &str = r#"# built-in default configuration (fwgate run without --config)
+[listen]
+addr = "0.0.0.0:8080"
+[upstream]
+addr = "127.0.0.1:9000"
+[admin]
+addr = "127.0.0.1:9901"
+"#;
+
+/// `fwgate.toml` exactly as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Path of the rules file; relative to this file's directory. Default: embedded admit-all rules.
+    pub rules: Option<Spanned<String>>,
+    /// Directory for persisted state (kill-switch entries); relative to this file's directory.
+    pub state_dir: Option<Spanned<String>>,
+    /// The device-facing listener.
+    #[serde(default)]
+    pub listen: RawListen,
+    /// The backend.
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    /// The admin listener.
+    #[serde(default)]
+    pub admin: RawAdmin,
+    /// Logging.
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+/// `[listen]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    /// `host:port` to accept devices on. Default `0.0.0.0:8080`.
+    pub addr: Option<Spanned<String>>,
+    /// Time allowed to receive a whole request head, e.g. `"10s"`.
+    pub header_read_timeout: Option<Spanned<String>>,
+    /// Maximum bytes in a request head (at least 8192). Default 16384.
+    pub max_header_bytes: Option<Spanned<i64>>,
+}
+
+/// `[upstream]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// `host:port` of the backend. Default `127.0.0.1:9000`.
+    pub addr: Option<Spanned<String>>,
+    /// TCP connect timeout, e.g. `"5s"`; past it the client gets 504.
+    pub connect_timeout: Option<Spanned<String>>,
+    /// Time to the backend's response head, e.g. `"60s"`; past it the client gets 504.
+    pub response_timeout: Option<Spanned<String>>,
+    /// How long idle pooled connections are kept, e.g. `"90s"`.
+    pub pool_idle_timeout: Option<Spanned<String>>,
+    /// How many idle pooled connections are kept. Default 256.
+    pub pool_max_idle: Option<Spanned<i64>>,
+}
+
+/// `[admin]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// `host:port` of the admin API. Default `127.0.0.1:9901` (loopback).
+    pub addr: Option<Spanned<String>>,
+    /// File holding the bearer token for mutating endpoints (or set `FWGATE_ADMIN_TOKEN`).
+    pub token_file: Option<Spanned<String>>,
+}
+
+/// `[log]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// `"text"` (default) or `"json"`.
+    pub format: Option<Spanned<String>>,
+    /// Whether to write one access-log line per decision. Default true.
+    pub access: Option<bool>,
+    /// Refusal lines per second before sampling starts. Default 50.
+    pub refusal_lines_per_second: Option<Spanned<i64>>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable key=value lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Validated process configuration; every field has its final value.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from (None for the embedded default).
+    pub source: Option<PathBuf>,
+    /// The rules file to load and watch (None: the embedded admit-all rules).
+    pub rules_path: Option<PathBuf>,
+    /// Where kill-switch state is persisted (None: kept in memory only, with a warning).
+    pub state_dir: Option<PathBuf>,
+    /// Device-facing listener settings.
+    pub listen: ListenConfig,
+    /// Backend settings.
+    pub upstream: UpstreamConfig,
+    /// Admin API settings.
+    pub admin: AdminConfig,
+    /// Logging settings.
+    pub log: LogConfig,
+}
+
+/// Validated `[listen]`.
+#[derive(Debug, Clone)]
+pub struct ListenConfig {
+    /// Address to bind for devices.
+    pub addr: SocketAddr,
+    /// Time allowed to receive a request head.
+    pub header_read_timeout: Duration,
+    /// Maximum request-head size in bytes.
+    pub max_header_bytes: usize,
+}
+
+/// Validated `[upstream]`.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Backend address as written (`host:port`); resolved on connect.
+    pub addr: String,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Time to the response head.
+    pub response_timeout: Duration,
+    /// Idle pooled connection lifetime.
+    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections kept.
+    pub pool_max_idle: usize,
+}
+
+/// Validated `[admin]`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address to bind the admin API.
+    pub addr: SocketAddr,
+    /// Token file, if configured (the token itself is read at start and never logged).
+    pub token_file: Option<PathBuf>,
+}
+
+/// Validated `[log]`.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// Access log on or off.
+    pub access: bool,
+    /// Refusal lines per second before sampling.
+    pub refusal_lines_per_second: u32,
+}
+
+impl Config {
+    /// The embedded default configuration.
+    pub fn embedded() -> Config {
+        // The embedded text is a constant checked by a unit test, so this cannot fail at runtime;
+        // fall back to a hand-built value anyway rather than panic.
+        Config::from_toml(EMBEDDED_CONFIG, None).unwrap_or_else(|_| Config {
+            source: None,
+            rules_path: None,
+            state_dir: None,
+            listen: ListenConfig {
+                addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+                header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+                max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            },
+            upstream: UpstreamConfig {
+                addr: DEFAULT_UPSTREAM_ADDR.to_string(),
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+                pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+                pool_max_idle: DEFAULT_POOL_MAX_IDLE,
+            },
+            admin: AdminConfig {
+                addr: SocketAddr::from(([127, 0, 0, 1], 9901)),
+                token_file: None,
+            },
+            log: LogConfig {
+                format: LogFormat::Text,
+                access: true,
+                refusal_lines_per_second: DEFAULT_REFUSAL_LOG_PER_SECOND,
+            },
+        })
+    }
+
+    /// Reads and validates a config file, reporting every problem with file:line:column.
+    pub fn load(path: &Path) -> Result<Config, FileErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| FileError::whole(path, format!("cannot read config file: {e}")))?;
+        Config::from_toml(&text, Some(path))
+    }
+
+    /// Validates config text; `path` names the file in errors and anchors relative paths.
+    pub fn from_toml(text: &str, path: Option<&Path>) -> Result<Config, FileErrors> {
+        let shown = path.unwrap_or(Path::new("<embedded fwgate.toml>"));
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| FileError::from_toml(shown, text, &e))?;
+        let base = path
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let mut errors = Vec::new();
+        let mut v = Validator {
+            path: shown,
+            text,
+            errors: &mut errors,
+        };
+
+        let listen = ListenConfig {
+            addr: v.socket_addr(&raw.listen.addr, DEFAULT_LISTEN_ADDR),
+            header_read_timeout: v.duration(
+                &raw.listen.header_read_timeout,
+                DEFAULT_HEADER_READ_TIMEOUT,
+            ),
+            max_header_bytes: v.bounded_int(
+                &raw.listen.max_header_bytes,
+                DEFAULT_MAX_HEADER_BYTES,
+                8192,
+                1 << 20,
+            ),
+        };
+        let upstream = UpstreamConfig {
+            addr: v.host_port(&raw.upstream.addr, DEFAULT_UPSTREAM_ADDR),
+            connect_timeout: v.duration(&raw.upstream.connect_timeout, DEFAULT_CONNECT_TIMEOUT),
+            response_timeout: v.duration(&raw.upstream.response_timeout, DEFAULT_RESPONSE_TIMEOUT),
+            pool_idle_timeout: v.duration(
+                &raw.upstream.pool_idle_timeout,
+                DEFAULT_POOL_IDLE_TIMEOUT,
+            ),
+            pool_max_idle: v.bounded_int(
+                &raw.upstream.pool_max_idle,
+                DEFAULT_POOL_MAX_IDLE,
+                0,
+                1 << 20,
+            ),
+        };
+        let admin = AdminConfig {
+            addr: v.socket_addr(&raw.admin.addr, DEFAULT_ADMIN_ADDR),
+            token_file: raw.admin.token_file.as_ref().map(|p| base.join(p.get_ref())),
+        };
+        if let Some(a) = &raw.admin.addr {
+            if admin.addr == listen.addr {
+                v.error(a.span().start, "[admin] addr must differ from [listen] addr: the admin API never shares the device port");
+            }
+        }
+        let format = match raw.log.format.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("text", _)) => LogFormat::Text,
+            Some(("json", _)) => LogFormat::Json,
+            Some((other, span)) => {
+                v.error(
+                    span.start,
+                    format!("[log] format must be \"text\" or \"json\", not {other:?}"),
+                );
+                LogFormat::Text
+            }
+        };
+        let log = LogConfig {
+            format,
+            access: raw.log.access.unwrap_or(true),
+            refusal_lines_per_second: v.bounded_int(
+                &raw.log.refusal_lines_per_second,
+                DEFAULT_REFUSAL_LOG_PER_SECOND as usize,
+                0,
+                1_000_000,
+            ) as u32,
+        };
+        let rules_path = raw.rules.as_ref().map(|p| base.join(p.get_ref()));
+        let state_dir = raw.state_dir.as_ref().map(|p| base.join(p.get_ref()));
+        if errors.is_empty() {
+            Ok(Config {
+                source: path.map(Path::to_path_buf),
+                rules_path,
+                state_dir,
+                listen,
+                upstream,
+                admin,
+                log,
+            })
+        } else {
+            Err(FileErrors(errors))
+        }
+    }
+}
+
+/// Collects every validation error of one file instead of stopping at the first.
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+    errors: &'a mut Vec<FileError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, offset: usize, message: impl Into<String>) {
+        self.errors
+            .push(FileError::at(self.path, self.text, offset, message));
+    }
+
+    fn socket_addr(&mut self, value: &Option<Spanned<String>>, default: &str) -> SocketAddr {
+        let fallback = || SocketAddr::from(([127, 0, 0, 1], 0));
+        match value {
+            None => default.parse().unwrap_or_else(|_| fallback()),
+            Some(s) => s.get_ref().parse().unwrap_or_else(|_| {
+                self.error(
+                    s.span().start,
+                    format!(
+                        "{:?} is not an IP:port address (e.g. \"0.0.0.0:8080\" or \"[::]:8080\")",
+                        s.get_ref()
+                    ),
+                );
+                fallback()
+            }),
+        }
+    }
+
+    fn host_port(&mut self, value: &Option<Spanned<String>>, default: &str) -> String {
+        match value {
+            None => default.to_string(),
+            Some(s) => {
+                let text = s.get_ref();
+                let ok = text
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+                if !ok {
+                    self.error(
+                        s.span().start,
+                        format!("{text:?} is not host:port (e.g. \"127.0.0.1:9000\" or \"backend.internal:9000\")"),
+                    );
+                }
+                text.clone()
+            }
+        }
+    }
+
+    fn duration(&mut self, value: &Option<Spanned<String>>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(s) => parse_duration(s.get_ref()).unwrap_or_else(|e| {
+                self.error(s.span().start, e);
+                default
+            }),
+        }
+    }
+
+    fn bounded_int(
+        &mut self,
+        value: &Option<Spanned<i64>>,
+        default: usize,
+        min: usize,
+        max: usize,
+    ) -> usize {
+        match value {
+            None => default,
+            Some(s) => {
+                let n = *s.get_ref();
+                if n < min as i64 || n > max as i64 {
+                    self.error(
+                        s.span().start,
+                        format!("{n} is out of range: must be between {min} and {max}"),
+                    );
+                    default
+                } else {
+                    n as usize
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_admits_on_8080() {
+        let c = Config::from_toml(EMBEDDED_CONFIG, None).expect("embedded config must parse");
+        assert_eq!(c.listen.addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.upstream.addr, "127.0.0.1:9000");
+        assert!(c.admin.addr.ip().is_loopback());
+        assert!(c.rules_path.is_none());
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let c = Config::from_toml(
+            "rules = \"rules.toml\"\nstate_dir = \"state\"\n[admin]\ntoken_file = \"admin.token\"\n",
+            Some(Path::new("/etc/fwgate/fwgate.toml")),
+        )
+        .unwrap();
+        assert_eq!(c.rules_path.unwrap(), Path::new("/etc/fwgate/rules.toml"));
+        assert_eq!(c.state_dir.unwrap(), Path::new("/etc/fwgate/state"));
+        assert_eq!(
+            c.admin.token_file.unwrap(),
+            Path::new("/etc/fwgate/admin.token")
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_position() {
+        let text = "[listen]\naddr = \"nope\"\nheader_read_timeout = \"10\"\n[upstream]\naddr = \"x\"\n";
+        let errs = Config::from_toml(text, Some(Path::new("f.toml"))).unwrap_err();
+        let shown = errs.to_string();
+        assert_eq!(errs.0.len(), 3, "{shown}");
+        assert!(shown.contains("f.toml:2:8:"), "{shown}");
+        assert!(shown.contains("f.toml:3:23:"), "{shown}");
+        assert!(shown.contains("f.toml:5:8:"), "{shown}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let errs = Config::from_toml("[listen]\nadress = \"0.0.0.0:1\"\n", Some(Path::new("f.toml")))
+            .unwrap_err();
+        let shown = errs.to_string();
+        assert!(shown.starts_with("f.toml:2:1:"), "{shown}");
+        assert!(shown.contains("adress"), "{shown}");
+    }
+
+    #[test]
+    fn admin_may_not_share_the_device_port() {
+        let errs = Config::from_toml(
+            "[listen]\naddr = \"127.0.0.1:8080\"\n[admin]\naddr = \"127.0.0.1:8080\"\n",
+            None,
+        )
+        .unwrap_err();
+        assert!(errs.to_string().contains("must differ"));
+    }
+}

@@ -1,0 +1,285 @@
+//! Where a device's firmware version (and device id) comes from: an ordered list of sources
+//! (a header, a header with a regex capture, a query parameter); the first that yields a value
+//! wins. Extraction borrows from the request and allocates nothing unless a regex is used.
+
+use http::header::{HeaderMap, HeaderName};
+use regex::Regex;
+
+use crate::version::{FirmwareVersion, ParseError, MAX_VERSION_LEN};
+
+/// Longest device id kept for logs and keys; longer ids are truncated (bounded memory per connection).
+pub const MAX_DEVICE_ID_LEN: usize = 128;
+
+/// One place to look for a value.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The first value of a request header, optionally narrowed by a regex capture.
+    Header {
+        /// Header name (lower case).
+        name: HeaderName,
+        /// Optional pattern; the value is its `version`/`id` named group, else group 1, else the match.
+        pattern: Option<Pattern>,
+    },
+    /// A query-string parameter (percent-decoded; `+` is kept as `+` because versions use it).
+    Query {
+        /// Parameter name.
+        name: Box<str>,
+    },
+}
+
+/// A compiled pattern and the capture group holding the value.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    regex: Regex,
+    group: usize,
+}
+
+impl Pattern {
+    /// Compiles `pattern`, choosing the capture group named `preferred` (e.g. `version`), else group 1, else the whole match.
+    pub fn new(pattern: &str, preferred: &str) -> Result<Pattern, regex::Error> {
+        let regex = Regex::new(pattern)?;
+        let group = regex
+            .capture_names()
+            .position(|n| n == Some(preferred))
+            .unwrap_or(if regex.captures_len() > 1 { 1 } else { 0 });
+        Ok(Pattern { regex, group })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        self.regex.as_str()
+    }
+
+    fn capture<'a>(&self, text: &'a str) -> Option<&'a str> {
+        if self.group == 0 {
+            return self.regex.find(text).map(|m| m.as_str());
+        }
+        self.regex
+            .captures(text)
+            .and_then(|c| c.get(self.group))
+            .map(|m| m.as_str())
+    }
+}
+
+impl Source {
+    /// A short description for logs and `explain` (`header user-agent ~ /…/`, `query fw`).
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Header {
+                name,
+                pattern: None,
+            } => format!("header {name}"),
+            Source::Header {
+                name,
+                pattern: Some(p),
+            } => format!("header {name} ~ /{}/", p.as_str()),
+            Source::Query { name } => format!("query {name}"),
+        }
+    }
+}
+
+/// A value found in the request, still raw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found<'a> {
+    /// Index of the source that produced it.
+    pub source: usize,
+    /// The bytes as they appeared on the wire.
+    pub raw: &'a [u8],
+    /// Whether `raw` is percent-encoded (query parameters).
+    pub percent_encoded: bool,
+}
+
+impl Found<'_> {
+    /// The raw value for logs: lossy UTF-8, truncated, control characters replaced.
+    pub fn display(&self, max: usize) -> String {
+        let cut = &self.raw[..self.raw.len().min(max)];
+        String::from_utf8_lossy(cut)
+            .chars()
+            .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+            .collect()
+    }
+
+    /// Parses the value as a firmware version, decoding it first when needed; never allocates.
+    pub fn parse_version(&self) -> Result<FirmwareVersion, ParseError> {
+        if !self.percent_encoded || !self.raw.contains(&b'%') {
+            return FirmwareVersion::parse_bytes(self.raw);
+        }
+        let mut buf = [0u8; MAX_VERSION_LEN + 1];
+        match percent_decode_into(self.raw, &mut buf) {
+            Some(n) => FirmwareVersion::parse_bytes(&buf[..n]),
+            // Longer than any valid version (or badly encoded): let the parser say why.
+            None => FirmwareVersion::parse_bytes(self.raw),
+        }
+    }
+}
+
+/// Decodes `%XX` escapes into `out`; None if the result does not fit or an escape is malformed.
+fn percent_decode_into(input: &[u8], out: &mut [u8]) -> Option<usize> {
+    let mut i = 0;
+    let mut n = 0;
+    while i < input.len() {
+        let b = if input[i] == b'%' {
+            let hex = input.get(i + 1..i + 3)?;
+            let s = std::str::from_utf8(hex).ok()?;
+            i += 3;
+            u8::from_str_radix(s, 16).ok()?
+        } else {
+            i += 1;
+            input[i - 1]
+        };
+        *out.get_mut(n)? = b;
+        n += 1;
+    }
+    Some(n)
+}
+
+/// An ordered list of sources.
+#[derive(Debug, Clone, Default)]
+pub struct Extractor {
+    sources: Vec<Source>,
+}
+
+impl Extractor {
+    /// Builds an extractor; order matters (first yielding source wins).
+    pub fn new(sources: Vec<Source>) -> Extractor {
+        Extractor { sources }
+    }
+
+    /// The sources, in order.
+    pub fn sources(&self) -> &[Source] {
+        &self.sources
+    }
+
+    /// The first value any source yields. Empty values count as absent.
+    pub fn extract<'a>(&self, headers: &'a HeaderMap, query: Option<&'a str>) -> Option<Found<'a>> {
+        self.sources
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| find(i, s, headers, query))
+    }
+}
+
+fn find<'a>(
+    index: usize,
+    source: &Source,
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Option<Found<'a>> {
+    let (raw, percent_encoded) = match source {
+        Source::Header { name, pattern } => {
+            let value = headers.get(name)?;
+            match pattern {
+                None => (value.as_bytes(), false),
+                Some(p) => {
+                    let text = value.to_str().ok()?;
+                    (p.capture(text)?.as_bytes(), false)
+                }
+            }
+        }
+        Source::Query { name } => {
+            let value = query?.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (k == &**name).then_some(v)
+            })?;
+            (value.as_bytes(), true)
+        }
+    };
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return None;
+    }
+    Some(Found {
+        source: index,
+        raw,
+        percent_encoded,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn airtame() -> Extractor {
+        Extractor::new(vec![
+            Source::Header {
+                name: HeaderName::from_static("x-firmware-version"),
+                pattern: None,
+            },
+            Source::Header {
+                name: HeaderName::from_static("user-agent"),
+                pattern: Some(Pattern::new(r"^Airtame/(?P<version>\S+)", "version").unwrap()),
+            },
+            Source::Query { name: "fw".into() },
+        ])
+    }
+
+    #[test]
+    fn first_yielding_source_wins() {
+        let e = airtame();
+        let h = headers(&[("x-firmware-version", "1.0.0"), ("user-agent", "Airtame/2.0.0")]);
+        let f = e.extract(&h, Some("fw=3.0.0")).unwrap();
+        assert_eq!((f.source, f.raw), (0, &b"1.0.0"[..]));
+
+        let h = headers(&[("user-agent", "Airtame/3.8.0-b3 (linux)")]);
+        let f = e.extract(&h, Some("fw=3.0.0")).unwrap();
+        assert_eq!((f.source, f.raw), (1, &b"3.8.0-b3"[..]));
+
+        let h = headers(&[("user-agent", "curl/8")]);
+        let f = e.extract(&h, Some("a=1&fw=v3.9&b")).unwrap();
+        assert_eq!((f.source, f.raw), (2, &b"v3.9"[..]));
+
+        assert!(e.extract(&h, Some("fwx=1")).is_none());
+        assert!(e.extract(&HeaderMap::new(), None).is_none());
+    }
+
+    #[test]
+    fn empty_values_are_absent() {
+        let e = airtame();
+        let h = headers(&[("x-firmware-version", "  ")]);
+        assert!(e.extract(&h, Some("fw=")).is_none());
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        let e = airtame();
+        let none = HeaderMap::new();
+        let f = e.extract(&none, Some("fw=3.8.0%2Bbuild.5")).unwrap();
+        let v = f.parse_version().unwrap();
+        assert_eq!(v.to_string(), "3.8.0");
+        let f = e.extract(&none, Some("fw=3.8.0-b3")).unwrap();
+        assert_eq!(f.parse_version().unwrap().to_string(), "3.8.0-b3");
+        let f = e.extract(&none, Some("fw=%zz")).unwrap();
+        assert!(f.parse_version().is_err());
+    }
+
+    #[test]
+    fn pattern_group_choice() {
+        assert_eq!(Pattern::new(r"x/(\S+)", "version").unwrap().capture("x/1.2"), Some("1.2"));
+        assert_eq!(Pattern::new(r"\d+\.\d+", "version").unwrap().capture("v 1.2"), Some("1.2"));
+        assert_eq!(
+            Pattern::new(r"(a)/(?P<version>\S+)", "version").unwrap().capture("a/9"),
+            Some("9")
+        );
+    }
+
+    #[test]
+    fn display_is_bounded_and_clean() {
+        let f = Found {
+            source: 0,
+            raw: b"abc\x01def",
+            percent_encoded: false,
+        };
+        assert_eq!(f.display(5), "abc\u{FFFD}d");
+    }
+}

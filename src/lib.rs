@@ -1,0 +1,100 @@
+//! fwgate: a firmware-version admission proxy.
+//!
+//! It stands in front of a device backend, reads each device's firmware version from the
+//! connection handshake, decides with hot-reloaded rules whether to admit it, and forwards only
+//! what it admits. A refused handshake never reaches the backend.
+//!
+//! # Layout
+//!
+//! - [`version`]: lenient parsing of firmware versions and the two orderings (`firmware`, `semver`).
+//! - [`rules`]: ranges as sets on the total order, the rules file, the compiled [`rules::RuleSet`]
+//!   with its binary-search index, and the [`rules::Decision`].
+//! - [`extract`]: where the version and device id come from (header, header + regex, query).
+//! - [`config`]: process settings (`fwgate.toml`), validated in two stages.
+//! - [`gate`]: the shared admission state: rules snapshot (arc-swap), metrics, registry, backend.
+//! - [`proxy`]: accept loop, admission service, forwarding, upgrade tunnels.
+//! - [`reload`]: watching the rules file's directory; [`admin`]: the admin listener.
+//! - [`registry`]: open tunnels, so a rule change can close what it no longer admits.
+//! - [`census`]: which versions are connecting, for `/v1/versions`.
+//! - [`metrics`], [`access_log`], [`diag`], [`duration`]: supporting pieces.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod access_log;
+pub mod admin;
+pub mod cli;
+pub mod census;
+pub mod config;
+pub mod diag;
+pub mod duration;
+pub mod extract;
+pub mod gate;
+pub mod metrics;
+pub mod proxy;
+pub mod registry;
+pub mod reload;
+pub mod rules;
+pub mod version;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::admin::{Admin, AdminToken};
+use crate::gate::Gate;
+
+/// How long shutdown waits for in-flight HTTP exchanges before giving up on them.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Already-bound listeners: tests bind `127.0.0.1:0`, `main` binds the configured addresses.
+pub struct Listeners {
+    /// Device-facing listener.
+    pub proxy: TcpListener,
+    /// Admin listener.
+    pub admin: TcpListener,
+}
+
+/// Runs fwgate until `shutdown` resolves: the proxy, the admin API and the rules watcher.
+/// On shutdown: readiness turns 503, no new connections are accepted, in-flight HTTP exchanges
+/// finish (up to [`DEFAULT_SHUTDOWN_GRACE`]), open tunnels are closed, then it returns.
+pub async fn run(
+    listeners: Listeners,
+    gate: Arc<Gate>,
+    token: AdminToken,
+    shutdown: impl Future<Output = ()>,
+) {
+    let watcher = match reload::watch(gate.clone()) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the rules file; reload with SIGHUP or POST /v1/reload");
+            None
+        }
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await.map(|_| ());
+    };
+    let admin = Arc::new(Admin {
+        gate: gate.clone(),
+        token,
+    });
+    let admin_task = tokio::spawn(admin::serve(listeners.admin, admin, stopped(stop_rx.clone())));
+    let proxy_task = tokio::spawn(proxy::serve(listeners.proxy, gate.clone(), stopped(stop_rx)));
+
+    shutdown.await;
+    tracing::info!("shutting down: refusing new connections, finishing in-flight requests");
+    gate.start_draining();
+    drop(watcher);
+    let _ = stop_tx.send(true);
+    let plan = gate.registry.plan_close(|_| Some(Duration::ZERO));
+    plan.execute(|| {});
+    if tokio::time::timeout(DEFAULT_SHUTDOWN_GRACE, proxy_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace elapsed with requests still in flight");
+    }
+    admin_task.abort();
+}

@@ -1,0 +1,196 @@
+//! The `fwgate` binary: parses the command line and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use fwgate::admin::AdminToken;
+use fwgate::cli::{self, ExplainInput};
+use fwgate::config::{Config, LogFormat};
+use fwgate::gate::Gate;
+use fwgate::metrics::Metrics;
+use fwgate::Listeners;
+
+/// Firmware-version admission proxy.
+#[derive(Parser)]
+#[command(name = "fwgate", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Config file (default: the built-in configuration).
+    #[arg(long, global = true, env = "FWGATE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the config and rules files; print every error with file:line:column.
+    Check,
+    /// Show how a version (or a request's headers) would be decided, and by which rule.
+    Explain {
+        /// A firmware version as a device would send it (e.g. v3.8.0b3).
+        version: Option<String>,
+        /// Request header 'Name: value' to run the configured version sources on (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// Query string for query sources (e.g. 'fw=3.8.0').
+        #[arg(long)]
+        query: Option<String>,
+        /// Request path (for rules with path_prefix).
+        #[arg(long, default_value = "/")]
+        path: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => {
+            let (out, ok) = cli::check(cli.config.as_deref());
+            print!("{out}");
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Command::Explain {
+            version,
+            headers,
+            query,
+            path,
+        } => {
+            if version.is_none() && headers.is_empty() && query.is_none() {
+                eprintln!("fwgate explain: give a VERSION, or --header/--query to run extraction");
+                return ExitCode::from(2);
+            }
+            let result = cli::load_config(cli.config.as_deref())
+                .and_then(|c| cli::load_rules(&c, &Metrics::new()))
+                .map_err(|e| e.to_string())
+                .and_then(|rules| {
+                    cli::explain(
+                        &rules,
+                        &ExplainInput {
+                            version,
+                            headers,
+                            query,
+                            path,
+                        },
+                    )
+                });
+            match result {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run => match run(cli.config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fwgate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = cli::load_config(config_path.as_deref())
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    init_logging(config.log.format);
+    if config.source.is_none() {
+        tracing::warn!("no --config given: using the built-in configuration (listen 0.0.0.0:8080, upstream 127.0.0.1:9000, admin 127.0.0.1:9901, admit everything)");
+    }
+    let metrics = Arc::new(Metrics::new());
+    let rules = cli::load_rules(&config, &metrics)
+        .map_err(|e| anyhow::anyhow!("invalid rules; refusing to start without rules:\n{e}"))?;
+    for w in &rules.warnings {
+        tracing::warn!(warning = %w, "rules warning");
+    }
+    let token = admin_token(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let proxy = tokio::net::TcpListener::bind(config.listen.addr)
+            .await
+            .with_context(|| format!("cannot listen on {} ([listen] addr)", config.listen.addr))?;
+        let admin = tokio::net::TcpListener::bind(config.admin.addr)
+            .await
+            .with_context(|| format!("cannot listen on {} ([admin] addr)", config.admin.addr))?;
+        tracing::info!(
+            listen = %proxy.local_addr()?,
+            admin = %admin.local_addr()?,
+            upstream = %config.upstream.addr,
+            rules = %config.rules_path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<embedded>".into()),
+            rule_count = rules.rules.len(),
+            ordering = rules.ordering.as_str(),
+            admin_token = if token.is_set() { "set" } else { "unset (mutating admin endpoints answer 403)" },
+            "fwgate started"
+        );
+        let gate = Arc::new(Gate::new(config, rules, metrics).map_err(anyhow::Error::msg)?);
+        tokio::spawn(reload_on_sighup(gate.clone()));
+        fwgate::run(Listeners { proxy, admin }, gate, token, termination()).await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+fn admin_token(config: &Config) -> anyhow::Result<AdminToken> {
+    if let Some(path) = &config.admin.token_file {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read admin token file {} ([admin] token_file)", path.display())
+        })?;
+        return Ok(AdminToken::new(&text));
+    }
+    Ok(std::env::var("FWGATE_ADMIN_TOKEN")
+        .map(|t| AdminToken::new(&t))
+        .unwrap_or_else(|_| AdminToken::none()))
+}
+
+async fn reload_on_sighup(gate: Arc<Gate>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler; reload with POST /v1/reload");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading rules");
+        let _ = gate.reload(false).await;
+    }
+}
+
+async fn termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! One Prometheus registry for the process. Labels come from closed enums or from names the
+//! operator wrote (rule names, kill-switch ids), never from the wire, so cardinality is bounded
+//! by the files, not by the fleet. Hot-path counters are resolved once per rule at compile time
+//! (see [`RuleCounters`]) so that counting a decision is one atomic add.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// What a decision did, as a label value.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum DecisionKind {
+    /// Admitted and forwarded.
+    allow,
+    /// Refused by a rule, a default or a kill-switch entry.
+    deny,
+    /// A shadow-mode rule would have refused; admitted anyway.
+    shadow_deny,
+    /// A shadow-mode rule would have admitted (counted so shadow allow rules are visible too).
+    shadow_allow,
+    /// Refused by a rate or concurrency limit.
+    limited,
+}
+
+/// Labels of `fwgate_decisions_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// What was decided.
+    pub decision: DecisionKind,
+    /// Which rule decided: a rule name, `default`, `missing`, `unparseable` or `killswitch:<id>`.
+    pub rule: String,
+}
+
+/// Labels keyed by rule only.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabel {
+    /// The rule (or reason) name, as in [`DecisionLabels::rule`].
+    pub rule: String,
+}
+
+/// How a request to the backend ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum UpstreamOutcome {
+    /// A response head arrived.
+    ok,
+    /// TCP connect failed (502).
+    connect_error,
+    /// TCP connect took longer than `connect_timeout` (504).
+    connect_timeout,
+    /// The response head took longer than `response_timeout` (504).
+    response_timeout,
+    /// The connection broke during the exchange (502).
+    error,
+}
+
+/// Labels of `fwgate_upstream_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// How the backend exchange ended.
+    pub outcome: UpstreamOutcome,
+}
+
+/// Result of a rules reload.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ReloadResult {
+    /// New rules in force.
+    ok,
+    /// The file was invalid; the previous rules stay in force.
+    error,
+}
+
+/// Labels of `fwgate_rules_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabel {
+    /// Whether the reload applied.
+    pub result: ReloadResult,
+}
+
+/// Labels of `fwgate_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabel {
+    /// The crate version of this binary.
+    pub version: String,
+}
+
+/// Every metric fwgate exports. Cloning handles is cheap (they are `Arc`s inside).
+pub struct Metrics {
+    registry: Registry,
+    /// `fwgate_decisions_total{decision,rule}`.
+    pub decisions: Family<DecisionLabels, Counter>,
+    /// `fwgate_active_connections{rule}`: open tunnels and in-flight requests per admitting rule.
+    pub active_connections: Family<RuleLabel, Gauge>,
+    /// `fwgate_upstream_requests_total{outcome}`.
+    pub upstream_requests: Family<OutcomeLabel, Counter>,
+    /// `fwgate_upstream_connect_seconds`: time to establish TCP connections to the backend.
+    pub upstream_connect_seconds: Histogram,
+    /// `fwgate_rules_reloads_total{result}`.
+    pub rules_reloads: Family<ReloadLabel, Counter>,
+    /// `fwgate_rules_generation`: increments with every rule set put in force.
+    pub rules_generation: Gauge,
+    /// `fwgate_rules_last_reload_success_timestamp_seconds`.
+    pub rules_last_reload_success: Gauge<f64, AtomicU64>,
+    /// `fwgate_connections_accepted_total`: device TCP connections accepted.
+    pub connections_accepted: Counter,
+    /// `fwgate_access_log_suppressed_total`: refusal log lines dropped by sampling.
+    pub access_log_suppressed: Counter,
+    /// `fwgate_tunnels_closed_by_policy_total`: tunnels closed because new rules refuse them.
+    pub tunnels_closed_by_policy: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric under the `fwgate_` prefix.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("fwgate");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Admission decisions by outcome and deciding rule",
+            decisions.clone(),
+        );
+        let active_connections = Family::<RuleLabel, Gauge>::default();
+        registry.register(
+            "active_connections",
+            "Open tunnels and in-flight requests by the rule that admitted them",
+            active_connections.clone(),
+        );
+        let upstream_requests = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "upstream_requests",
+            "Requests forwarded to the backend by outcome",
+            upstream_requests.clone(),
+        );
+        let upstream_connect_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        registry.register(
+            "upstream_connect_seconds",
+            "Time to open a TCP connection to the backend",
+            upstream_connect_seconds.clone(),
+        );
+        let rules_reloads = Family::<ReloadLabel, Counter>::default();
+        registry.register(
+            "rules_reloads",
+            "Rules reload attempts by result",
+            rules_reloads.clone(),
+        );
+        let rules_generation = Gauge::default();
+        registry.register(
+            "rules_generation",
+            "Generation number of the rule set in force",
+            rules_generation.clone(),
+        );
+        let rules_last_reload_success = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "rules_last_reload_success_timestamp_seconds",
+            "Unix time when a rule set was last put in force",
+            rules_last_reload_success.clone(),
+        );
+        let build_info = Family::<BuildLabel, Gauge>::default();
+        registry.register("build_info", "Build information", build_info.clone());
+        build_info
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+        let connections_accepted = Counter::default();
+        registry.register(
+            "connections_accepted",
+            "Device TCP connections accepted",
+            connections_accepted.clone(),
+        );
+        let access_log_suppressed = Counter::default();
+        registry.register(
+            "access_log_suppressed",
+            "Refusal access-log lines dropped by sampling",
+            access_log_suppressed.clone(),
+        );
+        let tunnels_closed_by_policy = Counter::default();
+        registry.register(
+            "tunnels_closed_by_policy",
+            "Open connections closed because rules or kill-switch entries no longer admit them",
+            tunnels_closed_by_policy.clone(),
+        );
+        Metrics {
+            registry,
+            decisions,
+            active_connections,
+            upstream_requests,
+            upstream_connect_seconds,
+            rules_reloads,
+            rules_generation,
+            rules_last_reload_success,
+            connections_accepted,
+            access_log_suppressed,
+            tunnels_closed_by_policy,
+        }
+    }
+
+    /// Gives subsystems added later (kill switch, limits) a place to register their metrics.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Renders the registry in the OpenMetrics text format that Prometheus scrapes.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The counters and gauge of one decision source, resolved once so counting is one atomic add.
+    pub fn rule_counters(&self, rule: &str) -> RuleCounters {
+        let get = |decision| {
+            self.decisions
+                .get_or_create(&DecisionLabels {
+                    decision,
+                    rule: rule.to_string(),
+                })
+                .clone()
+        };
+        RuleCounters {
+            allow: get(DecisionKind::allow),
+            deny: get(DecisionKind::deny),
+            shadow_deny: get(DecisionKind::shadow_deny),
+            shadow_allow: get(DecisionKind::shadow_allow),
+            active: self
+                .active_connections
+                .get_or_create(&RuleLabel {
+                    rule: rule.to_string(),
+                })
+                .clone(),
+        }
+    }
+
+    /// The upstream outcome counter for `outcome`.
+    pub fn upstream(&self, outcome: UpstreamOutcome) -> Counter {
+        self.upstream_requests
+            .get_or_create(&OutcomeLabel { outcome })
+            .clone()
+    }
+}
+
+/// Pre-resolved counters for one rule (or default, or kill-switch entry).
+#[derive(Clone, Debug, Default)]
+pub struct RuleCounters {
+    /// Admissions decided by this rule.
+    pub allow: Counter,
+    /// Refusals decided by this rule.
+    pub deny: Counter,
+    /// Shadow refusals (would have refused).
+    pub shadow_deny: Counter,
+    /// Shadow admissions.
+    pub shadow_allow: Counter,
+    /// Connections open under this rule.
+    pub active: Gauge,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_the_documented_names() {
+        let m = Metrics::new();
+        m.rule_counters("block").deny.inc();
+        m.upstream(UpstreamOutcome::ok).inc();
+        let text = m.encode();
+        for name in [
+            "fwgate_decisions_total{decision=\"deny\",rule=\"block\"} 1",
+            "fwgate_active_connections{rule=\"block\"} 0",
+            "fwgate_upstream_requests_total{outcome=\"ok\"} 1",
+            "fwgate_upstream_connect_seconds_bucket",
+            "fwgate_rules_generation",
+            "fwgate_rules_last_reload_success_timestamp_seconds",
+            "fwgate_build_info{version=",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn counters_for_one_rule_are_shared() {
+        let m = Metrics::new();
+        let a = m.rule_counters("r");
+        let b = m.rule_counters("r");
+        a.allow.inc();
+        assert_eq!(b.allow.get(), 1);
+    }
+}

@@ -1,0 +1,187 @@
+//! The one place that turns admission outcomes and backend failures into HTTP responses.
+//! Every refusal is a small static response built without touching the backend.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::rules::Refusal;
+
+const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+
+/// Why fwgate answered instead of the backend (besides a rule refusing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyFailure {
+    /// The backend refused or reset the TCP connection: 502.
+    UpstreamUnreachable,
+    /// Connecting to the backend took longer than `connect_timeout`: 504.
+    UpstreamConnectTimeout,
+    /// The backend's response head took longer than `response_timeout`: 504.
+    UpstreamResponseTimeout,
+    /// The backend broke the exchange: 502.
+    UpstreamBroken,
+}
+
+impl ProxyFailure {
+    /// Status and body for this failure.
+    pub fn status_and_body(self) -> (StatusCode, &'static str) {
+        match self {
+            ProxyFailure::UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "backend unreachable\n"),
+            ProxyFailure::UpstreamConnectTimeout => {
+                (StatusCode::GATEWAY_TIMEOUT, "backend connect timed out\n")
+            }
+            ProxyFailure::UpstreamResponseTimeout => {
+                (StatusCode::GATEWAY_TIMEOUT, "backend response timed out\n")
+            }
+            ProxyFailure::UpstreamBroken => (StatusCode::BAD_GATEWAY, "backend connection failed\n"),
+        }
+    }
+}
+
+/// A refusal response: status, plain-text body, jittered `Retry-After`.
+pub fn refusal(r: &Refusal) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::fixed(r.body.clone()));
+    *resp.status_mut() = r.status;
+    resp.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
+    if let Some(secs) = r.retry_after_secs() {
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
+}
+
+/// A response for a backend failure.
+pub fn failure(f: ProxyFailure) -> Response<ResponseBody> {
+    let (status, body) = f.status_and_body();
+    plain(status, body)
+}
+
+/// A small plain-text response.
+pub fn plain(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::fixed(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
+    resp
+}
+
+/// Called once when a forwarded response body finishes or is dropped (for the access log).
+pub trait BodyDone: Send + Sync {
+    /// `bytes` is how many body bytes reached the client; `complete` is false if it was cut short.
+    fn done(self: Box<Self>, bytes: u64, complete: bool);
+}
+
+/// The body of every response fwgate sends: a fixed buffer, or the backend's stream relayed
+/// frame by frame (never buffered whole) with a byte count.
+pub struct ResponseBody {
+    inner: Inner,
+}
+
+enum Inner {
+    Fixed(Option<Bytes>),
+    Upstream {
+        body: Incoming,
+        sent: u64,
+        on_done: Option<Box<dyn BodyDone>>,
+    },
+}
+
+impl ResponseBody {
+    /// A body that is exactly these bytes (Content-Length is set from it).
+    pub fn fixed(bytes: Bytes) -> ResponseBody {
+        ResponseBody {
+            inner: Inner::Fixed(Some(bytes)),
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> ResponseBody {
+        ResponseBody {
+            inner: Inner::Fixed(None),
+        }
+    }
+
+    /// The backend's body, streamed; `on_done` runs when it ends or is dropped.
+    pub fn upstream(body: Incoming, on_done: Option<Box<dyn BodyDone>>) -> ResponseBody {
+        ResponseBody {
+            inner: Inner::Upstream {
+                body,
+                sent: 0,
+                on_done,
+            },
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().inner {
+            Inner::Fixed(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Upstream {
+                body,
+                sent,
+                on_done,
+            } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            *sent += data.len() as u64;
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        if let Some(done) = on_done.take() {
+                            done.done(*sent, true);
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        if let Some(done) = on_done.take() {
+                            done.done(*sent, false);
+                        }
+                    }
+                    Poll::Pending => {}
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Fixed(b) => b.is_none(),
+            Inner::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Fixed(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Inner::Fixed(None) => SizeHint::with_exact(0),
+            Inner::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Inner::Upstream {
+            body,
+            sent,
+            on_done,
+        } = &mut self.inner
+        {
+            if let Some(done) = on_done.take() {
+                // A body already at its end is never polled (HEAD, 204, empty): that is complete.
+                done.done(*sent, body.is_end_stream());
+            }
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Every open tunnel, with what it was admitted as, so that a rule change or a kill-switch
+//! entry can find and close exactly the connections it no longer admits, and so that the
+//! admin census can show what the fleet is running right now.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::rules::VersionInput;
+
+/// What the registry knows about one open connection.
+#[derive(Debug)]
+pub struct Tracked {
+    /// The version it presented.
+    pub version: VersionInput,
+    /// Its request path (rules may have a `path_prefix`).
+    pub path: Box<str>,
+    /// The rule that admitted it.
+    pub rule: Arc<str>,
+    /// Notified to close it.
+    pub close: Arc<Notify>,
+    /// When it was admitted.
+    pub opened: Instant,
+}
+
+/// The set of open tunnels.
+#[derive(Debug, Default)]
+pub struct Registry {
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, Tracked>>,
+}
+
+/// Keeps a connection registered; dropping it unregisters (whatever way the tunnel ends).
+#[derive(Debug)]
+pub struct Registration {
+    id: u64,
+    registry: Arc<Registry>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}
+
+/// Connections to close and how to spread their closing.
+#[derive(Debug, Default)]
+pub struct ClosePlan {
+    /// (close handle, delay from now) for each connection.
+    pub targets: Vec<(Arc<Notify>, Duration)>,
+}
+
+impl ClosePlan {
+    /// How many connections the plan closes.
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// Whether it closes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
+    /// Closes each connection at its delay, in a background task (never blocks the caller).
+    pub fn execute(self, on_close: impl Fn() + Send + 'static) {
+        if self.targets.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            for (close, delay) in self.targets {
+                tokio::time::sleep_until(start + delay).await;
+                close.notify_one();
+                on_close();
+            }
+        });
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Tracked>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single inserts and
+        // removes), so a poisoned lock is still usable.
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers an admitted connection; returns its registration and close handle.
+    pub fn register(
+        self: &Arc<Self>,
+        version: VersionInput,
+        path: &str,
+        rule: Arc<str>,
+    ) -> (Registration, Arc<Notify>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let close = Arc::new(Notify::new());
+        self.lock().insert(
+            id,
+            Tracked {
+                version,
+                path: path.into(),
+                rule,
+                close: close.clone(),
+                opened: Instant::now(),
+            },
+        );
+        (
+            Registration {
+                id,
+                registry: self.clone(),
+            },
+            close,
+        )
+    }
+
+    /// Number of open connections.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether nothing is open.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Plans closing every connection for which `refuses` returns a drain period: the closures
+    /// are spread evenly over the longest drain so a fleet does not reconnect in one wave.
+    pub fn plan_close(&self, mut refuses: impl FnMut(&Tracked) -> Option<Duration>) -> ClosePlan {
+        let open = self.lock();
+        let mut picked: Vec<(Arc<Notify>, Duration)> = open
+            .values()
+            .filter_map(|t| refuses(t).map(|drain| (t.close.clone(), drain)))
+            .collect();
+        drop(open);
+        let n = picked.len() as u32;
+        for (i, (_, drain)) in picked.iter_mut().enumerate() {
+            *drain = drain.mul_f64(i as f64 / f64::from(n.max(1)));
+        }
+        ClosePlan { targets: picked }
+    }
+
+    /// Visits every open connection (for the census); holds the lock while visiting.
+    pub fn for_each(&self, mut f: impl FnMut(&Tracked)) {
+        for t in self.lock().values() {
+            f(t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_is_removed_on_drop() {
+        let r = Arc::new(Registry::default());
+        let (a, _) = r.register(VersionInput::Missing, "/", Arc::from("x"));
+        let (b, _) = r.register(VersionInput::Missing, "/", Arc::from("x"));
+        assert_eq!(r.len(), 2);
+        drop(a);
+        assert_eq!(r.len(), 1);
+        drop(b);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn close_plan_spreads_over_the_drain() {
+        let r = Arc::new(Registry::default());
+        let regs: Vec<_> = (0..4)
+            .map(|i| r.register(VersionInput::Missing, if i % 2 == 0 { "/a" } else { "/b" }, Arc::from("x")))
+            .collect();
+        let plan = r.plan_close(|t| (&*t.path == "/a").then_some(Duration::from_secs(10)));
+        assert_eq!(plan.len(), 2);
+        let mut delays: Vec<_> = plan.targets.iter().map(|(_, d)| *d).collect();
+        delays.sort();
+        assert_eq!(delays, vec![Duration::ZERO, Duration::from_secs(5)]);
+        drop(regs);
+    }
+}

@@ -1,0 +1,604 @@
+//! The rules file (`rules.toml`): what operators edit and fwgate hot-reloads.
+//!
+//! [`compile`] turns the text into a [`RuleSet`] or into every problem found, each with
+//! file:line:column. Structural problems (unknown keys, wrong types) come from serde with
+//! `deny_unknown_fields`; semantic ones (bad ranges, duplicate names, bad regexes, bad
+//! statuses) are collected together so one edit can fix them all.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::HeaderName;
+use http::StatusCode;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::index::VersionIndex;
+use super::range::VersionRange;
+use super::{
+    content_hash, Action, Decider, Defaults, Mode, Refusal, Rule, RuleSet, RuleSetSource,
+    DEFAULT_DRAIN,
+};
+use crate::diag::{FileError, FileErrors};
+use crate::duration::parse_duration;
+use crate::extract::{Extractor, Pattern, Source};
+use crate::metrics::Metrics;
+use crate::version::VersionOrdering;
+
+/// The rules fwgate uses without a rules file: admit everything, whatever the version.
+pub const EMBEDDED_RULES: &str = r#"# built-in default rules: admit everything
+[version]
+sources = [ { header = "x-firmware-version" } ]
+[defaults]
+action = "allow"
+missing = "allow"
+unparseable = "allow"
+"#;
+
+/// Longest rule name (it becomes a metric label and a log field).
+pub const MAX_RULE_NAME_LEN: usize = 64;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRules {
+    #[serde(default)]
+    version: RawVersion,
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default)]
+    rule: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVersion {
+    sources: Option<Vec<Spanned<RawSource>>>,
+    device_id: Option<Vec<Spanned<RawSource>>>,
+    ordering: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    header: Option<Spanned<String>>,
+    pattern: Option<Spanned<String>>,
+    query: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    action: Option<Spanned<String>>,
+    missing: Option<Spanned<String>>,
+    unparseable: Option<Spanned<String>>,
+    status: Option<Spanned<i64>>,
+    body: Option<String>,
+    retry_after: Option<Spanned<String>>,
+    jitter: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    versions: Spanned<String>,
+    action: Spanned<String>,
+    status: Option<Spanned<i64>>,
+    retry_after: Option<Spanned<String>>,
+    jitter: Option<Spanned<f64>>,
+    body: Option<String>,
+    mode: Option<Spanned<String>>,
+    path_prefix: Option<Spanned<String>>,
+    close_existing: Option<bool>,
+    drain: Option<Spanned<String>>,
+}
+
+/// Reads and compiles a rules file.
+pub fn load(path: &Path, metrics: &Metrics, generation: u64) -> Result<RuleSet, FileErrors> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| FileError::whole(path, format!("cannot read rules file: {e}")))?;
+    compile(&text, Some(path), metrics, generation)
+}
+
+/// Compiles rules text. `path` is used in messages and recorded as the source.
+pub fn compile(
+    text: &str,
+    path: Option<&Path>,
+    metrics: &Metrics,
+    generation: u64,
+) -> Result<RuleSet, FileErrors> {
+    let shown = path.unwrap_or(Path::new("<embedded rules.toml>"));
+    let raw: RawRules = toml::from_str(text).map_err(|e| FileError::from_toml(shown, text, &e))?;
+    let mut c = Compiler {
+        path: shown,
+        text,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+
+    let ordering = match &raw.version.ordering {
+        None => VersionOrdering::Firmware,
+        Some(s) => match s.get_ref().as_str() {
+            "firmware" => VersionOrdering::Firmware,
+            "semver" => VersionOrdering::Semver,
+            other => {
+                c.error(
+                    s.span().start,
+                    format!("ordering must be \"firmware\" or \"semver\", not {other:?}"),
+                );
+                VersionOrdering::Firmware
+            }
+        },
+    };
+    let version_sources = match &raw.version.sources {
+        None => Extractor::new(vec![Source::Header {
+            name: HeaderName::from_static("x-firmware-version"),
+            pattern: None,
+        }]),
+        Some(list) => {
+            if list.is_empty() {
+                c.error(0, "[version] sources is empty: list at least one source");
+            }
+            c.sources(list, "version")
+        }
+    };
+    let device_sources = match &raw.version.device_id {
+        None => Extractor::new(vec![Source::Header {
+            name: HeaderName::from_static("x-device-id"),
+            pattern: None,
+        }]),
+        Some(list) => c.sources(list, "id"),
+    };
+
+    let d = &raw.defaults;
+    let default_refusal = c.refusal(&d.status, &d.retry_after, &d.jitter, &d.body);
+    let mut default_decider = |name: &str, value: &Option<Spanned<String>>, fallback: &str| {
+        let action = c.action(value, fallback, &default_refusal);
+        Decider {
+            name: Arc::from(name),
+            action,
+            counters: metrics.rule_counters(name),
+            close_existing: false,
+            drain: DEFAULT_DRAIN,
+        }
+    };
+    let defaults = Defaults {
+        no_match: default_decider("default", &d.action, "allow"),
+        missing: default_decider("missing", &d.missing, "allow"),
+        unparseable: default_decider("unparseable", &d.unparseable, "deny"),
+    };
+
+    let mut names = HashSet::new();
+    let mut rules = Vec::with_capacity(raw.rule.len());
+    for spanned in &raw.rule {
+        let r = spanned.get_ref();
+        let name = r.name.get_ref();
+        let reserved = ["default", "missing", "unparseable"].contains(&name.as_str())
+            || name.starts_with("killswitch:");
+        if name.is_empty()
+            || name.len() > MAX_RULE_NAME_LEN
+            || reserved
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.:".contains(ch))
+        {
+            c.error(r.name.span().start, format!("rule name {name:?} must be 1-{MAX_RULE_NAME_LEN} characters of letters, digits, '-', '_', '.', ':' and not a reserved name (default, missing, unparseable, killswitch:*)"));
+        } else if !names.insert(name.clone()) {
+            c.error(
+                r.name.span().start,
+                format!("duplicate rule name {name:?}: names must be unique (they label metrics and logs)"),
+            );
+        }
+        let range = c.range(name, &r.versions, ordering);
+        let refusal = c.refusal(&r.status, &r.retry_after, &r.jitter, &r.body);
+        let action = c.action(&Some(r.action.clone()), "allow", &refusal);
+        if matches!(action, Action::Allow)
+            && (r.status.is_some() || r.retry_after.is_some() || r.body.is_some())
+        {
+            c.warnings.push(format!(
+                "{}: rule {name:?} allows, so its status/retry_after/body are never used",
+                c.pos(spanned.span().start)
+            ));
+        }
+        let mode = match r.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+            None | Some(("enforce", _)) => Mode::Enforce,
+            Some(("shadow", _)) => Mode::Shadow,
+            Some((other, span)) => {
+                c.error(
+                    span.start,
+                    format!("mode must be \"enforce\" or \"shadow\", not {other:?}"),
+                );
+                Mode::Enforce
+            }
+        };
+        let path_prefix = r.path_prefix.as_ref().map(|p| {
+            if !p.get_ref().starts_with('/') {
+                c.error(
+                    p.span().start,
+                    format!("path_prefix {:?} must start with '/'", p.get_ref()),
+                );
+            }
+            p.get_ref().clone().into_boxed_str()
+        });
+        let drain = c.duration(&r.drain).unwrap_or(DEFAULT_DRAIN);
+        let (line, _) = crate::diag::line_col(text, spanned.span().start);
+        if let Some(range) = range {
+            rules.push(Rule {
+                decider: Decider {
+                    name: Arc::from(name.as_str()),
+                    action,
+                    counters: metrics.rule_counters(name),
+                    close_existing: r.close_existing.unwrap_or(false),
+                    drain,
+                },
+                range,
+                mode,
+                path_prefix,
+                line,
+            });
+        }
+    }
+
+    if !c.errors.is_empty() {
+        return Err(FileErrors(c.errors));
+    }
+    let index = VersionIndex::build(rules.iter().map(|r| (&r.range, r.is_terminal())), ordering)
+        .map_err(|e| FileError::whole(shown, format!("rules cannot be indexed: {e}")))?;
+    Ok(RuleSet {
+        version_sources,
+        device_sources,
+        ordering,
+        defaults,
+        rules,
+        index,
+        source: RuleSetSource {
+            path: path.map(Path::to_path_buf),
+            content_hash: content_hash(text.as_bytes()),
+            loaded_at: SystemTime::now(),
+            generation,
+        },
+        warnings: c.warnings,
+    })
+}
+
+/// Collects errors and warnings while compiling one file.
+struct Compiler<'a> {
+    path: &'a Path,
+    text: &'a str,
+    errors: Vec<FileError>,
+    warnings: Vec<String>,
+}
+
+impl Compiler<'_> {
+    fn error(&mut self, offset: usize, message: impl Into<String>) {
+        self.errors
+            .push(FileError::at(self.path, self.text, offset, message));
+    }
+
+    fn pos(&self, offset: usize) -> String {
+        let (l, c) = crate::diag::line_col(self.text, offset);
+        format!("{}:{l}:{c}", self.path.display())
+    }
+
+    fn sources(&mut self, list: &[Spanned<RawSource>], group: &str) -> Extractor {
+        let mut out = Vec::new();
+        for s in list {
+            let raw = s.get_ref();
+            match (&raw.header, &raw.query, &raw.pattern) {
+                (Some(h), None, pattern) => {
+                    let name = match HeaderName::from_bytes(h.get_ref().trim().as_bytes()) {
+                        Ok(n) => n,
+                        Err(_) => {
+                            self.error(
+                                h.span().start,
+                                format!("{:?} is not a valid header name", h.get_ref()),
+                            );
+                            continue;
+                        }
+                    };
+                    let pattern = match pattern {
+                        None => None,
+                        Some(p) => match Pattern::new(p.get_ref(), group) {
+                            Ok(p) => Some(p),
+                            Err(e) => {
+                                let first = e.to_string();
+                                let first = first.lines().last().unwrap_or("invalid regex");
+                                self.error(p.span().start, format!("invalid pattern: {first}"));
+                                continue;
+                            }
+                        },
+                    };
+                    out.push(Source::Header { name, pattern });
+                }
+                (None, Some(q), None) => {
+                    if q.get_ref().is_empty() {
+                        self.error(q.span().start, "query parameter name is empty");
+                    }
+                    out.push(Source::Query {
+                        name: q.get_ref().clone().into_boxed_str(),
+                    });
+                }
+                (None, Some(_), Some(p)) => self.error(
+                    p.span().start,
+                    "pattern only applies to header sources",
+                ),
+                _ => self.error(
+                    s.span().start,
+                    "a source is { header = \"name\" }, { header = \"name\", pattern = '...' } or { query = \"name\" }",
+                ),
+            }
+        }
+        Extractor::new(out)
+    }
+
+    fn range(
+        &mut self,
+        rule: &str,
+        versions: &Spanned<String>,
+        ordering: VersionOrdering,
+    ) -> Option<VersionRange> {
+        match VersionRange::parse(versions.get_ref(), ordering) {
+            Ok(range) => {
+                if range.uses_partial_bare_version() {
+                    self.warnings.push(format!(
+                        "{}: rule {rule:?}: versions {:?} uses a partial version without an operator, which means exactly that version (e.g. \"3.8\" is only 3.8.0); write \"3.8.*\" for the whole 3.8 line",
+                        self.pos(versions.span().start),
+                        versions.get_ref()
+                    ));
+                }
+                Some(range)
+            }
+            Err(e) => {
+                // The span includes the opening quote; the column is 1-based within the string.
+                let offset = versions.span().start + 1 + e.column.saturating_sub(1);
+                self.error(
+                    offset,
+                    format!(
+                        "rule {rule:?}: invalid versions {:?}: {}",
+                        versions.get_ref(),
+                        e.message
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, value: &Option<Spanned<String>>) -> Option<Duration> {
+        let v = value.as_ref()?;
+        match parse_duration(v.get_ref()) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.error(v.span().start, e);
+                None
+            }
+        }
+    }
+
+    fn refusal(
+        &mut self,
+        status: &Option<Spanned<i64>>,
+        retry_after: &Option<Spanned<String>>,
+        jitter: &Option<Spanned<f64>>,
+        body: &Option<String>,
+    ) -> Refusal {
+        let mut refusal = Refusal::default_deny();
+        if let Some(s) = status {
+            let n = *s.get_ref();
+            match u16::try_from(n).ok().and_then(|n| StatusCode::from_u16(n).ok()) {
+                Some(code) if (400..=599).contains(&n) => refusal.status = code,
+                _ => self.error(
+                    s.span().start,
+                    format!("status {n} is not a refusal: use 400-599 (e.g. 403, 429, 503)"),
+                ),
+            }
+        }
+        refusal.retry_after = self.duration(retry_after);
+        if let Some(j) = jitter {
+            let v = *j.get_ref();
+            if (0.0..=1.0).contains(&v) {
+                refusal.jitter = v;
+            } else {
+                self.error(
+                    j.span().start,
+                    format!("jitter {v} must be between 0 and 1 (0.5 spreads Retry-After over ±50%)"),
+                );
+            }
+            if retry_after.is_none() {
+                self.error(j.span().start, "jitter needs retry_after");
+            }
+        }
+        if let Some(b) = body {
+            let mut b = b.clone();
+            if !b.ends_with('\n') {
+                b.push('\n');
+            }
+            refusal.body = Bytes::from(b);
+        }
+        refusal
+    }
+
+    fn action(&mut self, value: &Option<Spanned<String>>, fallback: &str, refusal: &Refusal) -> Action {
+        let (text, offset) = match value {
+            None => (fallback, 0),
+            Some(s) => (s.get_ref().as_str(), s.span().start),
+        };
+        match text {
+            "allow" => Action::Allow,
+            "deny" => Action::Deny(refusal.clone()),
+            other => {
+                self.error(offset, format!("action must be \"allow\" or \"deny\", not {other:?}"));
+                Action::Allow
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{DecidedBy, VersionInput};
+    use crate::version::FirmwareVersion;
+
+    fn compile_ok(text: &str) -> RuleSet {
+        compile(text, Some(Path::new("rules.toml")), &Metrics::new(), 1)
+            .unwrap_or_else(|e| panic!("should compile:\n{e}"))
+    }
+
+    fn compile_err(text: &str) -> String {
+        compile(text, Some(Path::new("rules.toml")), &Metrics::new(), 1)
+            .err()
+            .expect("should fail")
+            .to_string()
+    }
+
+    fn decide(rules: &RuleSet, v: &str, path: &str) -> String {
+        let input = VersionInput::Parsed(FirmwareVersion::parse(v).unwrap());
+        let d = rules.decide(&input, path);
+        let shadow = d.shadow.map(|s| format!(" (shadow {})", s.name)).unwrap_or_default();
+        format!("{} by {}{}", d.decider.action.as_str(), d.decider.name, shadow)
+    }
+
+    const INCIDENT: &str = r#"
+[defaults]
+action = "allow"
+missing = "allow"
+unparseable = "deny"
+
+[[rule]]
+name = "block-table-scan"
+versions = ">=3.8.0-b3"
+action = "deny"
+status = 503
+retry_after = "30m"
+jitter = 0.5
+body = "firmware 3.8.0-b3+ is temporarily refused"
+"#;
+
+    #[test]
+    fn the_incident_rule_refuses_exactly_the_bad_cohort() {
+        let r = compile_ok(INCIDENT);
+        for v in ["3.8.0-b3", "3.8.0-b4", "3.8.0-b10", "3.8.0", "3.9.0-b1", "4.0.0", "v3.8.0b3"] {
+            assert_eq!(decide(&r, v, "/"), "deny by block-table-scan", "{v}");
+        }
+        for v in ["3.8.0-b2", "3.8.0-b1", "3.7.9", "3.7.99-rc1", "1"] {
+            assert_eq!(decide(&r, v, "/"), "allow by default", "{v}");
+        }
+    }
+
+    #[test]
+    fn first_match_wins_in_file_order() {
+        let r = compile_ok(
+            r#"
+[[rule]]
+name = "allow-canary"
+versions = "=3.8.0-b7"
+action = "allow"
+[[rule]]
+name = "block"
+versions = ">=3.8.0-b3"
+action = "deny"
+"#,
+        );
+        assert_eq!(decide(&r, "3.8.0-b7", "/"), "allow by allow-canary");
+        assert_eq!(decide(&r, "3.8.0-b8", "/"), "deny by block");
+    }
+
+    #[test]
+    fn shadow_rules_report_but_never_decide() {
+        let r = compile_ok(
+            r#"
+[[rule]]
+name = "try-block"
+versions = ">=4"
+action = "deny"
+mode = "shadow"
+[[rule]]
+name = "old"
+versions = "<2"
+action = "deny"
+"#,
+        );
+        assert_eq!(decide(&r, "4.1.0", "/"), "allow by default (shadow try-block)");
+        assert_eq!(decide(&r, "1.0.0", "/"), "deny by old");
+    }
+
+    #[test]
+    fn path_prefix_is_an_extra_condition() {
+        let r = compile_ok(
+            r#"
+[[rule]]
+name = "ws-only"
+versions = "*"
+action = "deny"
+path_prefix = "/ws"
+[[rule]]
+name = "rest"
+versions = ">=1"
+action = "allow"
+"#,
+        );
+        assert_eq!(decide(&r, "2.0.0", "/ws/x"), "deny by ws-only");
+        assert_eq!(decide(&r, "2.0.0", "/api"), "allow by rest");
+        assert_eq!(decide(&r, "0.1.0", "/api"), "allow by default");
+    }
+
+    #[test]
+    fn missing_and_unparseable_use_their_defaults() {
+        let r = compile_ok(INCIDENT);
+        let d = r.decide(&VersionInput::Missing, "/");
+        assert_eq!((d.admits(), d.by), (true, DecidedBy::Missing));
+        let d = r.decide(&VersionInput::Unparseable, "/");
+        assert_eq!((d.admits(), d.by), (false, DecidedBy::Unparseable));
+    }
+
+    #[test]
+    fn refusal_carries_status_body_and_jittered_retry_after() {
+        let r = compile_ok(INCIDENT);
+        let Action::Deny(refusal) = &r.rules[0].decider.action else {
+            panic!("deny expected")
+        };
+        assert_eq!(refusal.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(&refusal.body[..], b"firmware 3.8.0-b3+ is temporarily refused\n");
+        for _ in 0..1000 {
+            let s = refusal.retry_after_secs().unwrap();
+            assert!((900..=2700).contains(&s), "{s}");
+        }
+    }
+
+    #[test]
+    fn errors_name_file_line_column_and_all_are_reported() {
+        let text = "[[rule]]\nname = \"a\"\nversions = \">=3.8,\"\naction = \"deny\"\n\n[[rule]]\nname = \"a\"\nversions = \"*\"\naction = \"block\"\nstatus = 200\n";
+        let e = compile_err(text);
+        assert!(e.contains("rules.toml:3:18: rule \"a\": invalid versions"), "{e}");
+        assert!(e.contains("rules.toml:7:8: duplicate rule name \"a\""), "{e}");
+        assert!(e.contains("rules.toml:9:10: action must be"), "{e}");
+        assert!(e.contains("rules.toml:10:10: status 200 is not a refusal"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_position() {
+        let e = compile_err("[[rule]]\nname = \"a\"\nversions = \"*\"\naction = \"deny\"\nstatuss = 503\n");
+        assert!(e.starts_with("rules.toml:5:1:"), "{e}");
+        assert!(e.contains("statuss"), "{e}");
+    }
+
+    #[test]
+    fn partial_bare_version_warns() {
+        let r = compile_ok("[[rule]]\nname = \"a\"\nversions = \"3.8\"\naction = \"deny\"\n");
+        assert_eq!(r.warnings.len(), 1);
+        assert!(r.warnings[0].contains("3.8.*"), "{:?}", r.warnings);
+    }
+
+    #[test]
+    fn embedded_rules_admit_everything() {
+        let r = compile(EMBEDDED_RULES, None, &Metrics::new(), 0).unwrap();
+        assert!(r.decide(&VersionInput::Missing, "/").admits());
+        assert!(r.decide(&VersionInput::Unparseable, "/").admits());
+        let v = VersionInput::Parsed(FirmwareVersion::parse("3.8.0-b3").unwrap());
+        assert!(r.decide(&v, "/").admits());
+    }
+}

@@ -1,0 +1,92 @@
+//! The `fwgate` binary's check and explain commands, run as an operator would.
+
+use std::process::Command;
+
+fn fwgate(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fwgate"))
+        .args(args)
+        .env_remove("FWGATE_CONFIG")
+        .output()
+        .expect("run fwgate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn repo_config() -> String {
+    format!("{}/config/fwgate.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn check_accepts_the_shipped_examples() {
+    let (ok, out) = fwgate(&["check", "--config", &repo_config()]);
+    assert!(ok, "shipped config must be valid:\n{out}");
+    assert!(out.contains("ok: "), "{out}");
+    assert!(out.contains("2 rule(s)"), "{out}");
+}
+
+#[test]
+fn check_accepts_the_deploy_configs() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for cfg in ["deploy/docker/fwgate.toml"] {
+        let path = format!("{root}/{cfg}");
+        if std::path::Path::new(&path).exists() {
+            let (ok, out) = fwgate(&["check", "--config", &path]);
+            assert!(ok, "{cfg} must be valid:\n{out}");
+        }
+    }
+}
+
+#[test]
+fn check_reports_file_line_column_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fwgate.toml"), "rules = \"rules.toml\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        "[[rule]]\nname = \"x\"\nversions = \">=3.8.0-b3 || ~3.9\"\naction = \"deny\"\n",
+    )
+    .unwrap();
+    let (ok, out) = fwgate(&["check", "--config", dir.path().join("fwgate.toml").to_str().unwrap()]);
+    assert!(!ok, "broken rules must fail check:\n{out}");
+    assert!(out.contains("rules.toml:3:26: rule \"x\": invalid versions"), "{out}");
+}
+
+#[test]
+fn check_without_config_uses_the_builtin_default() {
+    let (ok, out) = fwgate(&["check"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("<embedded config>"), "{out}");
+}
+
+#[test]
+fn explain_names_the_rule_and_normalised_version() {
+    let (ok, out) = fwgate(&["explain", "v3.8.0b10", "--config", &repo_config()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("version:  3.8.0-b10"), "{out}");
+    // The shipped incident rule is in shadow mode: admitted, and the shadow match is shown.
+    assert!(out.contains("decision: ALLOW"), "{out}");
+    assert!(out.contains("shadow:   rule \"block-table-scan\""), "{out}");
+
+    let (ok, out) = fwgate(&["explain", "1.9.9", "--config", &repo_config()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("decision: DENY 426"), "{out}");
+    assert!(out.contains("rule \"too-old\""), "{out}");
+}
+
+#[test]
+fn explain_runs_the_configured_extraction() {
+    let (ok, out) = fwgate(&[
+        "explain",
+        "--header",
+        "User-Agent: Airtame/1.0.0-b3 (x)",
+        "--config",
+        &repo_config(),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("from header user-agent"), "{out}");
+    assert!(out.contains("version:  1.0.0-b3"), "{out}");
+    assert!(out.contains("DENY 426"), "{out}");
+}

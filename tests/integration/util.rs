@@ -1,0 +1,371 @@
+//! Shared test fixtures: backends, the proxy under test, raw clients, and `eventually`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use fwgate::admin::AdminToken;
+use fwgate::config::Config;
+use fwgate::gate::Gate;
+use fwgate::metrics::Metrics;
+use fwgate::rules::file;
+use fwgate::Listeners;
+
+/// Deadline for every wait in these tests.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Polls `check` until it returns true or the deadline passes; panics with `what` on timeout.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > until {
+            panic!("timed out after {DEADLINE:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An HTTP backend. Paths: `/headers` echoes request headers as `name: value` lines;
+/// `/upload` answers the number of body bytes received; `/stream/N` streams N bytes in 64 KiB
+/// chunks; `/status/N` answers status N; anything else answers "backend ok".
+pub struct HttpBackend {
+    pub addr: SocketAddr,
+    /// TCP connections accepted (refused handshakes must not move this).
+    pub connections: Arc<AtomicUsize>,
+    /// Requests served.
+    pub requests: Arc<AtomicUsize>,
+}
+
+pub async fn http_backend() -> HttpBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let (c, r) = (connections.clone(), requests.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            c.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    backend_handle(req)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    HttpBackend {
+        addr,
+        connections,
+        requests,
+    }
+}
+
+type BackendBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn backend_handle(req: Request<Incoming>) -> Result<Response<BackendBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    if path == "/headers" {
+        let mut out = String::new();
+        for (k, v) in req.headers() {
+            out.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+        }
+        return Ok(Response::new(Full::new(Bytes::from(out)).boxed()));
+    }
+    if path == "/upload" {
+        let mut body = req.into_body();
+        let mut n = 0usize;
+        while let Some(frame) = body.frame().await {
+            if let Ok(f) = frame {
+                if let Some(d) = f.data_ref() {
+                    n += d.len();
+                }
+            }
+        }
+        return Ok(Response::new(Full::new(Bytes::from(n.to_string())).boxed()));
+    }
+    if let Some(n) = path.strip_prefix("/stream/") {
+        let total: usize = n.parse().unwrap_or(0);
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let chunks = (0..total.div_ceil(chunk.len())).map(move |i| {
+            let len = chunk.len().min(total - i * chunk.len());
+            Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
+        });
+        let body = StreamBody::new(futures_util::stream::iter(chunks));
+        return Ok(Response::new(BodyExt::boxed(body)));
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        let mut resp = Response::new(Full::new(Bytes::from_static(b"status")).boxed());
+        *resp.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
+        return Ok(resp);
+    }
+    Ok(Response::new(Full::new(Bytes::from_static(b"backend ok")).boxed()))
+}
+
+/// A WebSocket echo backend (text, binary, ping/pong, close) counting its connections.
+pub struct WsBackend {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+}
+
+pub async fn ws_backend() -> WsBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let c = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            c.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        if ws.send(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    WsBackend { addr, connections }
+}
+
+/// The proxy under test, running in this process.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub gate: Arc<Gate>,
+    pub dir: tempfile::TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub const TEST_TOKEN: &str = "test-token-123";
+
+/// Starts fwgate with `rules` (rules.toml text) in front of `upstream`. `extra` is appended to
+/// fwgate.toml (e.g. an `[upstream]` table with timeouts).
+pub async fn start_proxy(rules: &str, upstream: SocketAddr, extra: &str) -> Proxy {
+    init_log_capture();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.toml"), rules).unwrap();
+    let upstream_table = if extra.contains("[upstream]") {
+        extra.replace("[upstream]", &format!("[upstream]\naddr = \"{upstream}\""))
+    } else {
+        format!("[upstream]\naddr = \"{upstream}\"\n{extra}")
+    };
+    let config_text = format!("rules = \"rules.toml\"\nstate_dir = \"state\"\n{upstream_table}\n");
+    std::fs::write(dir.path().join("fwgate.toml"), &config_text).unwrap();
+    let config = Config::load(&dir.path().join("fwgate.toml"))
+        .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{config_text}"));
+    let metrics = Arc::new(Metrics::new());
+    let rule_set = file::load(config.rules_path.as_ref().unwrap(), &metrics, 1)
+        .unwrap_or_else(|e| panic!("test rules invalid:\n{e}"));
+    let gate = Arc::new(Gate::new(config, rule_set, metrics).unwrap());
+    let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (addr, admin_addr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(fwgate::run(
+        Listeners { proxy, admin },
+        gate.clone(),
+        AdminToken::new(TEST_TOKEN),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    Proxy {
+        addr,
+        admin: admin_addr,
+        gate,
+        dir,
+        shutdown: Some(tx),
+        task: Some(task),
+    }
+}
+
+impl Proxy {
+    pub fn rules_path(&self) -> PathBuf {
+        self.dir.path().join("rules.toml")
+    }
+
+    /// Stops the proxy and waits for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(DEADLINE, task)
+                .await
+                .expect("proxy did not stop in time")
+                .unwrap();
+        }
+    }
+}
+
+/// A raw HTTP/1.1 exchange over a fresh TCP connection: sends `request` verbatim and reads the
+/// whole response (the request should say `Connection: close`).
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut out))
+        .await
+        .expect("response not complete in time")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A simple GET with extra headers, over a fresh connection; returns (status, headers, body).
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: devices.test\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let resp = raw_exchange(addr, req.as_bytes()).await;
+    split_response(&resp)
+}
+
+pub fn split_response(resp: &str) -> (u16, String, String) {
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((resp, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in response: {resp:?}"));
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+/// Reads one header value (lower-cased head from [`split_response`]).
+pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == name).then(|| v.trim())
+    })
+}
+
+/// GET on the admin listener; returns (status, body).
+pub async fn admin_get(proxy: &Proxy, path: &str) -> (u16, String) {
+    let (s, _, b) = get(proxy.admin, path, &[]).await;
+    (s, b)
+}
+
+/// POST on the admin listener with an optional bearer token and body; returns (status, body).
+pub async fn admin_post(proxy: &Proxy, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    admin_request(proxy, "POST", path, token, body).await
+}
+
+pub async fn admin_request(
+    proxy: &Proxy,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (s, _, b) = split_response(&raw_exchange(proxy.admin, req.as_bytes()).await);
+    (s, b)
+}
+
+/// The value of one sample line in /metrics (exact series text before the value).
+pub async fn metric(proxy: &Proxy, series: &str) -> Option<f64> {
+    let (_, body) = admin_get(proxy, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Everything tracing wrote in this test process (access log included).
+pub fn captured_logs() -> String {
+    let buf = LOGS.get().map(|b| b.lock().unwrap().clone()).unwrap_or_default();
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_log_capture() {
+    let mut first = false;
+    let buf = LOGS.get_or_init(|| {
+        first = true;
+        Arc::new(Mutex::new(Vec::new()))
+    });
+    if first {
+        let sink = LogSink(buf.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("info")
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .try_init();
+    }
+    let _ = std::io::stderr().flush();
+}
+
+/// Connects a WebSocket client through the proxy with extra handshake headers.
+pub async fn ws_connect(
+    proxy: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<
+    tokio_tungstenite::WebSocketStream<TcpStream>,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{proxy}{path}").into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(req, stream))
+        .await
+        .expect("websocket handshake timed out")
+        .map(|(ws, _)| ws)
+}

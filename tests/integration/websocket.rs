@@ -1,0 +1,152 @@
+//! WebSocket tunnels through the proxy.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::util::*;
+
+const RULES: &str = r#"
+[[rule]]
+name = "block-table-scan"
+versions = ">=3.8.0-b3"
+action = "deny"
+status = 503
+"#;
+
+#[tokio::test]
+async fn echo_text_binary_large_ping_and_close() {
+    let backend = ws_backend().await;
+    let proxy = start_proxy(RULES, backend.addr, "").await;
+    let mut ws = ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", "3.7.0")])
+        .await
+        .expect("admitted handshake");
+
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+
+    ws.send(Message::binary(vec![0u8, 1, 2, 255])).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(vec![0u8, 1, 2, 255]));
+
+    let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 253) as u8).collect();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    let got = ws.next().await.unwrap().unwrap();
+    assert_eq!(got.into_data().as_ref(), &big[..], "1 MiB message corrupted");
+
+    ws.send(Message::Ping(b"p1".to_vec().into())).await.unwrap();
+    let pong = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(pong, Message::Pong(b"p1".to_vec().into()));
+
+    ws.close(None).await.unwrap();
+    // The close handshake completes: the stream ends after the peer's close frame.
+    let mut saw_close = false;
+    while let Ok(Some(msg)) = tokio::time::timeout(DEADLINE, ws.next()).await {
+        match msg {
+            Ok(Message::Close(_)) => saw_close = true,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(saw_close, "no close frame came back through the tunnel");
+    assert_eq!(backend.connections.load(Ordering::SeqCst), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn refused_handshake_never_reaches_the_backend() {
+    let backend = ws_backend().await;
+    let proxy = start_proxy(RULES, backend.addr, "").await;
+    let err = ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", "3.8.0-b3")])
+        .await
+        .expect_err("must be refused");
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 503),
+        other => panic!("expected an HTTP refusal, got {other:?}"),
+    }
+    assert_eq!(backend.connections.load(Ordering::SeqCst), 0);
+    let n = metric(&proxy, "fwgate_decisions_total{decision=\"deny\",rule=\"block-table-scan\"}").await;
+    assert_eq!(n, Some(1.0));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn non_101_backend_answer_is_relayed() {
+    // The HTTP backend does not speak WebSocket: its 200 goes back to the client as is.
+    let backend = http_backend().await;
+    let proxy = start_proxy(RULES, backend.addr, "").await;
+    let resp = raw_exchange(
+        proxy.addr,
+        b"GET /status/404 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp:?}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn half_close_is_respected_through_a_raw_upgrade() {
+    // A raw backend that upgrades, reads until EOF, then answers and closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap(); // ends when the client half-closes
+        s.write_all(format!("got {} bytes", got.len()).as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    let proxy = start_proxy(RULES, addr, "").await;
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        c.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
+    c.write_all(b"0123456789").await.unwrap();
+    c.shutdown().await.unwrap(); // half-close: we are done sending, still reading
+    let mut answer = String::new();
+    tokio::time::timeout(DEADLINE, c.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, "got 10 bytes");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn tunnel_counts_as_active_until_closed() {
+    let backend = ws_backend().await;
+    let proxy = start_proxy(RULES, backend.addr, "").await;
+    let mut ws = ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", "1.0.0")]).await.unwrap();
+    ws.send(Message::text("x")).await.unwrap();
+    ws.next().await.unwrap().unwrap();
+    eventually("active connection gauge shows the tunnel", || async {
+        metric(&proxy, "fwgate_active_connections{rule=\"default\"}").await == Some(1.0)
+    })
+    .await;
+    drop(ws);
+    eventually("gauge returns to zero after close", || async {
+        metric(&proxy, "fwgate_active_connections{rule=\"default\"}").await == Some(0.0)
+    })
+    .await;
+    let _ = Duration::ZERO;
+    proxy.stop().await;
+}
