@@ -49,10 +49,12 @@ impl RefusalSampler {
             } else {
                 ((now << 32) | 1, true)
             };
-            match self
-                .window
-                .compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
+            match self.window.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => {
                     if fresh {
                         let dropped = self.suppressed.swap(0, Ordering::Relaxed);

@@ -115,7 +115,9 @@ impl Census {
             rows.entry(t.version).or_default().0 += 1;
         });
         let mut rows: Vec<_> = rows.into_iter().collect();
-        rows.sort_by_key(|(_, (active, minute, hour))| std::cmp::Reverse((*active, *hour, *minute)));
+        rows.sort_by_key(|(_, (active, minute, hour))| {
+            std::cmp::Reverse((*active, *hour, *minute))
+        });
         let rules = gate.rules();
         let mut other = {
             let w = self.other.lock().unwrap_or_else(|e| e.into_inner());

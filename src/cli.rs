@@ -39,7 +39,11 @@ pub fn check(config_path: Option<&Path>) -> (String, bool) {
     let mut ok = true;
     if let Some(token) = &config.admin.token_file {
         if let Err(e) = std::fs::metadata(token) {
-            let _ = writeln!(out, "{}: cannot read admin token file: {e}", token.display());
+            let _ = writeln!(
+                out,
+                "{}: cannot read admin token file: {e}",
+                token.display()
+            );
             ok = false;
         }
     }
@@ -241,9 +245,18 @@ jitter = 0.5
             },
         )
         .unwrap();
-        assert!(out.contains("version:  3.8.0-b10 (firmware ordering)"), "{out}");
-        assert!(out.contains("decision: DENY 503 Service Unavailable, Retry-After 30m ±50%"), "{out}");
-        assert!(out.contains("by:       rule \"block-table-scan\" (line 8)"), "{out}");
+        assert!(
+            out.contains("version:  3.8.0-b10 (firmware ordering)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("decision: DENY 503 Service Unavailable, Retry-After 30m ±50%"),
+            "{out}"
+        );
+        assert!(
+            out.contains("by:       rule \"block-table-scan\" (line 8)"),
+            "{out}"
+        );
     }
 
     #[test]

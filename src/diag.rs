@@ -43,7 +43,12 @@ impl FileError {
     pub fn from_toml(path: &Path, text: &str, err: &toml::de::Error) -> Self {
         let offset = err.span().map(|s| s.start).unwrap_or(0);
         // toml's message is multi-line with a caret drawing; keep its first line only.
-        let message = err.message().lines().next().unwrap_or("invalid TOML").trim();
+        let message = err
+            .message()
+            .lines()
+            .next()
+            .unwrap_or("invalid TOML")
+            .trim();
         FileError::at(path, text, offset, message.to_string())
     }
 }

@@ -6,9 +6,9 @@ use std::time::Duration;
 /// Parses `<integer><unit>` with unit one of `ms`, `s`, `m`, `h`, `d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {text:?} needs a unit: ms, s, m, h or d (e.g. \"30s\")"))?;
+    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+        format!("duration {text:?} needs a unit: ms, s, m, h or d (e.g. \"30s\")")
+    })?;
     let (digits, unit) = t.split_at(split);
     if digits.is_empty() {
         return Err(format!(
@@ -68,7 +68,16 @@ mod tests {
 
     #[test]
     fn refuses_ambiguous_or_bad_input() {
-        for bad in ["", "30", "s", "1.5s", "-1s", "5 s", "5sec", "99999999999999999999s"] {
+        for bad in [
+            "",
+            "30",
+            "s",
+            "1.5s",
+            "-1s",
+            "5 s",
+            "5sec",
+            "99999999999999999999s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
         }
         assert!(parse_duration("30").unwrap_err().contains("needs a unit"));

@@ -227,7 +227,10 @@ mod tests {
     #[test]
     fn first_yielding_source_wins() {
         let e = airtame();
-        let h = headers(&[("x-firmware-version", "1.0.0"), ("user-agent", "Airtame/2.0.0")]);
+        let h = headers(&[
+            ("x-firmware-version", "1.0.0"),
+            ("user-agent", "Airtame/2.0.0"),
+        ]);
         let f = e.extract(&h, Some("fw=3.0.0")).unwrap();
         assert_eq!((f.source, f.raw), (0, &b"1.0.0"[..]));
 
@@ -265,10 +268,22 @@ mod tests {
 
     #[test]
     fn pattern_group_choice() {
-        assert_eq!(Pattern::new(r"x/(\S+)", "version").unwrap().capture("x/1.2"), Some("1.2"));
-        assert_eq!(Pattern::new(r"\d+\.\d+", "version").unwrap().capture("v 1.2"), Some("1.2"));
         assert_eq!(
-            Pattern::new(r"(a)/(?P<version>\S+)", "version").unwrap().capture("a/9"),
+            Pattern::new(r"x/(\S+)", "version")
+                .unwrap()
+                .capture("x/1.2"),
+            Some("1.2")
+        );
+        assert_eq!(
+            Pattern::new(r"\d+\.\d+", "version")
+                .unwrap()
+                .capture("v 1.2"),
+            Some("1.2")
+        );
+        assert_eq!(
+            Pattern::new(r"(a)/(?P<version>\S+)", "version")
+                .unwrap()
+                .capture("a/9"),
             Some("9")
         );
     }

@@ -103,7 +103,12 @@ impl Gate {
     }
 
     /// Decides one request against a snapshot.
-    pub fn decide<'a>(&self, rules: &'a RuleSet, version: &VersionInput, path: &str) -> Decision<'a> {
+    pub fn decide<'a>(
+        &self,
+        rules: &'a RuleSet,
+        version: &VersionInput,
+        path: &str,
+    ) -> Decision<'a> {
         rules.decide(version, path)
     }
 
@@ -163,10 +168,7 @@ impl Gate {
                 format!("reload task failed: {e}"),
             )))
         });
-        let mut status = self
-            .reload_status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut status = self.reload_status.lock().unwrap_or_else(|e| e.into_inner());
         status.last_attempt_unix = Some(unix_now());
         match result {
             Ok(None) => Ok(ReloadOutcome::Unchanged {
@@ -208,7 +210,9 @@ impl Gate {
             })
             .inc();
         self.metrics.rules_generation.set(generation as i64);
-        self.metrics.rules_last_reload_success.set(unix_now() as f64);
+        self.metrics
+            .rules_last_reload_success
+            .set(unix_now() as f64);
         let closing = self.close_refused();
         tracing::info!(generation, closing, "rules in force");
         ReloadOutcome::Applied {
@@ -242,9 +246,8 @@ fn compile_if_changed(
     current_hash: &str,
     force: bool,
 ) -> Result<Option<RuleSet>, FileErrors> {
-    let text = std::fs::read(path).map_err(|e| {
-        crate::diag::FileError::whole(path, format!("cannot read rules file: {e}"))
-    })?;
+    let text = std::fs::read(path)
+        .map_err(|e| crate::diag::FileError::whole(path, format!("cannot read rules file: {e}")))?;
     if !force && crate::rules::content_hash(&text) == current_hash {
         return Ok(None);
     }

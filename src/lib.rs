@@ -22,8 +22,8 @@
 
 pub mod access_log;
 pub mod admin;
-pub mod cli;
 pub mod census;
+pub mod cli;
 pub mod config;
 pub mod diag;
 pub mod duration;
@@ -80,8 +80,16 @@ pub async fn run(
         gate: gate.clone(),
         token,
     });
-    let admin_task = tokio::spawn(admin::serve(listeners.admin, admin, stopped(stop_rx.clone())));
-    let proxy_task = tokio::spawn(proxy::serve(listeners.proxy, gate.clone(), stopped(stop_rx)));
+    let admin_task = tokio::spawn(admin::serve(
+        listeners.admin,
+        admin,
+        stopped(stop_rx.clone()),
+    ));
+    let proxy_task = tokio::spawn(proxy::serve(
+        listeners.proxy,
+        gate.clone(),
+        stopped(stop_rx),
+    ));
 
     shutdown.await;
     tracing::info!("shutting down: refusing new connections, finishing in-flight requests");

@@ -160,7 +160,10 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
 fn admin_token(config: &Config) -> anyhow::Result<AdminToken> {
     if let Some(path) = &config.admin.token_file {
         let text = std::fs::read_to_string(path).with_context(|| {
-            format!("cannot read admin token file {} ([admin] token_file)", path.display())
+            format!(
+                "cannot read admin token file {} ([admin] token_file)",
+                path.display()
+            )
         })?;
         return Ok(AdminToken::new(&text));
     }
@@ -182,7 +185,10 @@ async fn reload_on_sighup(gate: Arc<Gate>) {
 
 async fn termination() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

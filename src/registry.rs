@@ -169,7 +169,13 @@ mod tests {
     fn close_plan_spreads_over_the_drain() {
         let r = Arc::new(Registry::default());
         let regs: Vec<_> = (0..4)
-            .map(|i| r.register(VersionInput::Missing, if i % 2 == 0 { "/a" } else { "/b" }, Arc::from("x")))
+            .map(|i| {
+                r.register(
+                    VersionInput::Missing,
+                    if i % 2 == 0 { "/a" } else { "/b" },
+                    Arc::from("x"),
+                )
+            })
             .collect();
         let plan = r.plan_close(|t| (&*t.path == "/a").then_some(Duration::from_secs(10)));
         assert_eq!(plan.len(), 2);

@@ -59,6 +59,9 @@ pub fn watch(gate: Arc<Gate>) -> Result<Option<RulesWatcher>, notify::Error> {
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     tracing::info!(dir = %dir.display(), file = %path.display(), "watching rules file");
     let task = tokio::spawn(async move {
+        // The file may have changed between the initial load and the watch starting: compare
+        // hashes once now rather than waiting for the periodic re-check.
+        let _ = gate.reload(false).await;
         let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
         recheck.tick().await;
         loop {

@@ -28,7 +28,11 @@ pub struct AdminToken(Option<Arc<str>>);
 
 impl std::fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "AdminToken(set)" } else { "AdminToken(unset)" })
+        f.write_str(if self.0.is_some() {
+            "AdminToken(set)"
+        } else {
+            "AdminToken(unset)"
+        })
     }
 }
 
@@ -49,9 +53,9 @@ impl AdminToken {
         self.0.is_some()
     }
 
-    fn check(&self, headers: &http::HeaderMap) -> Result<(), Response<Full<Bytes>>> {
+    fn check(&self, headers: &http::HeaderMap) -> Result<(), AuthFailure> {
         let Some(expected) = &self.0 else {
-            return Err(json_response(StatusCode::FORBIDDEN, &json!({"error": "no admin token configured: set [admin] token_file in fwgate.toml or the FWGATE_ADMIN_TOKEN environment variable, then restart"})));
+            return Err(AuthFailure::NoTokenConfigured);
         };
         let presented = headers
             .get(AUTHORIZATION)
@@ -62,12 +66,33 @@ impl AdminToken {
         if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
             Ok(())
         } else {
-            Err(json_response(
-                StatusCode::UNAUTHORIZED,
-                &json!({"error": "missing or wrong bearer token"}),
-            ))
+            Err(AuthFailure::WrongToken)
         }
     }
+
+    /// Checks the bearer token; on failure, the response to send (403 or 401).
+    pub fn authorize(&self, headers: &http::HeaderMap) -> Option<Response<Full<Bytes>>> {
+        match self.check(headers) {
+            Ok(()) => None,
+            Err(AuthFailure::NoTokenConfigured) => Some(json_response(
+                StatusCode::FORBIDDEN,
+                &json!({"error": "no admin token configured: set [admin] token_file in fwgate.toml or the FWGATE_ADMIN_TOKEN environment variable, then restart"}),
+            )),
+            Err(AuthFailure::WrongToken) => Some(json_response(
+                StatusCode::UNAUTHORIZED,
+                &json!({"error": "missing or wrong bearer token"}),
+            )),
+        }
+    }
+}
+
+/// Why a mutating request was not authorised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthFailure {
+    /// No token is configured, so nothing may mutate.
+    NoTokenConfigured,
+    /// The request's token is missing or wrong.
+    WrongToken,
 }
 
 /// Compares without an early exit on the first differing byte (timing does not leak the token).
@@ -141,8 +166,8 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         (&Method::GET, "/v1/rules") => json_response(StatusCode::OK, &rules_json(gate)),
         (&Method::POST, "/v1/reload") => {
-            if let Err(r) = admin.token.check(req.headers()) {
-                return r;
+            if let Some(refused) = admin.token.authorize(req.headers()) {
+                return refused;
             }
             match gate.reload(false).await {
                 Ok(ReloadOutcome::Applied {
@@ -205,7 +230,10 @@ pub fn rules_json(gate: &Gate) -> Value {
     let status = gate.reload_status();
     let mut v = rule_set_json(&rules);
     v["last_error"] = status.last_error.map(Value::from).unwrap_or(Value::Null);
-    v["last_reload_attempt_unix"] = status.last_attempt_unix.map(Value::from).unwrap_or(Value::Null);
+    v["last_reload_attempt_unix"] = status
+        .last_attempt_unix
+        .map(Value::from)
+        .unwrap_or(Value::Null);
     v
 }
 
@@ -272,11 +300,11 @@ mod tests {
         assert!(!format!("{t:?}").contains("s3cret"));
         let mut h = http::HeaderMap::new();
         h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer s3cret"));
-        assert!(t.check(&h).is_ok());
+        assert!(t.authorize(&h).is_none());
         h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer nope"));
-        assert_eq!(t.check(&h).unwrap_err().status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(t.authorize(&h).unwrap().status(), StatusCode::UNAUTHORIZED);
         assert_eq!(
-            AdminToken::none().check(&h).unwrap_err().status(),
+            AdminToken::none().authorize(&h).unwrap().status(),
             StatusCode::FORBIDDEN
         );
     }

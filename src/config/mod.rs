@@ -251,10 +251,8 @@ impl Config {
 
         let listen = ListenConfig {
             addr: v.socket_addr(&raw.listen.addr, DEFAULT_LISTEN_ADDR),
-            header_read_timeout: v.duration(
-                &raw.listen.header_read_timeout,
-                DEFAULT_HEADER_READ_TIMEOUT,
-            ),
+            header_read_timeout: v
+                .duration(&raw.listen.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT),
             max_header_bytes: v.bounded_int(
                 &raw.listen.max_header_bytes,
                 DEFAULT_MAX_HEADER_BYTES,
@@ -266,10 +264,8 @@ impl Config {
             addr: v.host_port(&raw.upstream.addr, DEFAULT_UPSTREAM_ADDR),
             connect_timeout: v.duration(&raw.upstream.connect_timeout, DEFAULT_CONNECT_TIMEOUT),
             response_timeout: v.duration(&raw.upstream.response_timeout, DEFAULT_RESPONSE_TIMEOUT),
-            pool_idle_timeout: v.duration(
-                &raw.upstream.pool_idle_timeout,
-                DEFAULT_POOL_IDLE_TIMEOUT,
-            ),
+            pool_idle_timeout: v
+                .duration(&raw.upstream.pool_idle_timeout, DEFAULT_POOL_IDLE_TIMEOUT),
             pool_max_idle: v.bounded_int(
                 &raw.upstream.pool_max_idle,
                 DEFAULT_POOL_MAX_IDLE,
@@ -279,14 +275,23 @@ impl Config {
         };
         let admin = AdminConfig {
             addr: v.socket_addr(&raw.admin.addr, DEFAULT_ADMIN_ADDR),
-            token_file: raw.admin.token_file.as_ref().map(|p| base.join(p.get_ref())),
+            token_file: raw
+                .admin
+                .token_file
+                .as_ref()
+                .map(|p| base.join(p.get_ref())),
         };
         if let Some(a) = &raw.admin.addr {
             if admin.addr == listen.addr {
                 v.error(a.span().start, "[admin] addr must differ from [listen] addr: the admin API never shares the device port");
             }
         }
-        let format = match raw.log.format.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+        let format = match raw
+            .log
+            .format
+            .as_ref()
+            .map(|s| (s.get_ref().as_str(), s.span()))
+        {
             None | Some(("text", _)) => LogFormat::Text,
             Some(("json", _)) => LogFormat::Json,
             Some((other, span)) => {
@@ -439,7 +444,8 @@ mod tests {
 
     #[test]
     fn every_error_is_reported_with_its_position() {
-        let text = "[listen]\naddr = \"nope\"\nheader_read_timeout = \"10\"\n[upstream]\naddr = \"x\"\n";
+        let text =
+            "[listen]\naddr = \"nope\"\nheader_read_timeout = \"10\"\n[upstream]\naddr = \"x\"\n";
         let errs = Config::from_toml(text, Some(Path::new("f.toml"))).unwrap_err();
         let shown = errs.to_string();
         assert_eq!(errs.0.len(), 3, "{shown}");
@@ -450,8 +456,11 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_errors() {
-        let errs = Config::from_toml("[listen]\nadress = \"0.0.0.0:1\"\n", Some(Path::new("f.toml")))
-            .unwrap_err();
+        let errs = Config::from_toml(
+            "[listen]\nadress = \"0.0.0.0:1\"\n",
+            Some(Path::new("f.toml")),
+        )
+        .unwrap_err();
         let shown = errs.to_string();
         assert!(shown.starts_with("f.toml:2:1:"), "{shown}");
         assert!(shown.contains("adress"), "{shown}");

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE,
+};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -54,7 +56,9 @@ impl tower_service::Service<Uri> for TimedConnector {
             let started = Instant::now();
             let stream = tokio::time::timeout(limit, TcpStream::connect(&*addr))
                 .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "backend connect timed out"))??;
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "backend connect timed out")
+                })??;
             histogram.observe(started.elapsed().as_secs_f64());
             // Small device messages must not wait for Nagle.
             let _ = stream.set_nodelay(true);
@@ -176,7 +180,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in listed {
         headers.remove(name);
     }
-    for name in [CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRANSFER_ENCODING, UPGRADE] {
+    for name in [
+        CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        TE,
+        TRANSFER_ENCODING,
+        UPGRADE,
+    ] {
         headers.remove(name);
     }
     if let Some(u) = upgrade {
@@ -205,7 +216,10 @@ pub fn add_forwarding_headers(headers: &mut HeaderMap, client: SocketAddr, proto
         std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
     };
     let mut element = format!("for={node};proto={proto}");
-    if let Some(host) = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()) {
+    if let Some(host) = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+    {
         if host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
@@ -278,11 +292,17 @@ mod tests {
 
     #[test]
     fn forwarding_headers_append_like_nginx() {
-        let mut h = map(&[("x-forwarded-for", "10.0.0.1"), ("host", "devices.example:8080")]);
+        let mut h = map(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("host", "devices.example:8080"),
+        ]);
         add_forwarding_headers(&mut h, "192.0.2.7:5555".parse().unwrap(), "http");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["forwarded"], "for=192.0.2.7;proto=http;host=\"devices.example:8080\"");
+        assert_eq!(
+            h["forwarded"],
+            "for=192.0.2.7;proto=http;host=\"devices.example:8080\""
+        );
         assert_eq!(h["host"], "devices.example:8080");
 
         let mut h = HeaderMap::new();

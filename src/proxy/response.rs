@@ -37,7 +37,9 @@ impl ProxyFailure {
             ProxyFailure::UpstreamResponseTimeout => {
                 (StatusCode::GATEWAY_TIMEOUT, "backend response timed out\n")
             }
-            ProxyFailure::UpstreamBroken => (StatusCode::BAD_GATEWAY, "backend connection failed\n"),
+            ProxyFailure::UpstreamBroken => {
+                (StatusCode::BAD_GATEWAY, "backend connection failed\n")
+            }
         }
     }
 }
@@ -48,7 +50,8 @@ pub fn refusal(r: &Refusal) -> Response<ResponseBody> {
     *resp.status_mut() = r.status;
     resp.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
     if let Some(secs) = r.retry_after_secs() {
-        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
 }

@@ -137,9 +137,9 @@ async fn forward(
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status())
     {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        let (registration, close) =
-            gate.registry
-                .register(presented.version, &path, rule.clone());
+        let (registration, close) = gate
+            .registry
+            .register(presented.version, &path, rule.clone());
         active.inc();
         let log = gate.config.log.access;
         tokio::spawn(async move {
@@ -193,8 +193,14 @@ async fn relay(client: Upgraded, upstream: Upgraded, close: Arc<Notify>) -> Tunn
     let client = match client.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => parts,
         Err(client) => {
-            return tunnel::relay_generic(TokioIo::new(client), &[], TokioIo::new(upstream), &[], close)
-                .await
+            return tunnel::relay_generic(
+                TokioIo::new(client),
+                &[],
+                TokioIo::new(upstream),
+                &[],
+                close,
+            )
+            .await
         }
     };
     match upstream.downcast::<TokioIo<TcpStream>>() {
@@ -209,8 +215,14 @@ async fn relay(client: Upgraded, upstream: Upgraded, close: Arc<Notify>) -> Tunn
             .await
         }
         Err(upstream) => {
-            tunnel::relay_generic(client.io.into_inner(), &client.read_buf, TokioIo::new(upstream), &[], close)
-                .await
+            tunnel::relay_generic(
+                client.io.into_inner(),
+                &client.read_buf,
+                TokioIo::new(upstream),
+                &[],
+                close,
+            )
+            .await
         }
     }
 }

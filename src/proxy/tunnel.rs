@@ -103,7 +103,10 @@ pub async fn relay_tcp(
     let run = async {
         write_all(&upstream, client_early, &up).await?;
         write_all(&client, upstream_early, &down).await?;
-        tokio::try_join!(pump(&client, &upstream, &up), pump(&upstream, &client, &down))
+        tokio::try_join!(
+            pump(&client, &upstream, &up),
+            pump(&upstream, &client, &down)
+        )
     };
     let end = tokio::select! {
         r = run => if r.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error },
@@ -204,7 +207,14 @@ mod tests {
         let close = Arc::new(Notify::new());
         let c2 = close.clone();
         let relay = tokio::spawn(async move {
-            relay_tcp(client_side, b"early-up ", upstream_side, b"early-down ", &c2).await
+            relay_tcp(
+                client_side,
+                b"early-up ",
+                upstream_side,
+                b"early-down ",
+                &c2,
+            )
+            .await
         });
 
         client.write_all(b"hello").await.unwrap();

@@ -388,7 +388,10 @@ impl Compiler<'_> {
         let mut refusal = Refusal::default_deny();
         if let Some(s) = status {
             let n = *s.get_ref();
-            match u16::try_from(n).ok().and_then(|n| StatusCode::from_u16(n).ok()) {
+            match u16::try_from(n)
+                .ok()
+                .and_then(|n| StatusCode::from_u16(n).ok())
+            {
                 Some(code) if (400..=599).contains(&n) => refusal.status = code,
                 _ => self.error(
                     s.span().start,
@@ -404,7 +407,9 @@ impl Compiler<'_> {
             } else {
                 self.error(
                     j.span().start,
-                    format!("jitter {v} must be between 0 and 1 (0.5 spreads Retry-After over ±50%)"),
+                    format!(
+                        "jitter {v} must be between 0 and 1 (0.5 spreads Retry-After over ±50%)"
+                    ),
                 );
             }
             if retry_after.is_none() {
@@ -421,7 +426,12 @@ impl Compiler<'_> {
         refusal
     }
 
-    fn action(&mut self, value: &Option<Spanned<String>>, fallback: &str, refusal: &Refusal) -> Action {
+    fn action(
+        &mut self,
+        value: &Option<Spanned<String>>,
+        fallback: &str,
+        refusal: &Refusal,
+    ) -> Action {
         let (text, offset) = match value {
             None => (fallback, 0),
             Some(s) => (s.get_ref().as_str(), s.span().start),
@@ -430,7 +440,10 @@ impl Compiler<'_> {
             "allow" => Action::Allow,
             "deny" => Action::Deny(refusal.clone()),
             other => {
-                self.error(offset, format!("action must be \"allow\" or \"deny\", not {other:?}"));
+                self.error(
+                    offset,
+                    format!("action must be \"allow\" or \"deny\", not {other:?}"),
+                );
                 Action::Allow
             }
         }
@@ -450,16 +463,23 @@ mod tests {
 
     fn compile_err(text: &str) -> String {
         compile(text, Some(Path::new("rules.toml")), &Metrics::new(), 1)
-            .err()
-            .expect("should fail")
+            .expect_err("should fail")
             .to_string()
     }
 
     fn decide(rules: &RuleSet, v: &str, path: &str) -> String {
         let input = VersionInput::Parsed(FirmwareVersion::parse(v).unwrap());
         let d = rules.decide(&input, path);
-        let shadow = d.shadow.map(|s| format!(" (shadow {})", s.name)).unwrap_or_default();
-        format!("{} by {}{}", d.decider.action.as_str(), d.decider.name, shadow)
+        let shadow = d
+            .shadow
+            .map(|s| format!(" (shadow {})", s.name))
+            .unwrap_or_default();
+        format!(
+            "{} by {}{}",
+            d.decider.action.as_str(),
+            d.decider.name,
+            shadow
+        )
     }
 
     const INCIDENT: &str = r#"
@@ -481,7 +501,15 @@ body = "firmware 3.8.0-b3+ is temporarily refused"
     #[test]
     fn the_incident_rule_refuses_exactly_the_bad_cohort() {
         let r = compile_ok(INCIDENT);
-        for v in ["3.8.0-b3", "3.8.0-b4", "3.8.0-b10", "3.8.0", "3.9.0-b1", "4.0.0", "v3.8.0b3"] {
+        for v in [
+            "3.8.0-b3",
+            "3.8.0-b4",
+            "3.8.0-b10",
+            "3.8.0",
+            "3.9.0-b1",
+            "4.0.0",
+            "v3.8.0b3",
+        ] {
             assert_eq!(decide(&r, v, "/"), "deny by block-table-scan", "{v}");
         }
         for v in ["3.8.0-b2", "3.8.0-b1", "3.7.9", "3.7.99-rc1", "1"] {
@@ -522,7 +550,10 @@ versions = "<2"
 action = "deny"
 "#,
         );
-        assert_eq!(decide(&r, "4.1.0", "/"), "allow by default (shadow try-block)");
+        assert_eq!(
+            decide(&r, "4.1.0", "/"),
+            "allow by default (shadow try-block)"
+        );
         assert_eq!(decide(&r, "1.0.0", "/"), "deny by old");
     }
 
@@ -562,7 +593,10 @@ action = "allow"
             panic!("deny expected")
         };
         assert_eq!(refusal.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(&refusal.body[..], b"firmware 3.8.0-b3+ is temporarily refused\n");
+        assert_eq!(
+            &refusal.body[..],
+            b"firmware 3.8.0-b3+ is temporarily refused\n"
+        );
         for _ in 0..1000 {
             let s = refusal.retry_after_secs().unwrap();
             assert!((900..=2700).contains(&s), "{s}");
@@ -573,15 +607,26 @@ action = "allow"
     fn errors_name_file_line_column_and_all_are_reported() {
         let text = "[[rule]]\nname = \"a\"\nversions = \">=3.8,\"\naction = \"deny\"\n\n[[rule]]\nname = \"a\"\nversions = \"*\"\naction = \"block\"\nstatus = 200\n";
         let e = compile_err(text);
-        assert!(e.contains("rules.toml:3:18: rule \"a\": invalid versions"), "{e}");
-        assert!(e.contains("rules.toml:7:8: duplicate rule name \"a\""), "{e}");
+        assert!(
+            e.contains("rules.toml:3:18: rule \"a\": invalid versions"),
+            "{e}"
+        );
+        assert!(
+            e.contains("rules.toml:7:8: duplicate rule name \"a\""),
+            "{e}"
+        );
         assert!(e.contains("rules.toml:9:10: action must be"), "{e}");
-        assert!(e.contains("rules.toml:10:10: status 200 is not a refusal"), "{e}");
+        assert!(
+            e.contains("rules.toml:10:10: status 200 is not a refusal"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_keys_are_errors_with_position() {
-        let e = compile_err("[[rule]]\nname = \"a\"\nversions = \"*\"\naction = \"deny\"\nstatuss = 503\n");
+        let e = compile_err(
+            "[[rule]]\nname = \"a\"\nversions = \"*\"\naction = \"deny\"\nstatuss = 503\n",
+        );
         assert!(e.starts_with("rules.toml:5:1:"), "{e}");
         assert!(e.contains("statuss"), "{e}");
     }

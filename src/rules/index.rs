@@ -303,7 +303,11 @@ mod tests {
             .collect()
     }
 
-    fn index(ranges: &[VersionRange], terminal: &[bool], ordering: VersionOrdering) -> VersionIndex {
+    fn index(
+        ranges: &[VersionRange],
+        terminal: &[bool],
+        ordering: VersionOrdering,
+    ) -> VersionIndex {
         match VersionIndex::build(ranges.iter().zip(terminal.iter().copied()), ordering) {
             Ok(index) => index,
             Err(e) => panic!("{e}"),
@@ -311,7 +315,11 @@ mod tests {
     }
 
     /// Every entry whose range contains `version`, in order, cut after the first terminal one.
-    fn brute_force(ranges: &[VersionRange], terminal: &[bool], version: &FirmwareVersion) -> Vec<u32> {
+    fn brute_force(
+        ranges: &[VersionRange],
+        terminal: &[bool],
+        version: &FirmwareVersion,
+    ) -> Vec<u32> {
         let mut out = Vec::new();
         for (i, range) in ranges.iter().enumerate() {
             if range.contains(version) {
@@ -353,7 +361,11 @@ mod tests {
         out
     }
 
-    fn assert_matches_brute_force(ranges: &[VersionRange], terminal: &[bool], ordering: VersionOrdering) {
+    fn assert_matches_brute_force(
+        ranges: &[VersionRange],
+        terminal: &[bool],
+        ordering: VersionOrdering,
+    ) {
         let index = index(ranges, terminal, ordering);
         assert_eq!(index.len(), ranges.len());
         for version in probes(ranges) {
@@ -453,7 +465,12 @@ mod tests {
             .map(|t| VersionRange::parse(t, FIRMWARE).unwrap())
             .collect();
         let e = VersionIndex::build(rules.iter().map(|r| (r, false)), FIRMWARE).unwrap_err();
-        assert_eq!(e, IndexError::TooManyOverlaps { limit: MAX_STORED_CANDIDATES });
+        assert_eq!(
+            e,
+            IndexError::TooManyOverlaps {
+                limit: MAX_STORED_CANDIDATES
+            }
+        );
         assert!(e.to_string().contains("overlap too much"));
         // Making the broad rules terminal solves it: the first `*` ends every list.
         let index = VersionIndex::build(
@@ -470,7 +487,9 @@ mod tests {
         // 20,000 nested terminal half-lines: a naive build visits ~4e8 pieces; the skip
         // structure visits each piece once.
         let rules: Vec<VersionRange> = (0..20_000)
-            .map(|i| VersionRange::parse(&format!(">={}.{}.0", i / 100, i % 100), FIRMWARE).unwrap())
+            .map(|i| {
+                VersionRange::parse(&format!(">={}.{}.0", i / 100, i % 100), FIRMWARE).unwrap()
+            })
             .collect();
         let rules_reversed: Vec<&VersionRange> = rules.iter().rev().collect();
         let index =

@@ -472,8 +472,8 @@ fn parse_comparator(text: &str, offset: usize) -> Result<ParsedComparator<'_>, R
             })
         }
         Ok(None) => {
-            let (version, details) = FirmwareVersion::parse_with_details(version_token)
-                .map_err(|e| {
+            let (version, details) =
+                FirmwareVersion::parse_with_details(version_token).map_err(|e| {
                     RangeError::new(
                         version_start + 1,
                         format!("malformed version `{version_token}`: {e}"),
@@ -595,10 +595,7 @@ fn scan_wildcard(token: &str) -> Result<Option<Wildcard>, (usize, String)> {
             if pos + 1 < bytes.len() {
                 return Err((
                     pos + 1,
-                    format!(
-                        "nothing may follow a wildcard: write `{}`",
-                        &token[..=pos]
-                    ),
+                    format!("nothing may follow a wildcard: write `{}`", &token[..=pos]),
                 ));
             }
             return Ok(Some(Wildcard {
@@ -922,10 +919,16 @@ mod tests {
     fn assert_contains(text: &str, ordering: VersionOrdering, inside: &[&str], outside: &[&str]) {
         let r = range(text, ordering);
         for version in inside {
-            assert!(r.contains(&v(version)), "{ordering}: {text} should contain {version}");
+            assert!(
+                r.contains(&v(version)),
+                "{ordering}: {text} should contain {version}"
+            );
         }
         for version in outside {
-            assert!(!r.contains(&v(version)), "{ordering}: {text} should not contain {version}");
+            assert!(
+                !r.contains(&v(version)),
+                "{ordering}: {text} should not contain {version}"
+            );
         }
     }
 
@@ -951,7 +954,15 @@ mod tests {
         assert_contains(
             ">=3.8.0-b3",
             FIRMWARE,
-            &["3.8.0-b3", "3.8.0-b4", "3.8.0-b10", "3.8.0-rc1", "3.8.0", "3.9.0-b1", "4.0.0"],
+            &[
+                "3.8.0-b3",
+                "3.8.0-b4",
+                "3.8.0-b10",
+                "3.8.0-rc1",
+                "3.8.0",
+                "3.9.0-b1",
+                "4.0.0",
+            ],
             &["3.8.0-b2", "3.8.0-b", "3.7.99", "3.8.0-alpha", "3.8.0-1"],
         );
         assert_contains(
@@ -964,7 +975,14 @@ mod tests {
         assert_contains(
             ">=3.8.0-b3",
             SEMVER,
-            &["3.8.0-b3", "3.8.0-b4", "3.8.0-rc1", "3.8.0", "3.9.0-b1", "4.0.0"],
+            &[
+                "3.8.0-b3",
+                "3.8.0-b4",
+                "3.8.0-rc1",
+                "3.8.0",
+                "3.9.0-b1",
+                "4.0.0",
+            ],
             &["3.8.0-b10", "3.8.0-b2"],
         );
     }
@@ -972,11 +990,26 @@ mod tests {
     #[test]
     fn operators_have_their_plain_meaning() {
         for ordering in VersionOrdering::ALL {
-            assert_contains("=3.8.0", ordering, &["3.8.0", "v3.8"], &["3.8.0-b1", "3.8.1"]);
+            assert_contains(
+                "=3.8.0",
+                ordering,
+                &["3.8.0", "v3.8"],
+                &["3.8.0-b1", "3.8.1"],
+            );
             assert_contains("3.8.0-b3", ordering, &["3.8.0b3"], &["3.8.0-b03", "3.8.0"]);
-            assert_contains(">3.8.0", ordering, &["3.8.1-0", "4.0.0"], &["3.8.0", "3.8.0-rc1"]);
+            assert_contains(
+                ">3.8.0",
+                ordering,
+                &["3.8.1-0", "4.0.0"],
+                &["3.8.0", "3.8.0-rc1"],
+            );
             assert_contains(">=3.8.0", ordering, &["3.8.0", "3.8.1-b1"], &["3.8.0-rc1"]);
-            assert_contains("<3.8.0", ordering, &["3.8.0-rc1", "0.0.0"], &["3.8.0", "3.8.1"]);
+            assert_contains(
+                "<3.8.0",
+                ordering,
+                &["3.8.0-rc1", "0.0.0"],
+                &["3.8.0", "3.8.1"],
+            );
             assert_contains("<=3.8.0", ordering, &["3.8.0", "3.8.0-rc1"], &["3.8.1-0"]);
             assert_contains(
                 ">= 3.8.0 , < 4",
@@ -990,7 +1023,12 @@ mod tests {
                 &["2.9.9", "3.0.0-b1", "4.0.0", "5.0.0-b1"],
                 &["3.0.0", "3.5.0", "4.0.0-rc1"],
             );
-            assert_contains(">=v3.8.0b3, <3.8.0+build", ordering, &["3.8.0-rc1"], &["3.8.0"]);
+            assert_contains(
+                ">=v3.8.0b3, <3.8.0+build",
+                ordering,
+                &["3.8.0-rc1"],
+                &["3.8.0"],
+            );
             assert_contains("=3.8.0+build.5", ordering, &["3.8.0"], &["3.8.0-b1"]);
         }
     }
@@ -1003,18 +1041,38 @@ mod tests {
                     text,
                     ordering,
                     &[
-                        "3.8.0-0", "3.8.0-00", "3.8.0-b1", "3.8.0-0.0", "3.8.0--", "3.8.0-1",
-                        "3.8.0", "3.8.5-rc1", "3.8.99",
+                        "3.8.0-0",
+                        "3.8.0-00",
+                        "3.8.0-b1",
+                        "3.8.0-0.0",
+                        "3.8.0--",
+                        "3.8.0-1",
+                        "3.8.0",
+                        "3.8.5-rc1",
+                        "3.8.99",
                         "3.8.18446744073709551615",
                     ],
-                    &["3.9.0-0", "3.9.0-b1", "3.9.0", "3.7.99", "3.7.99-rc1", "4.8.0"],
+                    &[
+                        "3.9.0-0",
+                        "3.9.0-b1",
+                        "3.9.0",
+                        "3.7.99",
+                        "3.7.99-rc1",
+                        "4.8.0",
+                    ],
                 );
             }
             for text in ["3.*", "3.x", "3.X", "=3.*"] {
                 assert_contains(
                     text,
                     ordering,
-                    &["3.0.0-0", "3.0.0-b1", "3.0.0", "3.8.0-b1", "3.18446744073709551615.0"],
+                    &[
+                        "3.0.0-0",
+                        "3.0.0-b1",
+                        "3.0.0",
+                        "3.8.0-b1",
+                        "3.18446744073709551615.0",
+                    ],
                     &["4.0.0-0", "4.0.0-b1", "2.99.99", "2.99.99-rc1"],
                 );
             }
@@ -1097,7 +1155,9 @@ mod tests {
             .map(|p| (p.column, p.written.as_str(), p.suggestion.as_str()))
             .collect();
         assert_eq!(reported, [(6, "3", "3.*"), (11, "v4", "4.*")]);
-        for not_partial in ["3.8.0", "=3.8", ">=3.8", "<3", "3.8.*", "3.8b1", "3.8-rc1", "*"] {
+        for not_partial in [
+            "3.8.0", "=3.8", ">=3.8", "<3", "3.8.*", "3.8b1", "3.8-rc1", "*",
+        ] {
             assert!(
                 !range(not_partial, FIRMWARE).uses_partial_bare_version(),
                 "{not_partial}"
@@ -1113,8 +1173,11 @@ mod tests {
         assert!(range("<=3 || >3", FIRMWARE).matches_everything());
         assert!(range("* || 3.8.0", FIRMWARE).matches_everything());
         assert!(range(">=0.0.0-0", FIRMWARE).matches_everything());
-        assert!(range("<=18446744073709551615.18446744073709551615.18446744073709551615", FIRMWARE)
-            .matches_everything());
+        assert!(range(
+            "<=18446744073709551615.18446744073709551615.18446744073709551615",
+            FIRMWARE
+        )
+        .matches_everything());
         assert!(!range(">=0.0.0", FIRMWARE).matches_everything());
         let gap = range("<3 || >3", FIRMWARE);
         assert_eq!(gap.intervals().len(), 2);

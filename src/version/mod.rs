@@ -524,14 +524,22 @@ mod tests {
     }
 
     fn parts(version: &FirmwareVersion) -> (u64, u64, u64, &str) {
-        (version.major(), version.minor(), version.patch(), version.pre())
+        (
+            version.major(),
+            version.minor(),
+            version.patch(),
+            version.pre(),
+        )
     }
 
     /// Asserts that `chain` is strictly increasing, pairwise (not only neighbours).
     fn assert_strictly_increasing(chain: &[&str], ordering: VersionOrdering) {
         let versions: Vec<FirmwareVersion> = chain.iter().map(|t| v(t)).collect();
         for i in 0..versions.len() {
-            assert_eq!(versions[i].cmp_with(&versions[i], ordering), Ordering::Equal);
+            assert_eq!(
+                versions[i].cmp_with(&versions[i], ordering),
+                Ordering::Equal
+            );
             for j in i + 1..versions.len() {
                 assert_eq!(
                     versions[i].cmp_with(&versions[j], ordering),
@@ -553,7 +561,8 @@ mod tests {
 
     #[test]
     fn parses_the_lenient_syntax() {
-        let cases: &[(&str, (u64, u64, u64, &str))] = &[
+        type Parts = (u64, u64, u64, &'static str);
+        let cases: &[(&str, Parts)] = &[
             ("3.8.0", (3, 8, 0, "")),
             ("v3.8.0-b3", (3, 8, 0, "b3")),
             ("V3.8.0-b3", (3, 8, 0, "b3")),
@@ -646,7 +655,10 @@ mod tests {
         assert_eq!(v(&exactly_64).to_string(), exactly_64);
 
         let exactly_65 = format!("3.8.0-{}", "a".repeat(59));
-        assert_eq!(FirmwareVersion::parse(&exactly_65), Err(ParseError::TooLong));
+        assert_eq!(
+            FirmwareVersion::parse(&exactly_65),
+            Err(ParseError::TooLong)
+        );
 
         // Whitespace does not count, up to the raw limit.
         let padded = format!("{0}{exactly_64}{0}", " ".repeat(20));
@@ -682,7 +694,9 @@ mod tests {
         assert_eq!(ParseError::Empty.to_string(), "empty version");
         assert_eq!(ParseError::TooLong.to_string(), "longer than 64 bytes");
         assert!(ParseError::BadCore.to_string().contains("MAJOR"));
-        assert!(ParseError::BadPreRelease.to_string().contains("pre-release"));
+        assert!(ParseError::BadPreRelease
+            .to_string()
+            .contains("pre-release"));
         assert!(ParseError::BadBuild.to_string().contains("build metadata"));
     }
 
@@ -743,7 +757,13 @@ mod tests {
     fn firmware_ordering_matches_the_product_examples() {
         assert_strictly_increasing(
             &[
-                "3.8.0-b3", "3.8.0-b4", "3.8.0-b10", "3.8.0-rc1", "3.8.0", "3.8.1-b1", "3.9.0-b1",
+                "3.8.0-b3",
+                "3.8.0-b4",
+                "3.8.0-b10",
+                "3.8.0-rc1",
+                "3.8.0",
+                "3.8.1-b1",
+                "3.9.0-b1",
                 "4.0.0",
             ],
             FIRMWARE,
@@ -763,18 +783,27 @@ mod tests {
         // Runs: digit run < non-digit run; shorter list of runs first.
         assert_strictly_increasing(
             &[
-                "1.0.0-a", "1.0.0-a1", "1.0.0-a1b", "1.0.0-a2", "1.0.0-a10", "1.0.0-a10-1",
-                "1.0.0-ab", "1.0.0-b",
+                "1.0.0-a",
+                "1.0.0-a1",
+                "1.0.0-a1b",
+                "1.0.0-a2",
+                "1.0.0-a10",
+                "1.0.0-a10-1",
+                "1.0.0-ab",
+                "1.0.0-b",
             ],
             FIRMWARE,
         );
-        assert_strictly_increasing(
-            &["1.0.0-1x", "1.0.0-2x", "1.0.0-10x", "1.0.0-x"],
-            FIRMWARE,
-        );
+        assert_strictly_increasing(&["1.0.0-1x", "1.0.0-2x", "1.0.0-10x", "1.0.0-x"], FIRMWARE);
         // Identifier lists.
         assert_strictly_increasing(
-            &["3.8.0-b3", "3.8.0-b3.1", "3.8.0-b3.2", "3.8.0-b3.a", "3.8.0-b4"],
+            &[
+                "3.8.0-b3",
+                "3.8.0-b3.1",
+                "3.8.0-b3.2",
+                "3.8.0-b3.a",
+                "3.8.0-b4",
+            ],
             FIRMWARE,
         );
         // The SemVer spec example holds in firmware mode too (no mixed runs in it).
@@ -802,7 +831,13 @@ mod tests {
         assert_strictly_increasing(&["1.0.0-a", "1.0.0-a.b", "1.0.0-a-b"], SEMVER);
         assert_strictly_increasing(
             &[
-                "1.9.0", "1.10.0", "1.11.0", "2.0.0-0", "2.0.0-rc.1", "2.0.0", "2.0.1",
+                "1.9.0",
+                "1.10.0",
+                "1.11.0",
+                "2.0.0-0",
+                "2.0.0-rc.1",
+                "2.0.0",
+                "2.0.1",
             ],
             SEMVER,
         );
@@ -871,8 +906,8 @@ mod tests {
 
     /// Pre-releases chosen to probe the bottom of a core's pre-release order.
     const LOW_PRE_RELEASES: &[&str] = &[
-        "0", "00", "000", "0.0", "00.0", "0.00", "0.a", "0a", "0-", "1", "01", "-", "--", "-0", "A",
-        "a", "a0", "b1", "rc1", "0.0.0",
+        "0", "00", "000", "0.0", "00.0", "0.00", "0.a", "0a", "0-", "1", "01", "-", "--", "-0",
+        "A", "a", "a0", "b1", "rc1", "0.0.0",
     ];
 
     #[test]
@@ -887,11 +922,20 @@ mod tests {
                 } else {
                     Ordering::Less
                 };
-                assert_eq!(lowest.cmp_with(&other, ordering), expected, "{ordering} {pre}");
+                assert_eq!(
+                    lowest.cmp_with(&other, ordering),
+                    expected,
+                    "{ordering} {pre}"
+                );
             }
             assert_eq!(lowest.cmp_with(&v("3.8.0"), ordering), Ordering::Less);
             // Everything of the previous cores is below it.
-            for below in ["3.7.18446744073709551615", "3.7.99", "2.99.99", "3.7.99-rc1"] {
+            for below in [
+                "3.7.18446744073709551615",
+                "3.7.99",
+                "2.99.99",
+                "3.7.99-rc1",
+            ] {
                 assert_eq!(v(below).cmp_with(&lowest, ordering), Ordering::Less);
             }
             assert_eq!(

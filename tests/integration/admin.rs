@@ -34,12 +34,32 @@ async fn metrics_move_with_real_traffic() {
     for _ in 0..2 {
         get(proxy.addr, "/", &[("X-Firmware-Version", "3.7.0")]).await;
     }
-    assert_eq!(metric(&proxy, "fwgate_decisions_total{decision=\"deny\",rule=\"block\"}").await, Some(3.0));
-    assert_eq!(metric(&proxy, "fwgate_decisions_total{decision=\"allow\",rule=\"default\"}").await, Some(2.0));
-    assert_eq!(metric(&proxy, "fwgate_upstream_requests_total{outcome=\"ok\"}").await, Some(2.0));
+    assert_eq!(
+        metric(
+            &proxy,
+            "fwgate_decisions_total{decision=\"deny\",rule=\"block\"}"
+        )
+        .await,
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &proxy,
+            "fwgate_decisions_total{decision=\"allow\",rule=\"default\"}"
+        )
+        .await,
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&proxy, "fwgate_upstream_requests_total{outcome=\"ok\"}").await,
+        Some(2.0)
+    );
     assert_eq!(metric(&proxy, "fwgate_rules_generation").await, Some(1.0));
     let (_, text) = admin_get(&proxy, "/metrics").await;
-    assert!(text.contains("fwgate_upstream_connect_seconds_count 1"), "{text}");
+    assert!(
+        text.contains("fwgate_upstream_connect_seconds_count 1"),
+        "{text}"
+    );
     assert!(text.contains("fwgate_build_info{version=\""), "{text}");
     assert!(!text.contains("3.8.0"), "a raw version leaked into a label");
     proxy.stop().await;
@@ -51,7 +71,9 @@ async fn census_reflects_connected_clients() {
     let proxy = start_proxy(RULES, backend.addr, "").await;
     let mut socks = Vec::new();
     for _ in 0..3 {
-        let mut ws = ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", "v3.7.1")]).await.unwrap();
+        let mut ws = ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", "v3.7.1")])
+            .await
+            .unwrap();
         ws.send(Message::text("hi")).await.unwrap();
         ws.next().await.unwrap().unwrap();
         socks.push(ws);
@@ -61,7 +83,12 @@ async fn census_reflects_connected_clients() {
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let rows = v["versions"].as_array().unwrap();
-    let row = |ver: &str| rows.iter().find(|r| r["version"] == ver).cloned().unwrap_or_else(|| panic!("{ver} missing in {body}"));
+    let row = |ver: &str| {
+        rows.iter()
+            .find(|r| r["version"] == ver)
+            .cloned()
+            .unwrap_or_else(|| panic!("{ver} missing in {body}"))
+    };
     let ok = row("3.7.1");
     assert_eq!(ok["active_connections"], 3);
     assert_eq!(ok["handshakes_last_minute"], 3);
@@ -94,7 +121,10 @@ async fn mutating_endpoints_need_the_token() {
     let backend = http_backend().await;
     let proxy = start_proxy(RULES, backend.addr, "").await;
     assert_eq!(admin_post(&proxy, "/v1/reload", None, "").await.0, 401);
-    assert_eq!(admin_post(&proxy, "/v1/reload", Some("wrong"), "").await.0, 401);
+    assert_eq!(
+        admin_post(&proxy, "/v1/reload", Some("wrong"), "").await.0,
+        401
+    );
     let (status, body) = admin_post(&proxy, "/v1/reload", Some(TEST_TOKEN), "").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"unchanged\""), "{body}");

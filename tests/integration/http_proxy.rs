@@ -28,12 +28,24 @@ async fn forwarding_headers_like_nginx_and_hop_by_hop_removed() {
     .await;
     assert_eq!(status, 200);
     let lines: Vec<&str> = body.lines().collect();
-    assert!(lines.contains(&"host: devices.test"), "Host not preserved: {body}");
-    assert!(lines.contains(&"x-forwarded-for: 203.0.113.9, 127.0.0.1"), "{body}");
+    assert!(
+        lines.contains(&"host: devices.test"),
+        "Host not preserved: {body}"
+    );
+    assert!(
+        lines.contains(&"x-forwarded-for: 203.0.113.9, 127.0.0.1"),
+        "{body}"
+    );
     assert!(lines.contains(&"x-forwarded-proto: http"), "{body}");
-    assert!(lines.contains(&"forwarded: for=127.0.0.1;proto=http;host=\"devices.test\""), "{body}");
+    assert!(
+        lines.contains(&"forwarded: for=127.0.0.1;proto=http;host=\"devices.test\""),
+        "{body}"
+    );
     assert!(lines.contains(&"x-end-to-end: kept"), "{body}");
-    assert!(!body.contains("x-hop"), "listed hop-by-hop header leaked: {body}");
+    assert!(
+        !body.contains("x-hop"),
+        "listed hop-by-hop header leaked: {body}"
+    );
     assert!(!body.contains("keep-alive"), "{body}");
     proxy.stop().await;
 }
@@ -48,7 +60,9 @@ async fn streams_large_request_and_response_bodies() {
     let (status, len) = client.get_len(proxy.addr, &format!("/stream/{size}")).await;
     assert_eq!((status, len), (200, size));
     // 16 MiB up with chunked transfer encoding.
-    let (status, body) = client.post_chunked(proxy.addr, "/upload", 16 * 1024 * 1024).await;
+    let (status, body) = client
+        .post_chunked(proxy.addr, "/upload", 16 * 1024 * 1024)
+        .await;
     assert_eq!(status, 200);
     assert_eq!(body, (16 * 1024 * 1024).to_string());
     proxy.stop().await;
@@ -60,12 +74,20 @@ async fn keep_alive_is_reused_on_both_sides() {
     let proxy = start_proxy(ALLOW_ALL, backend.addr, "").await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     for i in 0..5 {
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = vec![0u8; 1024];
         let mut got = Vec::new();
         while !String::from_utf8_lossy(&got).contains("backend ok") {
-            let n = tokio::time::timeout(DEADLINE, s.read(&mut buf)).await.unwrap().unwrap();
-            assert!(n > 0, "proxy closed a keep-alive connection after request {i}");
+            let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(
+                n > 0,
+                "proxy closed a keep-alive connection after request {i}"
+            );
             got.extend_from_slice(&buf[..n]);
         }
     }
@@ -81,11 +103,19 @@ async fn keep_alive_is_reused_on_both_sides() {
 #[tokio::test]
 async fn backend_unreachable_is_502() {
     // Bind then drop: nothing listens on this port any more.
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let proxy = start_proxy(ALLOW_ALL, dead, "").await;
     let (status, _, body) = get(proxy.addr, "/", &[]).await;
     assert_eq!((status, body.as_str()), (502, "backend unreachable\n"));
-    let n = metric(&proxy, "fwgate_upstream_requests_total{outcome=\"connect_error\"}").await;
+    let n = metric(
+        &proxy,
+        "fwgate_upstream_requests_total{outcome=\"connect_error\"}",
+    )
+    .await;
     assert_eq!(n, Some(1.0));
     proxy.stop().await;
 }
@@ -104,7 +134,10 @@ async fn backend_that_never_answers_is_504() {
     let proxy = start_proxy(ALLOW_ALL, addr, "response_timeout = \"300ms\"\n").await;
     let started = std::time::Instant::now();
     let (status, _, body) = get(proxy.addr, "/", &[]).await;
-    assert_eq!((status, body.as_str()), (504, "backend response timed out\n"));
+    assert_eq!(
+        (status, body.as_str()),
+        (504, "backend response timed out\n")
+    );
     assert!(started.elapsed() < DEADLINE);
     holder.abort();
     proxy.stop().await;
@@ -120,13 +153,18 @@ async fn backend_connect_timeout_is_504() {
     let addr = full.local_addr().unwrap();
     let mut fillers = Vec::new();
     for _ in 0..8 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        {
             fillers.push(s);
         }
     }
     let proxy = start_proxy(ALLOW_ALL, addr, "connect_timeout = \"300ms\"\n").await;
     let (status, _, body) = get(proxy.addr, "/", &[]).await;
-    assert_eq!((status, body.as_str()), (504, "backend connect timed out\n"));
+    assert_eq!(
+        (status, body.as_str()),
+        (504, "backend connect timed out\n")
+    );
     drop(full);
     proxy.stop().await;
 }
@@ -137,7 +175,11 @@ async fn malformed_request_gets_400_and_proxy_keeps_serving() {
     let proxy = start_proxy(ALLOW_ALL, backend.addr, "").await;
     let resp = raw_exchange(proxy.addr, b"GARBAGE\x01\x02 / NOT-HTTP\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 400"), "got {resp:?}");
-    let resp = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n").await;
+    let resp = raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n",
+    )
+    .await;
     assert!(resp.starts_with("HTTP/1.1 400"), "got {resp:?}");
     let (status, _, _) = get(proxy.addr, "/", &[]).await;
     assert_eq!(status, 200);
@@ -147,11 +189,20 @@ async fn malformed_request_gets_400_and_proxy_keeps_serving() {
 #[tokio::test]
 async fn oversize_head_is_refused_with_431() {
     let backend = http_backend().await;
-    let proxy = start_proxy(ALLOW_ALL, backend.addr, "[listen]\nmax_header_bytes = 8192\n").await;
+    let proxy = start_proxy(
+        ALLOW_ALL,
+        backend.addr,
+        "[listen]\nmax_header_bytes = 8192\n",
+    )
+    .await;
     let big = "a".repeat(20_000);
     let req = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\nConnection: close\r\n\r\n");
     let resp = raw_exchange(proxy.addr, req.as_bytes()).await;
-    assert!(resp.starts_with("HTTP/1.1 431"), "got {:?}", &resp[..resp.len().min(100)]);
+    assert!(
+        resp.starts_with("HTTP/1.1 431"),
+        "got {:?}",
+        &resp[..resp.len().min(100)]
+    );
     assert_eq!(backend.connections.load(Ordering::SeqCst), 0);
     proxy.stop().await;
 }
@@ -166,9 +217,11 @@ fn reqwest_like_client() -> RawClient {
 impl RawClient {
     async fn get_len(&self, addr: std::net::SocketAddr, path: &str) -> (u16, usize) {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut all = Vec::new();
         tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut all))
             .await
@@ -186,7 +239,12 @@ impl RawClient {
         (status, len)
     }
 
-    async fn post_chunked(&self, addr: std::net::SocketAddr, path: &str, total: usize) -> (u16, String) {
+    async fn post_chunked(
+        &self,
+        addr: std::net::SocketAddr,
+        path: &str,
+        total: usize,
+    ) -> (u16, String) {
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(
             format!("POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n").as_bytes(),
@@ -217,7 +275,9 @@ fn dechunk_len(mut body: &[u8]) -> usize {
     let mut total = 0;
     loop {
         let line_end = body.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size = usize::from_str_radix(std::str::from_utf8(&body[..line_end]).unwrap().trim(), 16).unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&body[..line_end]).unwrap().trim(), 16)
+                .unwrap();
         if size == 0 {
             return total;
         }

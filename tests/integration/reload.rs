@@ -17,7 +17,9 @@ fn rules_blocking(range: &str) -> String {
 }
 
 async fn status_for(proxy: &Proxy, version: &str) -> u16 {
-    get(proxy.addr, "/", &[("X-Firmware-Version", version)]).await.0
+    get(proxy.addr, "/", &[("X-Firmware-Version", version)])
+        .await
+        .0
 }
 
 async fn wait_refused(proxy: &Proxy, version: &str, what: &str) {
@@ -50,7 +52,10 @@ async fn temp_file_then_rename_applies() {
     // And a second rename still works (the watch survived the first).
     std::fs::write(&tmp, rules_blocking(">=3.9")).unwrap();
     std::fs::rename(&tmp, proxy.rules_path()).unwrap();
-    eventually("second rename applied", || async { status_for(&proxy, "3.8.0").await == 200 }).await;
+    eventually("second rename applied", || async {
+        status_for(&proxy, "3.8.0").await == 200
+    })
+    .await;
     proxy.stop().await;
 }
 
@@ -88,7 +93,10 @@ async fn kubernetes_configmap_symlink_swap_applies() {
     symlink("..2026_1", dir.join("..data")).unwrap();
     std::fs::remove_file(dir.join("rules.toml")).unwrap();
     symlink("..data/rules.toml", dir.join("rules.toml")).unwrap();
-    eventually("still admitted through the first symlink", || async { status_for(&proxy, "3.8.0").await == 200 }).await;
+    eventually("still admitted through the first symlink", || async {
+        status_for(&proxy, "3.8.0").await == 200
+    })
+    .await;
     // The atomic swap: new timestamped dir, new ..data_tmp symlink renamed over ..data, old dir removed.
     for (i, range) in [(2, ">=3.8.0-b3"), (3, ">=3.7")] {
         let name = format!("..2026_{i}");
@@ -106,16 +114,26 @@ async fn kubernetes_configmap_symlink_swap_applies() {
 async fn invalid_file_keeps_old_rules_and_reports_the_error() {
     let backend = http_backend().await;
     let proxy = start_proxy(&rules_blocking(">=3.8.0-b3"), backend.addr, "").await;
-    std::fs::write(proxy.rules_path(), "[[rule]]\nname = \"block\"\nversions = \">=3.8.0-b3,\"\naction = \"deny\"\n").unwrap();
+    std::fs::write(
+        proxy.rules_path(),
+        "[[rule]]\nname = \"block\"\nversions = \">=3.8.0-b3,\"\naction = \"deny\"\n",
+    )
+    .unwrap();
     eventually("reload error reported", || async {
         metric(&proxy, "fwgate_rules_reloads_total{result=\"error\"}").await == Some(1.0)
     })
     .await;
-    assert_eq!(status_for(&proxy, "3.8.0").await, 503, "old rules must stay in force");
+    assert_eq!(
+        status_for(&proxy, "3.8.0").await,
+        503,
+        "old rules must stay in force"
+    );
     assert_eq!(status_for(&proxy, "3.7.0").await, 200);
     let (_, body) = admin_get(&proxy, "/v1/rules").await;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let err = v["last_error"].as_str().unwrap_or_else(|| panic!("no last_error: {body}"));
+    let err = v["last_error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no last_error: {body}"));
     assert!(err.contains("rules.toml:3:"), "{err}");
     assert_eq!(v["generation"], 1);
     // The API reports the same error.
@@ -147,12 +165,18 @@ async fn reload_api_applies_and_reports_generation() {
 async fn open_websocket_survives_a_reload() {
     let backend = ws_backend().await;
     let proxy = start_proxy(&rules_blocking(">=9"), backend.addr, "").await;
-    let mut ws = ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", "3.8.0")]).await.unwrap();
+    let mut ws = ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", "3.8.0")])
+        .await
+        .unwrap();
     // Refuse its version from now on, without close_existing: it must be kept.
     std::fs::write(proxy.rules_path(), rules_blocking(">=3.8.0-b3")).unwrap();
     wait_refused(&proxy, "3.8.0", "new rules applied").await;
     ws.send(Message::text("still here")).await.unwrap();
-    let got = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap().unwrap().unwrap();
+    let got = tokio::time::timeout(DEADLINE, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(got, Message::text("still here"));
     proxy.stop().await;
 }
@@ -164,8 +188,20 @@ async fn close_existing_closes_exactly_the_matching_tunnels_within_the_drain() {
     let mut bad = Vec::new();
     let mut good = Vec::new();
     for i in 0..4 {
-        bad.push(ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", &format!("3.8.0-b{}", 3 + i))]).await.unwrap());
-        good.push(ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", "3.7.0")]).await.unwrap());
+        bad.push(
+            ws_connect(
+                proxy.addr,
+                "/ws",
+                &[("X-Firmware-Version", &format!("3.8.0-b{}", 3 + i))],
+            )
+            .await
+            .unwrap(),
+        );
+        good.push(
+            ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", "3.7.0")])
+                .await
+                .unwrap(),
+        );
     }
     let started = Instant::now();
     std::fs::write(
@@ -186,13 +222,23 @@ async fn close_existing_closes_exactly_the_matching_tunnels_within_the_drain() {
         assert!(end.is_ok(), "a matching tunnel was not closed");
     }
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(5), "closing took {took:?} for a 1s drain");
+    assert!(
+        took < Duration::from_secs(5),
+        "closing took {took:?} for a 1s drain"
+    );
     for ws in good.iter_mut() {
         ws.send(Message::text("ok")).await.unwrap();
-        let got = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap().unwrap().unwrap();
+        let got = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(got, Message::text("ok"), "a non-matching tunnel was harmed");
     }
-    assert_eq!(metric(&proxy, "fwgate_tunnels_closed_by_policy_total").await, Some(4.0));
+    assert_eq!(
+        metric(&proxy, "fwgate_tunnels_closed_by_policy_total").await,
+        Some(4.0)
+    );
     assert_eq!(backend.connections.load(Ordering::SeqCst), 8);
     proxy.stop().await;
 }
@@ -204,7 +250,12 @@ async fn close_existing_closes_exactly_the_matching_tunnels_within_the_drain() {
 async fn sighup_reloads_the_binary() {
     let backend = http_backend().await;
     let dir = tempfile::tempdir().unwrap();
-    let free = |_: ()| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let free = |_: ()| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
     let (listen, admin) = (free(()), free(()));
     std::fs::write(dir.path().join("rules.toml"), rules_blocking(">=9")).unwrap();
     std::fs::write(
@@ -213,18 +264,29 @@ async fn sighup_reloads_the_binary() {
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_fwgate"))
-        .args(["run", "--config", dir.path().join("fwgate.toml").to_str().unwrap()])
+        .args([
+            "run",
+            "--config",
+            dir.path().join("fwgate.toml").to_str().unwrap(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let pid = child.id().to_string();
-    eventually("binary is ready", || async { tokio::net::TcpStream::connect(admin).await.is_ok() }).await;
-    let status = |v: &'static str| async move { get(listen, "/", &[("X-Firmware-Version", v)]).await.0 };
+    eventually("binary is ready", || async {
+        tokio::net::TcpStream::connect(admin).await.is_ok()
+    })
+    .await;
+    let status =
+        |v: &'static str| async move { get(listen, "/", &[("X-Firmware-Version", v)]).await.0 };
     assert_eq!(status("3.8.0").await, 200);
     std::fs::write(dir.path().join("rules.toml"), rules_blocking(">=3.8")).unwrap();
     Command::new("kill").args(["-HUP", &pid]).status().unwrap();
-    eventually("SIGHUP reload applied", || async { status("3.8.0").await == 503 }).await;
+    eventually("SIGHUP reload applied", || async {
+        status("3.8.0").await == 503
+    })
+    .await;
     // SIGTERM: graceful exit with status 0.
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let deadline = Instant::now() + DEADLINE;
@@ -232,7 +294,10 @@ async fn sighup_reloads_the_binary() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "fwgate did not exit after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "fwgate did not exit after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(exit.success(), "exit status {exit:?}");

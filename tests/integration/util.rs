@@ -41,7 +41,18 @@ where
             return;
         }
         if tokio::time::Instant::now() > until {
-            panic!("timed out after {DEADLINE:?} waiting for: {what}");
+            let logs = captured_logs();
+            let tail: Vec<&str> = logs
+                .lines()
+                .filter(|l| !l.contains("fwgate::access"))
+                .rev()
+                .take(30)
+                .collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "timed out after {DEADLINE:?} waiting for: {what}\nlast proxy log lines, access log omitted (all tests in this process):\n{}",
+                tail.join("\n")
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -66,7 +77,9 @@ pub async fn http_backend() -> HttpBackend {
     let (c, r) = (connections.clone(), requests.clone());
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             c.fetch_add(1, Ordering::SeqCst);
             let r = r.clone();
             tokio::spawn(async move {
@@ -125,7 +138,9 @@ async fn backend_handle(req: Request<Incoming>) -> Result<Response<BackendBody>,
         *resp.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
         return Ok(resp);
     }
-    Ok(Response::new(Full::new(Bytes::from_static(b"backend ok")).boxed()))
+    Ok(Response::new(
+        Full::new(Bytes::from_static(b"backend ok")).boxed(),
+    ))
 }
 
 /// A WebSocket echo backend (text, binary, ping/pong, close) counting its connections.
@@ -141,15 +156,17 @@ pub async fn ws_backend() -> WsBackend {
     let c = connections.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             c.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
                 while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() || msg.is_binary() {
-                        if ws.send(msg).await.is_err() {
-                            return;
-                        }
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
                     }
                 }
             });
@@ -279,7 +296,12 @@ pub async fn admin_get(proxy: &Proxy, path: &str) -> (u16, String) {
 }
 
 /// POST on the admin listener with an optional bearer token and body; returns (status, body).
-pub async fn admin_post(proxy: &Proxy, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+pub async fn admin_post(
+    proxy: &Proxy,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     admin_request(proxy, "POST", path, token, body).await
 }
 
@@ -304,13 +326,21 @@ pub async fn admin_request(
 /// The value of one sample line in /metrics (exact series text before the value).
 pub async fn metric(proxy: &Proxy, series: &str) -> Option<f64> {
     let (_, body) = admin_get(proxy, "/metrics").await;
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Everything tracing wrote in this test process (access log included).
 pub fn captured_logs() -> String {
-    let buf = LOGS.get().map(|b| b.lock().unwrap().clone()).unwrap_or_default();
+    let buf = LOGS
+        .get()
+        .map(|b| b.lock().unwrap().clone())
+        .unwrap_or_default();
     String::from_utf8_lossy(&buf).into_owned()
 }
 
@@ -351,10 +381,7 @@ pub async fn ws_connect(
     proxy: SocketAddr,
     path: &str,
     headers: &[(&str, &str)],
-) -> Result<
-    tokio_tungstenite::WebSocketStream<TcpStream>,
-    tokio_tungstenite::tungstenite::Error,
-> {
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, tokio_tungstenite::tungstenite::Error> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = format!("ws://{proxy}{path}").into_client_request().unwrap();
     for (k, v) in headers {

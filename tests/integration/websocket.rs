@@ -29,16 +29,29 @@ async fn echo_text_binary_large_ping_and_close() {
     ws.send(Message::text("hello")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
 
-    ws.send(Message::binary(vec![0u8, 1, 2, 255])).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(vec![0u8, 1, 2, 255]));
+    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::binary(vec![0u8, 1, 2, 255])
+    );
 
     let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 253) as u8).collect();
     ws.send(Message::binary(big.clone())).await.unwrap();
     let got = ws.next().await.unwrap().unwrap();
-    assert_eq!(got.into_data().as_ref(), &big[..], "1 MiB message corrupted");
+    assert_eq!(
+        got.into_data().as_ref(),
+        &big[..],
+        "1 MiB message corrupted"
+    );
 
     ws.send(Message::Ping(b"p1".to_vec().into())).await.unwrap();
-    let pong = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap().unwrap().unwrap();
+    let pong = tokio::time::timeout(DEADLINE, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(pong, Message::Pong(b"p1".to_vec().into()));
 
     ws.close(None).await.unwrap();
@@ -68,7 +81,11 @@ async fn refused_handshake_never_reaches_the_backend() {
         other => panic!("expected an HTTP refusal, got {other:?}"),
     }
     assert_eq!(backend.connections.load(Ordering::SeqCst), 0);
-    let n = metric(&proxy, "fwgate_decisions_total{decision=\"deny\",rule=\"block-table-scan\"}").await;
+    let n = metric(
+        &proxy,
+        "fwgate_decisions_total{decision=\"deny\",rule=\"block-table-scan\"}",
+    )
+    .await;
     assert_eq!(n, Some(1.0));
     proxy.stop().await;
 }
@@ -78,12 +95,30 @@ async fn non_101_backend_answer_is_relayed() {
     // The HTTP backend does not speak WebSocket: its 200 goes back to the client as is.
     let backend = http_backend().await;
     let proxy = start_proxy(RULES, backend.addr, "").await;
-    let resp = raw_exchange(
-        proxy.addr,
-        b"GET /status/404 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await;
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(b"GET /status/404 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !resp.ends_with(b"status") {
+        let n = tokio::time::timeout(DEADLINE, c.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the relayed answer: {:?}",
+            String::from_utf8_lossy(&resp)
+        );
+        resp.extend_from_slice(&buf[..n]);
+    }
+    let resp = String::from_utf8_lossy(&resp);
     assert!(resp.starts_with("HTTP/1.1 404"), "{resp:?}");
+    assert!(
+        !resp.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{resp:?}"
+    );
     proxy.stop().await;
 }
 
@@ -100,12 +135,16 @@ async fn half_close_is_respected_through_a_raw_upgrade() {
             s.read_exact(&mut b).await.unwrap();
             head.push(b[0]);
         }
-        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
-            .await
-            .unwrap();
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap(); // ends when the client half-closes
-        s.write_all(format!("got {} bytes", got.len()).as_bytes()).await.unwrap();
+        s.write_all(format!("got {} bytes", got.len()).as_bytes())
+            .await
+            .unwrap();
         s.shutdown().await.unwrap();
     });
     let proxy = start_proxy(RULES, addr, "").await;
@@ -135,7 +174,9 @@ async fn half_close_is_respected_through_a_raw_upgrade() {
 async fn tunnel_counts_as_active_until_closed() {
     let backend = ws_backend().await;
     let proxy = start_proxy(RULES, backend.addr, "").await;
-    let mut ws = ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", "1.0.0")]).await.unwrap();
+    let mut ws = ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", "1.0.0")])
+        .await
+        .unwrap();
     ws.send(Message::text("x")).await.unwrap();
     ws.next().await.unwrap().unwrap();
     eventually("active connection gauge shows the tunnel", || async {
