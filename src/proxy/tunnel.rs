@@ -268,14 +268,15 @@ mod tests {
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             backend.read_to_end(&mut got).await.unwrap();
-            got
+            // Keep the backend socket open: dropping it would (rightly) end the relay.
+            (got, backend)
         });
         let stats = tokio::time::timeout(
             std::time::Duration::from_secs(20),
             relay_tcp(client_side, b"", upstream_side, b"", &close),
         );
         // The backend never closes its side here, so the relay is still running: only check bytes.
-        let got = tokio::select! {
+        let (got, _backend) = tokio::select! {
             g = reader => g.unwrap(),
             _ = stats => panic!("relay ended before the transfer completed"),
         };
