@@ -118,7 +118,7 @@ impl Census {
         rows.sort_by_key(|(_, (active, minute, hour))| {
             std::cmp::Reverse((*active, *hour, *minute))
         });
-        let rules = gate.rules();
+        let snap = gate.snapshot();
         let mut other = {
             let w = self.other.lock().unwrap_or_else(|e| e.into_inner());
             (0u64, w.last_minute(now), w.last_hour(now))
@@ -131,7 +131,7 @@ impl Census {
                 other.2 += hour;
                 continue;
             }
-            let d = gate.decide(&rules, &version, "/");
+            let d = gate.decide(&snap, &version, "/");
             listed.push(json!({
                 "version": label(&version),
                 "active_connections": active,

@@ -12,10 +12,12 @@ use crate::access_log::RefusalSampler;
 use crate::census::Census;
 use crate::config::Config;
 use crate::diag::FileErrors;
+use crate::killswitch::{self, EntrySpec, KillSet, KillSwitchError, StateFile};
+use crate::metrics::KillSwitchAction;
 use crate::metrics::{Metrics, ReloadLabel, ReloadResult};
 use crate::proxy::forward::Upstream;
 use crate::registry::Registry;
-use crate::rules::{file, Action, Decision, RuleSet, VersionInput};
+use crate::rules::{file, Action, DecidedBy, Decision, RuleSet, VersionInput};
 
 /// What the last reload attempt did, for `/v1/rules` and `POST /v1/reload`.
 #[derive(Debug, Clone, Default)]
@@ -43,6 +45,23 @@ pub enum ReloadOutcome {
     },
 }
 
+/// One consistent view for one decision: the rules and the kill-switch entries in force.
+pub struct Snapshot {
+    /// Rules in force.
+    pub rules: Arc<RuleSet>,
+    /// Kill-switch entries in force.
+    pub kill: Arc<KillSet>,
+}
+
+/// What a kill-switch change did to open connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Impact {
+    /// Open connections the entry matches.
+    pub matching: usize,
+    /// How many of them are being closed (0 with `close_existing = false` or a dry run).
+    pub closing: usize,
+}
+
 /// Shared admission state.
 pub struct Gate {
     /// Process configuration (fixed for the process lifetime).
@@ -58,6 +77,10 @@ pub struct Gate {
     pub upstream: Upstream,
     /// Handshakes per version, for `/v1/versions`.
     pub census: Census,
+    kill: ArcSwap<KillSet>,
+    kill_path: Option<std::path::PathBuf>,
+    kill_lock: tokio::sync::Mutex<()>,
+    kill_hash: Mutex<String>,
     generation: AtomicU64,
     reload_status: Mutex<ReloadStatus>,
     reload_lock: tokio::sync::Mutex<()>,
@@ -72,8 +95,29 @@ fn unix_now() -> u64 {
 }
 
 impl Gate {
-    /// Builds the gate around an initial rule set (which must already be valid).
+    /// Builds the gate around an initial rule set (which must already be valid) and loads the
+    /// kill-switch state from `state_dir` (falling back to its backup loudly; an error only when
+    /// neither can be used).
     pub fn new(config: Config, rules: RuleSet, metrics: Arc<Metrics>) -> Result<Gate, String> {
+        let kill_path = config
+            .state_dir
+            .as_ref()
+            .map(|d| d.join(killswitch::STATE_FILE));
+        let (kill, kill_hash) = match &kill_path {
+            None => (KillSet::default(), String::new()),
+            Some(path) => {
+                let (set, fell_back) = killswitch::load_at_startup(path, rules.ordering, &metrics)
+                    .map_err(|e| e.to_string())?;
+                if fell_back {
+                    metrics.killswitch_state_errors.inc();
+                }
+                let hash = std::fs::read(path)
+                    .map(|b| crate::rules::content_hash(&b))
+                    .unwrap_or_default();
+                (set, hash)
+            }
+        };
+        metrics.killswitch_entries.set(kill.entries.len() as i64);
         let upstream = Upstream::new(&config.upstream, metrics.upstream_connect_seconds.clone())?;
         let refusal_log = RefusalSampler::new(
             config.log.refusal_lines_per_second,
@@ -90,6 +134,10 @@ impl Gate {
             refusal_log,
             upstream,
             census: Census::default(),
+            kill: ArcSwap::from_pointee(kill),
+            kill_path,
+            kill_lock: tokio::sync::Mutex::new(()),
+            kill_hash: Mutex::new(kill_hash),
             generation: AtomicU64::new(generation),
             reload_status: Mutex::new(ReloadStatus::default()),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -102,14 +150,34 @@ impl Gate {
         self.rules.load_full()
     }
 
-    /// Decides one request against a snapshot.
+    /// The kill-switch entries in force.
+    pub fn kill_set(&self) -> Arc<KillSet> {
+        self.kill.load_full()
+    }
+
+    /// One consistent view for one request (two atomic loads).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            rules: self.rules(),
+            kill: self.kill_set(),
+        }
+    }
+
+    /// Decides one request: kill-switch entries first, then the rules.
     pub fn decide<'a>(
         &self,
-        rules: &'a RuleSet,
+        snap: &'a Snapshot,
         version: &VersionInput,
         path: &str,
     ) -> Decision<'a> {
-        rules.decide(version, path)
+        if let Some(entry) = snap.kill.find(version) {
+            return Decision {
+                decider: &entry.decider,
+                by: DecidedBy::KillSwitch,
+                shadow: None,
+            };
+        }
+        snap.rules.decide(version, path)
     }
 
     /// Counts a decision in the metrics (one or two atomic adds).
@@ -224,9 +292,9 @@ impl Gate {
     /// Plans and starts closing the open connections the current rules refuse with
     /// `close_existing`; returns how many.
     pub fn close_refused(&self) -> usize {
-        let rules = self.rules();
+        let snap = self.snapshot();
         let plan = self.registry.plan_close(|t| {
-            let d = self.decide(&rules, &t.version, &t.path);
+            let d = self.decide(&snap, &t.version, &t.path);
             (!d.admits() && d.decider.close_existing).then_some(d.decider.drain)
         });
         let n = plan.len();
@@ -235,6 +303,175 @@ impl Gate {
             counter.inc();
         });
         n
+    }
+}
+
+impl Gate {
+    fn kill_state_path(&self) -> Result<&std::path::Path, KillSwitchError> {
+        self.kill_path.as_deref().ok_or_else(|| {
+            KillSwitchError::Invalid(
+                "no state_dir configured: kill-switch entries must be persisted; set state_dir in fwgate.toml".into(),
+            )
+        })
+    }
+
+    /// Counts the open connections `entry` matches and, unless `dry_run`, closes those it
+    /// should close (spread over its drain).
+    fn kill_impact(&self, entry: &killswitch::Entry, dry_run: bool) -> Impact {
+        let mut matching = 0;
+        let plan = self.registry.plan_close(|t| {
+            if !entry.matches(&t.version) {
+                return None;
+            }
+            matching += 1;
+            (!dry_run && entry.decider.close_existing).then_some(entry.decider.drain)
+        });
+        let closing = plan.len();
+        let counter = self.metrics.tunnels_closed_by_policy.clone();
+        plan.execute(move || {
+            counter.inc();
+        });
+        Impact { matching, closing }
+    }
+
+    /// Adds (or replaces, same id) an entry: persisted before this returns, in force for the
+    /// very next handshake. With `dry_run`, only reports the impact.
+    pub async fn kill_add(
+        &self,
+        spec: EntrySpec,
+        dry_run: bool,
+    ) -> Result<Impact, KillSwitchError> {
+        let _serial = self.kill_lock.lock().await;
+        let ordering = self.rules().ordering;
+        let entry = killswitch::compile_entry(spec.clone(), ordering, &self.metrics)?;
+        if dry_run {
+            return Ok(self.kill_impact(&entry, true));
+        }
+        let path = self.kill_state_path()?.to_path_buf();
+        let now = killswitch::unix_now();
+        let current = self.kill_set();
+        let mut specs: Vec<EntrySpec> = current
+            .entries
+            .iter()
+            .filter(|e| e.active_at(now) && e.spec.id != spec.id)
+            .map(|e| e.spec.clone())
+            .collect();
+        specs.push(spec.clone());
+        if specs.len() > killswitch::MAX_ENTRIES {
+            return Err(KillSwitchError::Invalid(format!(
+                "at most {} kill-switch entries; remove some first",
+                killswitch::MAX_ENTRIES
+            )));
+        }
+        self.kill_commit(&path, specs, ordering, KillSwitchAction::add)?;
+        tracing::warn!(target: "fwgate::audit", action = "kill_add", id = %spec.id, versions = %spec.versions, reason = %spec.reason, by = spec.created_by.as_deref().unwrap_or("-"), expires_at = ?spec.expires_at, status = spec.status, "kill-switch entry added");
+        Ok(self.kill_impact(&entry, false))
+    }
+
+    /// Removes an entry; `Ok(None)` if there is no such id.
+    pub async fn kill_remove(
+        &self,
+        id: &str,
+        actor: Option<&str>,
+    ) -> Result<Option<EntrySpec>, KillSwitchError> {
+        let _serial = self.kill_lock.lock().await;
+        let path = self.kill_state_path()?.to_path_buf();
+        let current = self.kill_set();
+        let Some(removed) = current.entries.iter().find(|e| e.spec.id == id) else {
+            return Ok(None);
+        };
+        let now = killswitch::unix_now();
+        let specs = current
+            .entries
+            .iter()
+            .filter(|e| e.spec.id != id && e.active_at(now))
+            .map(|e| e.spec.clone())
+            .collect();
+        self.kill_commit(
+            &path,
+            specs,
+            self.rules().ordering,
+            KillSwitchAction::remove,
+        )?;
+        tracing::warn!(target: "fwgate::audit", action = "kill_remove", id = %id, versions = %removed.spec.versions, by = actor.unwrap_or("-"), "kill-switch entry removed");
+        Ok(Some(removed.spec.clone()))
+    }
+
+    fn kill_commit(
+        &self,
+        path: &std::path::Path,
+        specs: Vec<EntrySpec>,
+        ordering: crate::version::VersionOrdering,
+        action: KillSwitchAction,
+    ) -> Result<(), KillSwitchError> {
+        let state = StateFile {
+            version: 1,
+            entries: specs,
+        };
+        let set = killswitch::compile_state(state.clone(), ordering, &self.metrics)?;
+        let bytes = killswitch::write_state(path, &state)?;
+        *self.kill_hash.lock().unwrap_or_else(|e| e.into_inner()) =
+            crate::rules::content_hash(&bytes);
+        self.metrics
+            .killswitch_entries
+            .set(set.entries.len() as i64);
+        self.kill.store(Arc::new(set));
+        self.metrics.killswitch_change(action);
+        Ok(())
+    }
+
+    /// Re-reads the kill-switch file after an outside change (by hand, configuration
+    /// management). An unusable file keeps the entries in force and is reported.
+    pub async fn reload_killswitch(&self) {
+        let Some(path) = self.kill_path.clone() else {
+            return;
+        };
+        let _serial = self.kill_lock.lock().await;
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => b"{\"entries\":[]}".to_vec(),
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot read kill-switch state; entries in force are kept");
+                self.metrics.killswitch_state_errors.inc();
+                return;
+            }
+        };
+        let hash = crate::rules::content_hash(&bytes);
+        if *self.kill_hash.lock().unwrap_or_else(|e| e.into_inner()) == hash {
+            return;
+        }
+        let parsed = serde_json::from_slice::<StateFile>(&bytes)
+            .map_err(|e| {
+                KillSwitchError::Invalid(format!("line {} column {}: {e}", e.line(), e.column()))
+            })
+            .and_then(|s| killswitch::compile_state(s, self.rules().ordering, &self.metrics));
+        match parsed {
+            Ok(set) => {
+                *self.kill_hash.lock().unwrap_or_else(|e| e.into_inner()) = hash;
+                self.metrics
+                    .killswitch_entries
+                    .set(set.entries.len() as i64);
+                tracing::warn!(target: "fwgate::audit", action = "kill_file", file = %path.display(), entries = set.entries.len(), "kill-switch entries changed on disk");
+                self.kill.store(Arc::new(set));
+                self.metrics.killswitch_change(KillSwitchAction::file);
+                let closing = self.close_refused();
+                if closing > 0 {
+                    tracing::warn!(
+                        closing,
+                        "closing connections refused by kill-switch entries"
+                    );
+                }
+            }
+            Err(e) => {
+                self.metrics.killswitch_state_errors.inc();
+                tracing::error!(file = %path.display(), error = %e, "invalid kill-switch state on disk; entries in force are kept");
+            }
+        }
+    }
+
+    /// Where the kill-switch state lives (for the watcher).
+    pub fn kill_state_file(&self) -> Option<&std::path::Path> {
+        self.kill_path.as_deref()
     }
 }
 

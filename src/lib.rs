@@ -14,6 +14,7 @@
 //! - [`gate`]: the shared admission state: rules snapshot (arc-swap), metrics, registry, backend.
 //! - [`proxy`]: accept loop, admission service, forwarding, upgrade tunnels.
 //! - [`reload`]: watching the rules file's directory; [`admin`]: the admin listener.
+//! - [`killswitch`]: emergency entries decided before every rule, persisted and audited.
 //! - [`registry`]: open tunnels, so a rule change can close what it no longer admits.
 //! - [`census`]: which versions are connecting, for `/v1/versions`.
 //! - [`metrics`], [`access_log`], [`diag`], [`duration`]: supporting pieces.
@@ -29,6 +30,8 @@ pub mod diag;
 pub mod duration;
 pub mod extract;
 pub mod gate;
+pub mod kill_cli;
+pub mod killswitch;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;
@@ -65,10 +68,17 @@ pub async fn run(
     token: AdminToken,
     shutdown: impl Future<Output = ()>,
 ) {
-    let watcher = match reload::watch(gate.clone()) {
+    let watcher = match reload::watch(gate.clone(), reload::Watched::Rules) {
         Ok(w) => w,
         Err(e) => {
             tracing::error!(error = %e, "cannot watch the rules file; reload with SIGHUP or POST /v1/reload");
+            None
+        }
+    };
+    let kill_watcher = match reload::watch(gate.clone(), reload::Watched::KillSwitch) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the kill-switch state file; use the API or restart to apply hand edits");
             None
         }
     };
@@ -95,6 +105,7 @@ pub async fn run(
     tracing::info!("shutting down: refusing new connections, finishing in-flight requests");
     gate.start_draining();
     drop(watcher);
+    drop(kill_watcher);
     let _ = stop_tx.send(true);
     let plan = gate.registry.plan_close(|_| Some(Duration::ZERO));
     plan.execute(|| {});

@@ -11,6 +11,7 @@ use fwgate::admin::AdminToken;
 use fwgate::cli::{self, ExplainInput};
 use fwgate::config::{Config, LogFormat};
 use fwgate::gate::Gate;
+use fwgate::kill_cli::KillAction;
 use fwgate::metrics::Metrics;
 use fwgate::Listeners;
 
@@ -44,6 +45,57 @@ enum Command {
         /// Request path (for rules with path_prefix).
         #[arg(long, default_value = "/")]
         path: String,
+    },
+    /// Manage emergency kill-switch entries through the admin API (of one or many instances).
+    Kill {
+        #[command(subcommand)]
+        action: KillCommand,
+        /// Admin API of an instance (repeat for a fleet). Default: this config's admin address.
+        #[arg(long = "admin", global = true)]
+        admins: Vec<String>,
+        /// File with the admin token (default: $FWGATE_ADMIN_TOKEN, then the config's token_file).
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KillCommand {
+    /// Refuse a firmware range now ('*' refuses everything: maintenance mode).
+    Add {
+        /// The range, e.g. '>=3.8.0-b3'.
+        versions: String,
+        /// Why (required; shown in logs and listings).
+        #[arg(long)]
+        reason: String,
+        /// Remove the entry automatically after this long (e.g. 2h).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Refusal status (default 503).
+        #[arg(long)]
+        status: Option<u16>,
+        /// Base Retry-After (default 5m, jittered ±50%).
+        #[arg(long)]
+        retry_after: Option<String>,
+        /// Keep open connections of that range instead of closing them.
+        #[arg(long)]
+        keep_existing: bool,
+        /// Spread the closing of open connections over this long (default 10s).
+        #[arg(long)]
+        drain: Option<String>,
+        /// Report how many connections would be hit; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Entry id (default: generated, the same on every --admin).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// List entries.
+    List,
+    /// Remove an entry (undo).
+    Rm {
+        /// The entry id.
+        id: String,
     },
 }
 
@@ -94,6 +146,11 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Kill {
+            action,
+            admins,
+            token_file,
+        } => kill(cli.config, action, admins, token_file),
         Command::Run => match run(cli.config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -101,6 +158,93 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn kill(
+    config_path: Option<PathBuf>,
+    action: KillCommand,
+    mut admins: Vec<String>,
+    token_file: Option<PathBuf>,
+) -> ExitCode {
+    let config = config_path.as_deref().map(fwgate::config::Config::load);
+    if let Some(Err(e)) = &config {
+        eprintln!("invalid configuration:\n{e}");
+        return ExitCode::FAILURE;
+    }
+    let config = config.and_then(Result::ok);
+    if admins.is_empty() {
+        let addr = config.as_ref().map(|c| c.admin.addr).unwrap_or_else(|| {
+            fwgate::config::DEFAULT_ADMIN_ADDR
+                .parse()
+                .unwrap_or(([127, 0, 0, 1], 9901).into())
+        });
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        admins.push(format!("http://{host}:{}", addr.port()));
+    }
+    let token_path = token_file.or_else(|| {
+        std::env::var_os("FWGATE_ADMIN_TOKEN")
+            .is_none()
+            .then(|| config.as_ref().and_then(|c| c.admin.token_file.clone()))
+            .flatten()
+    });
+    let token = match token_path {
+        Some(p) => match std::fs::read_to_string(&p) {
+            Ok(t) => Some(t.trim().to_string()),
+            Err(e) => {
+                eprintln!("cannot read token file {}: {e}", p.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => std::env::var("FWGATE_ADMIN_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string()),
+    };
+    let action = match action {
+        KillCommand::Add {
+            versions,
+            reason,
+            ttl,
+            status,
+            retry_after,
+            keep_existing,
+            drain,
+            dry_run,
+            id,
+        } => KillAction::Add {
+            versions,
+            reason,
+            ttl,
+            status,
+            retry_after,
+            keep_existing,
+            drain,
+            dry_run,
+            id,
+        },
+        KillCommand::List => KillAction::List,
+        KillCommand::Rm { id } => KillAction::Remove { id },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (out, ok) = runtime.block_on(fwgate::kill_cli::run(action, &admins, token));
+    print!("{out}");
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

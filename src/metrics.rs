@@ -84,6 +84,25 @@ pub struct ReloadLabel {
     pub result: ReloadResult,
 }
 
+/// Kinds of kill-switch change.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum KillSwitchAction {
+    /// An entry was added or replaced through the API.
+    add,
+    /// An entry was removed through the API.
+    remove,
+    /// The state file changed on disk.
+    file,
+}
+
+/// Labels of `fwgate_killswitch_changes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KillSwitchLabel {
+    /// What changed.
+    pub action: KillSwitchAction,
+}
+
 /// Labels of `fwgate_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabel {
@@ -114,6 +133,12 @@ pub struct Metrics {
     pub access_log_suppressed: Counter,
     /// `fwgate_tunnels_closed_by_policy_total`: tunnels closed because new rules refuse them.
     pub tunnels_closed_by_policy: Counter,
+    /// `fwgate_killswitch_changes_total{action}`.
+    pub killswitch_changes: Family<KillSwitchLabel, Counter>,
+    /// `fwgate_killswitch_entries`: entries in the state in force (including not yet pruned expired ones).
+    pub killswitch_entries: Gauge,
+    /// `fwgate_killswitch_state_errors_total`: unusable state files (start-up fallback to the backup, bad edits).
+    pub killswitch_state_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -193,8 +218,29 @@ impl Metrics {
             "Open connections closed because rules or kill-switch entries no longer admit them",
             tunnels_closed_by_policy.clone(),
         );
+        let killswitch_changes = Family::<KillSwitchLabel, Counter>::default();
+        registry.register(
+            "killswitch_changes",
+            "Kill-switch changes by kind",
+            killswitch_changes.clone(),
+        );
+        let killswitch_entries = Gauge::default();
+        registry.register(
+            "killswitch_entries",
+            "Kill-switch entries in force",
+            killswitch_entries.clone(),
+        );
+        let killswitch_state_errors = Counter::default();
+        registry.register(
+            "killswitch_state_errors",
+            "Unusable kill-switch state files (fell back to the backup or kept the entries in force)",
+            killswitch_state_errors.clone(),
+        );
         Metrics {
             registry,
+            killswitch_changes,
+            killswitch_entries,
+            killswitch_state_errors,
             decisions,
             active_connections,
             upstream_requests,
@@ -243,6 +289,13 @@ impl Metrics {
                 })
                 .clone(),
         }
+    }
+
+    /// Counts one kill-switch change.
+    pub fn killswitch_change(&self, action: KillSwitchAction) {
+        self.killswitch_changes
+            .get_or_create(&KillSwitchLabel { action })
+            .inc();
     }
 
     /// The upstream outcome counter for `outcome`.

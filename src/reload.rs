@@ -43,11 +43,41 @@ fn watched_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// Starts watching the rules file's directory; reloads go through [`Gate::reload`].
-pub fn watch(gate: Arc<Gate>) -> Result<Option<RulesWatcher>, notify::Error> {
-    let Some(path) = gate.config.rules_path.clone() else {
+/// Which file a watcher keeps in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watched {
+    /// The rules file ([`Gate::reload`]).
+    Rules,
+    /// The kill-switch state file ([`Gate::reload_killswitch`]).
+    KillSwitch,
+}
+
+async fn apply(gate: &Gate, what: Watched) {
+    match what {
+        // Errors are logged, counted and kept for /v1/rules by reload itself.
+        Watched::Rules => {
+            let _ = gate.reload(false).await;
+        }
+        Watched::KillSwitch => gate.reload_killswitch().await,
+    }
+}
+
+/// Starts watching a file's directory; changes go through [`Gate::reload`] or
+/// [`Gate::reload_killswitch`].
+pub fn watch(gate: Arc<Gate>, what: Watched) -> Result<Option<RulesWatcher>, notify::Error> {
+    let path = match what {
+        Watched::Rules => gate.config.rules_path.clone(),
+        Watched::KillSwitch => gate.kill_state_file().map(Path::to_path_buf),
+    };
+    let Some(path) = path else {
         return Ok(None);
     };
+    if what == Watched::KillSwitch {
+        if let Some(dir) = path.parent() {
+            // The state directory may not exist before the first entry is written.
+            let _ = std::fs::create_dir_all(dir);
+        }
+    }
     let dir = watched_dir(&path);
     // Capacity 1 and try_send: a pending signal already means "re-read", so extras coalesce.
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -57,11 +87,11 @@ pub fn watch(gate: Arc<Gate>) -> Result<Option<RulesWatcher>, notify::Error> {
         }
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-    tracing::info!(dir = %dir.display(), file = %path.display(), "watching rules file");
+    tracing::info!(dir = %dir.display(), file = %path.display(), ?what, "watching file");
     let task = tokio::spawn(async move {
         // The file may have changed between the initial load and the watch starting: compare
         // hashes once now rather than waiting for the periodic re-check.
-        let _ = gate.reload(false).await;
+        apply(&gate, what).await;
         let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
         recheck.tick().await;
         loop {
@@ -80,8 +110,7 @@ pub fn watch(gate: Arc<Gate>) -> Result<Option<RulesWatcher>, notify::Error> {
                 }
                 _ = recheck.tick() => {}
             }
-            // Errors are logged, counted and kept for /v1/rules by reload itself.
-            let _ = gate.reload(false).await;
+            apply(&gate, what).await;
         }
     });
     Ok(Some(RulesWatcher {

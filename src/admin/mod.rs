@@ -2,6 +2,9 @@
 //! census. It binds to loopback by default and never shares the device port. Mutating
 //! endpoints need `Authorization: Bearer <token>`, compared in constant time.
 
+pub mod client;
+
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use tokio::net::TcpListener;
 
 use crate::duration::format_duration;
 use crate::gate::{Gate, ReloadOutcome};
+use crate::killswitch;
 use crate::rules::{Action, RuleSet};
 
 /// The admin API's bearer token; never logged, never shown.
@@ -190,17 +194,141 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         (&Method::GET, "/v1/versions") => json_response(StatusCode::OK, &gate.census.report(gate)),
-        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/rules" | "/v1/reload" | "/v1/versions") => {
-            json_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &json!({"error": format!("{} is not allowed on {path}", req.method())}),
-            )
+        (&Method::GET, "/v1/killswitch") => json_response(StatusCode::OK, &killswitch_json(gate)),
+        (&Method::POST, "/v1/killswitch") => {
+            if let Some(refused) = admin.token.authorize(req.headers()) {
+                return refused;
+            }
+            kill_add(gate, req).await
         }
+        (&Method::DELETE, p) if p.starts_with("/v1/killswitch/") => {
+            if let Some(refused) = admin.token.authorize(req.headers()) {
+                return refused;
+            }
+            let id = &p["/v1/killswitch/".len()..];
+            let actor = actor(req.headers());
+            match gate.kill_remove(id, actor.as_deref()).await {
+                Ok(Some(spec)) => json_response(StatusCode::OK, &json!({"removed": spec})),
+                Ok(None) => json_response(
+                    StatusCode::NOT_FOUND,
+                    &json!({"error": format!("no kill-switch entry {id:?}")}),
+                ),
+                Err(e) => kill_error(e),
+            }
+        }
+        (
+            _,
+            "/healthz" | "/readyz" | "/metrics" | "/v1/rules" | "/v1/reload" | "/v1/versions"
+            | "/v1/killswitch",
+        ) => json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({"error": format!("{} is not allowed on {path}", req.method())}),
+        ),
         _ => json_response(
             StatusCode::NOT_FOUND,
-            &json!({"error": "not found", "endpoints": ["GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/rules", "POST /v1/reload", "GET /v1/versions"]}),
+            &json!({"error": "not found", "endpoints": ["GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/rules", "POST /v1/reload", "GET /v1/versions", "GET /v1/killswitch", "POST /v1/killswitch", "DELETE /v1/killswitch/{id}"]}),
         ),
     }
+}
+
+/// Largest JSON body accepted on the admin API.
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+/// Who made a change, as the CLI says (`X-Fwgate-Actor`), sanitised and bounded for the audit log.
+fn actor(headers: &http::HeaderMap) -> Option<String> {
+    let v = headers.get("x-fwgate-actor")?.to_str().ok()?;
+    let clean: String = v
+        .chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(64)
+        .collect();
+    (!clean.is_empty()).then_some(clean)
+}
+
+async fn kill_add(gate: &Gate, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
+    let dry_run = req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == "dry_run=true" || p == "dry_run=1")
+    });
+    let actor = actor(req.headers());
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": format!("cannot read body (at most {MAX_ADMIN_BODY} bytes): {e}")}),
+            )
+        }
+    };
+    let new: killswitch::NewEntry = match serde_json::from_slice(&body) {
+        Ok(n) => n,
+        Err(e) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": format!("invalid JSON: {e}"), "example": {"versions": ">=3.8.0-b3", "reason": "incident 123", "ttl": "2h"}}),
+            )
+        }
+    };
+    let spec = match killswitch::spec_from_request(new, gate.rules().ordering, actor) {
+        Ok(s) => s,
+        Err(e) => return kill_error(e),
+    };
+    match gate.kill_add(spec.clone(), dry_run).await {
+        Ok(impact) => json_response(
+            if dry_run {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            },
+            &json!({
+                "dry_run": dry_run,
+                "entry": spec,
+                "impact": {"matching_connections": impact.matching, "closing": impact.closing},
+                "undo": format!("fwgate kill rm {}", spec.id),
+            }),
+        ),
+        Err(e) => kill_error(e),
+    }
+}
+
+fn kill_error(e: killswitch::KillSwitchError) -> Response<Full<Bytes>> {
+    match e {
+        killswitch::KillSwitchError::Invalid(m) => {
+            json_response(StatusCode::BAD_REQUEST, &json!({"error": m}))
+        }
+        killswitch::KillSwitchError::State { .. } => json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({"error": e.to_string(), "note": "nothing was changed"}),
+        ),
+    }
+}
+
+/// The kill-switch entries as JSON (for `GET /v1/killswitch`).
+pub fn killswitch_json(gate: &Gate) -> Value {
+    let set = gate.kill_set();
+    let now = killswitch::unix_now();
+    let mut active: HashMap<&str, usize> = HashMap::new();
+    gate.registry.for_each(|t| {
+        for e in set.entries.iter().filter(|e| e.matches(&t.version)) {
+            *active.entry(e.spec.id.as_str()).or_default() += 1;
+        }
+    });
+    let entries: Vec<Value> = set
+        .entries
+        .iter()
+        .map(|e| {
+            let mut v = serde_json::to_value(&e.spec).unwrap_or(Value::Null);
+            v["active"] = json!(e.active_at(now));
+            v["expires_in_s"] = json!(e.spec.expires_at.map(|x| x.saturating_sub(now)));
+            v["matching_connections"] = json!(active.get(e.spec.id.as_str()).copied().unwrap_or(0));
+            v
+        })
+        .collect();
+    json!({"entries": entries, "persisted_in": gate.kill_state_file().map(|p| p.display().to_string())})
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -45,12 +45,13 @@ pub async fn handle(
     client: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let rules = gate.rules();
+    let snap = gate.snapshot();
+    let rules = &snap.rules;
     let found = rules
         .version_sources
         .extract(req.headers(), req.uri().query());
     let version = VersionInput::from_found(found.as_ref());
-    let decision = gate.decide(&rules, &version, req.uri().path());
+    let decision = gate.decide(&snap, &version, req.uri().path());
     gate.count(&decision);
     gate.census.record(&version);
 

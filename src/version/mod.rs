@@ -970,7 +970,7 @@ mod tests {
     /// Pre-releases for the exhaustive grid: collisions, leading zeros, mixed runs.
     const GRID_PRE_RELEASES: &[&str] = &[
         "", "b1", "b2", "b3", "b10", "rc1", "rc2", "alpha", "0", "1", "10", "b3.1", "b03", "01",
-        "00", "0.0", "b1.0", "rc1-x", "-", "B3", "b", "beta.2", "beta.11",
+        "00", "0.0", "b1.0", "rc1-x", "-", "B3", "b", "beta.2", "beta.11", "1a", "a1b", "-1",
     ];
 
     fn grid() -> Vec<FirmwareVersion> {
@@ -998,6 +998,9 @@ mod tests {
         for ordering in VersionOrdering::ALL {
             let mut sorted = versions.clone();
             sorted.sort_by(|a, b| a.cmp_with(b, ordering));
+            for pair in sorted.windows(2) {
+                assert!(oracle::key(&pair[0], ordering) < oracle::key(&pair[1], ordering));
+            }
             // Pairwise consistency with one linear order proves antisymmetry and transitivity
             // on this set; Equal only on the diagonal proves consistency with ==.
             for (i, a) in sorted.iter().enumerate() {
@@ -1031,8 +1034,90 @@ mod tests {
             })
     }
 
+    /// An independent statement of both orderings as derived `Ord` on sort keys, used as the
+    /// oracle for `cmp_with`. Variant order encodes "numeric before non-numeric" and "a
+    /// pre-release before its release"; `Vec` order encodes "a prefix sorts first"; digit
+    /// strings become (length without leading zeros, digits); the raw bytes break ties last.
+    mod oracle {
+        use super::*;
+
+        #[derive(PartialEq, Eq, PartialOrd, Ord, Debug)]
+        pub(super) enum Run {
+            Digits(usize, Vec<u8>),
+            Text(Vec<u8>),
+        }
+
+        #[derive(PartialEq, Eq, PartialOrd, Ord, Debug)]
+        pub(super) enum Identifier {
+            Numeric(usize, Vec<u8>),
+            Natural(Vec<Run>),
+            Ascii(Vec<u8>),
+        }
+
+        #[derive(PartialEq, Eq, PartialOrd, Ord, Debug)]
+        pub(super) enum Pre {
+            Some(Vec<Identifier>),
+            Release,
+        }
+
+        fn digits(text: &[u8]) -> (usize, Vec<u8>) {
+            let value: Vec<u8> = text.iter().copied().skip_while(|&b| b == b'0').collect();
+            (value.len(), value)
+        }
+
+        fn runs(text: &[u8]) -> Vec<Run> {
+            text.chunk_by(|a, b| a.is_ascii_digit() == b.is_ascii_digit())
+                .map(|run| {
+                    if run[0].is_ascii_digit() {
+                        let (len, value) = digits(run);
+                        Run::Digits(len, value)
+                    } else {
+                        Run::Text(run.to_vec())
+                    }
+                })
+                .collect()
+        }
+
+        pub(super) fn key(
+            version: &FirmwareVersion,
+            ordering: VersionOrdering,
+        ) -> (u64, u64, u64, Pre, Vec<u8>) {
+            let raw = version.pre().as_bytes().to_vec();
+            let pre = if raw.is_empty() {
+                Pre::Release
+            } else {
+                Pre::Some(
+                    raw.split(|&b| b == b'.')
+                        .map(|id| {
+                            if id.iter().all(u8::is_ascii_digit) {
+                                let (len, value) = digits(id);
+                                Identifier::Numeric(len, value)
+                            } else if ordering == VersionOrdering::Firmware {
+                                Identifier::Natural(runs(id))
+                            } else {
+                                Identifier::Ascii(id.to_vec())
+                            }
+                        })
+                        .collect(),
+                )
+            };
+            (version.major(), version.minor(), version.patch(), pre, raw)
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn cmp_with_matches_the_sort_key_oracle(a in version_strategy(), b in version_strategy()) {
+            for ordering in VersionOrdering::ALL {
+                prop_assert_eq!(
+                    a.cmp_with(&b, ordering),
+                    oracle::key(&a, ordering).cmp(&oracle::key(&b, ordering)),
+                    "{} {} vs {}", ordering, a, b
+                );
+            }
+        }
 
         #[test]
         fn cmp_with_is_a_total_order_consistent_with_eq(

@@ -6,6 +6,7 @@ mod util;
 mod admin;
 mod cli;
 mod http_proxy;
+mod killswitch;
 mod reload;
 mod versions;
 mod websocket;

@@ -190,9 +190,14 @@ pub const TEST_TOKEN: &str = "test-token-123";
 /// Starts fwgate with `rules` (rules.toml text) in front of `upstream`. `extra` is appended to
 /// fwgate.toml (e.g. an `[upstream]` table with timeouts).
 pub async fn start_proxy(rules: &str, upstream: SocketAddr, extra: &str) -> Proxy {
-    init_log_capture();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("rules.toml"), rules).unwrap();
+    start_proxy_in(dir, upstream, extra).await
+}
+
+/// Starts fwgate in an existing directory (rules.toml and any state already there): a restart.
+pub async fn start_proxy_in(dir: tempfile::TempDir, upstream: SocketAddr, extra: &str) -> Proxy {
+    init_log_capture();
     let upstream_table = if extra.contains("[upstream]") {
         extra.replace("[upstream]", &format!("[upstream]\naddr = \"{upstream}\""))
     } else {
@@ -205,7 +210,10 @@ pub async fn start_proxy(rules: &str, upstream: SocketAddr, extra: &str) -> Prox
     let metrics = Arc::new(Metrics::new());
     let rule_set = file::load(config.rules_path.as_ref().unwrap(), &metrics, 1)
         .unwrap_or_else(|e| panic!("test rules invalid:\n{e}"));
-    let gate = Arc::new(Gate::new(config, rule_set, metrics).unwrap());
+    let gate = Arc::new(
+        Gate::new(config, rule_set, metrics)
+            .unwrap_or_else(|e| panic!("proxy refused to start: {e}")),
+    );
     let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (addr, admin_addr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
@@ -233,8 +241,19 @@ impl Proxy {
         self.dir.path().join("rules.toml")
     }
 
+    /// Stops the proxy, keeping its directory for a restart.
+    pub async fn stop_keep_dir(mut self) -> tempfile::TempDir {
+        self.shutdown_and_wait().await;
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
+    }
+
     /// Stops the proxy and waits for it to finish.
     pub async fn stop(mut self) {
+        self.shutdown_and_wait().await;
+    }
+
+    async fn shutdown_and_wait(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

@@ -1,0 +1,258 @@
+//! `fwgate kill`: manage kill-switch entries through the admin API of one or many instances.
+//! Output is short and human: what was refused, how many connections it hit, how to undo it.
+//! The exit status is non-zero if any instance failed.
+
+use std::fmt::Write as _;
+
+use http::Method;
+use serde_json::{json, Value};
+
+use crate::admin::client;
+
+/// What to do.
+#[derive(Debug, Clone)]
+pub enum KillAction {
+    /// Refuse a range.
+    Add {
+        /// The range (`*` for maintenance mode).
+        versions: String,
+        /// Why.
+        reason: String,
+        /// Lifetime, e.g. `2h`.
+        ttl: Option<String>,
+        /// Refusal status.
+        status: Option<u16>,
+        /// Base Retry-After.
+        retry_after: Option<String>,
+        /// Keep open connections instead of closing them.
+        keep_existing: bool,
+        /// Spread of closures.
+        drain: Option<String>,
+        /// Only report the impact.
+        dry_run: bool,
+        /// Explicit id (generated otherwise; the same id is used on every instance).
+        id: Option<String>,
+    },
+    /// List entries.
+    List,
+    /// Remove an entry.
+    Remove {
+        /// Its id.
+        id: String,
+    },
+}
+
+/// Runs `action` against every admin URL in parallel; returns (output, all succeeded).
+pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -> (String, bool) {
+    let actor = std::env::var("USER")
+        .ok()
+        .map(|u| format!("{u} via fwgate kill"));
+    // One id for the whole fleet, so `kill rm ID` later reaches the same entry everywhere.
+    let action = match action {
+        KillAction::Add {
+            id: None,
+            versions,
+            reason,
+            ttl,
+            status,
+            retry_after,
+            keep_existing,
+            drain,
+            dry_run,
+        } => KillAction::Add {
+            id: Some(crate::killswitch::generate_id()),
+            versions,
+            reason,
+            ttl,
+            status,
+            retry_after,
+            keep_existing,
+            drain,
+            dry_run,
+        },
+        other => other,
+    };
+    let mut tasks = Vec::new();
+    for admin in admins {
+        let (admin, action, token, actor) =
+            (admin.clone(), action.clone(), token.clone(), actor.clone());
+        tasks.push(tokio::spawn(async move {
+            let line = one(&admin, &action, token.as_deref(), actor.as_deref()).await;
+            (admin, line)
+        }));
+    }
+    let mut out = String::new();
+    let mut all_ok = true;
+    for t in tasks {
+        match t.await {
+            Ok((admin, Ok(text))) => {
+                let _ = writeln!(out, "ok    {admin}  {text}");
+            }
+            Ok((admin, Err(e))) => {
+                all_ok = false;
+                let _ = writeln!(out, "FAIL  {admin}  {e}");
+            }
+            Err(e) => {
+                all_ok = false;
+                let _ = writeln!(out, "FAIL  {e}");
+            }
+        }
+    }
+    let admin_flags: String = admins.iter().map(|a| format!(" --admin {a}")).collect();
+    match &action {
+        KillAction::Add {
+            id: Some(id),
+            dry_run: false,
+            ..
+        } => {
+            let _ = writeln!(out, "undo: fwgate kill rm {id}{admin_flags}");
+        }
+        KillAction::Add { dry_run: true, .. } => {
+            let _ = writeln!(out, "dry run: nothing was changed");
+        }
+        _ => {}
+    }
+    if !all_ok {
+        let _ = writeln!(
+            out,
+            "some instances FAILED: they are not in the state shown above; retry them"
+        );
+    }
+    (out, all_ok)
+}
+
+async fn one(
+    admin: &str,
+    action: &KillAction,
+    token: Option<&str>,
+    actor: Option<&str>,
+) -> Result<String, String> {
+    match action {
+        KillAction::Add {
+            versions,
+            reason,
+            ttl,
+            status,
+            retry_after,
+            keep_existing,
+            drain,
+            dry_run,
+            id,
+        } => {
+            let mut body = json!({"versions": versions, "reason": reason, "id": id, "close_existing": !keep_existing});
+            for (k, v) in [("ttl", ttl), ("retry_after", retry_after), ("drain", drain)] {
+                if let Some(v) = v {
+                    body[k] = json!(v);
+                }
+            }
+            if let Some(s) = status {
+                body["status"] = json!(s);
+            }
+            let path = if *dry_run {
+                "/v1/killswitch?dry_run=true"
+            } else {
+                "/v1/killswitch"
+            };
+            let v = expect(
+                client::call(
+                    admin,
+                    Method::POST,
+                    path,
+                    token,
+                    actor,
+                    Some(body.to_string()),
+                )
+                .await,
+                &[200, 201],
+            )?;
+            let e = &v["entry"];
+            let matching = v["impact"]["matching_connections"].as_u64().unwrap_or(0);
+            let closing = v["impact"]["closing"].as_u64().unwrap_or(0);
+            let verb = if *dry_run { "would refuse" } else { "refusing" };
+            Ok(format!(
+                "{verb} {} as {} (status {}{}): {matching} open connection(s) match{}",
+                e["versions"].as_str().unwrap_or("?"),
+                e["id"].as_str().unwrap_or("?"),
+                e["status"],
+                e["expires_at"]
+                    .as_u64()
+                    .map(|x| format!(
+                        ", expires in {}s",
+                        x.saturating_sub(crate::killswitch::unix_now())
+                    ))
+                    .unwrap_or_default(),
+                if *dry_run || closing == 0 {
+                    String::new()
+                } else {
+                    format!(
+                        ", closing {closing} over {}",
+                        e["drain"].as_str().unwrap_or("?")
+                    )
+                },
+            ))
+        }
+        KillAction::List => {
+            let v = expect(
+                client::call(admin, Method::GET, "/v1/killswitch", token, actor, None).await,
+                &[200],
+            )?;
+            let entries = v["entries"].as_array().cloned().unwrap_or_default();
+            if entries.is_empty() {
+                return Ok("no kill-switch entries".into());
+            }
+            let mut s = format!(
+                "{} entr{}",
+                entries.len(),
+                if entries.len() == 1 { "y" } else { "ies" }
+            );
+            for e in entries {
+                let _ = write!(
+                    s,
+                    "\n      {}  {}  status {}  {}  {} conn  {:?}",
+                    e["id"].as_str().unwrap_or("?"),
+                    e["versions"].as_str().unwrap_or("?"),
+                    e["status"],
+                    match (e["active"].as_bool(), e["expires_in_s"].as_u64()) {
+                        (Some(false), _) => "expired".to_string(),
+                        (_, Some(s)) => format!("expires in {s}s"),
+                        _ => "no expiry".to_string(),
+                    },
+                    e["matching_connections"],
+                    e["reason"].as_str().unwrap_or(""),
+                );
+            }
+            Ok(s)
+        }
+        KillAction::Remove { id } => {
+            let v = expect(
+                client::call(
+                    admin,
+                    Method::DELETE,
+                    &format!("/v1/killswitch/{id}"),
+                    token,
+                    actor,
+                    None,
+                )
+                .await,
+                &[200],
+            )?;
+            Ok(format!(
+                "removed {id} ({})",
+                v["removed"]["versions"].as_str().unwrap_or("?")
+            ))
+        }
+    }
+}
+
+fn expect(result: Result<(u16, String), String>, ok: &[u16]) -> Result<Value, String> {
+    let (status, body) = result?;
+    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    if ok.contains(&status) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{status}: {}",
+            v["error"].as_str().unwrap_or(body.trim())
+        ))
+    }
+}
