@@ -9,6 +9,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use crate::config::Config;
 use crate::diag::FileErrors;
 use crate::duration::format_duration;
+use crate::killswitch::{self, KillSet};
 use crate::metrics::Metrics;
 use crate::rules::{file, Action, DecidedBy, RuleSet, VersionInput};
 use crate::version::FirmwareVersion;
@@ -97,8 +98,23 @@ pub struct ExplainInput {
     pub path: String,
 }
 
+/// The kill-switch entries persisted in the config's `state_dir` (what a running instance with
+/// this config has in force), read-only; empty without a `state_dir`.
+pub fn load_kill_set(config: &Config, rules: &RuleSet) -> Result<KillSet, String> {
+    match &config.state_dir {
+        None => Ok(KillSet::default()),
+        Some(dir) => killswitch::load_at_startup(
+            &dir.join(killswitch::STATE_FILE),
+            rules.ordering,
+            &Metrics::new(),
+        )
+        .map(|(set, _)| set)
+        .map_err(|e| e.to_string()),
+    }
+}
+
 /// `fwgate explain`: the normalised version, the decision and the rule that makes it.
-pub fn explain(rules: &RuleSet, input: &ExplainInput) -> Result<String, String> {
+pub fn explain(rules: &RuleSet, kill: &KillSet, input: &ExplainInput) -> Result<String, String> {
     let mut out = String::new();
     let version = if let Some(raw) = &input.version {
         let parsed = FirmwareVersion::parse(raw);
@@ -160,9 +176,44 @@ pub fn explain(rules: &RuleSet, input: &ExplainInput) -> Result<String, String> 
             let _ = writeln!(out, "version:  unparseable");
         }
     }
+    if let Some(e) = kill.find(&version) {
+        let _ = writeln!(
+            out,
+            "decision: DENY {} (emergency kill switch)\nby:       kill-switch entry {:?}: versions {:?}, reason {:?}{}\nundo:     fwgate kill rm {}",
+            e.spec.status,
+            e.spec.id,
+            e.spec.versions,
+            e.spec.reason,
+            e.spec
+                .expires_at
+                .map(|x| format!(", expires in {}s", x.saturating_sub(killswitch::unix_now())))
+                .unwrap_or_default(),
+            e.spec.id
+        );
+        return Ok(out);
+    }
     let d = rules.decide(&version, &input.path);
     let verdict = match &d.decider.action {
         Action::Allow => "ALLOW (forwarded to the backend)".to_string(),
+        Action::Limit(l) => {
+            let spec = l.state.spec();
+            let mut s = "LIMIT: forwarded while within".to_string();
+            if let Some((rate, burst)) = spec.rate {
+                let _ = write!(
+                    s,
+                    " {} per {} (burst {}, per {})",
+                    rate.count,
+                    format_duration(rate.per),
+                    burst.map_or(rate.count.get(), |b| b.get()),
+                    spec.key.as_str()
+                );
+            }
+            if let Some(m) = spec.max_connections {
+                let _ = write!(s, " max {m} open connections");
+            }
+            let _ = write!(s, "; over it {}", l.refusal.status);
+            s
+        }
         Action::Deny(r) => {
             let mut s = format!("DENY {}", r.status);
             if let Some(ra) = r.retry_after {
@@ -238,6 +289,7 @@ jitter = 0.5
     fn explain_a_version() {
         let out = explain(
             &incident_rules(),
+            &KillSet::default(),
             &ExplainInput {
                 version: Some("v3.8.0b10".into()),
                 path: "/".into(),
@@ -263,6 +315,7 @@ jitter = 0.5
     fn explain_runs_extraction() {
         let out = explain(
             &incident_rules(),
+            &KillSet::default(),
             &ExplainInput {
                 headers: vec!["User-Agent: Airtame/3.8.0-b2 (x)".into()],
                 path: "/".into(),
@@ -276,9 +329,42 @@ jitter = 0.5
     }
 
     #[test]
+    fn explain_shows_a_kill_switch_entry_first() {
+        let rules = incident_rules();
+        let spec = killswitch::spec_from_request(
+            serde_json::from_str(r#"{"versions": "*", "reason": "maintenance", "id": "m"}"#)
+                .unwrap(),
+            rules.ordering,
+            None,
+        )
+        .unwrap();
+        let kill = KillSet {
+            entries: vec![
+                killswitch::compile_entry(spec, rules.ordering, &Metrics::new()).unwrap(),
+            ],
+        };
+        let out = explain(
+            &rules,
+            &kill,
+            &ExplainInput {
+                version: Some("1.0.0".into()),
+                path: "/".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(
+            out.contains("decision: DENY 503 (emergency kill switch)"),
+            "{out}"
+        );
+        assert!(out.contains("undo:     fwgate kill rm m"), "{out}");
+    }
+
+    #[test]
     fn explain_unparseable_says_why() {
         let out = explain(
             &incident_rules(),
+            &KillSet::default(),
             &ExplainInput {
                 version: Some("banana".into()),
                 path: "/".into(),

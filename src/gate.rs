@@ -13,11 +13,16 @@ use crate::census::Census;
 use crate::config::Config;
 use crate::diag::FileErrors;
 use crate::killswitch::{self, EntrySpec, KillSet, KillSwitchError, StateFile};
+use crate::limits::backoff::Backoff;
+use crate::limits::{key_hash, Capacity, ConnPermit, GlobalLimits, LimitOutcome, LimitStore};
 use crate::metrics::KillSwitchAction;
 use crate::metrics::{Metrics, ReloadLabel, ReloadResult};
 use crate::proxy::forward::Upstream;
 use crate::registry::Registry;
-use crate::rules::{file, Action, DecidedBy, Decision, RuleSet, VersionInput};
+use crate::rules::{
+    file, jittered_wait_secs, Action, DecidedBy, Decider, Decision, Refusal, RuleSet, VersionInput,
+};
+use std::net::IpAddr;
 
 /// What the last reload attempt did, for `/v1/rules` and `POST /v1/reload`.
 #[derive(Debug, Clone, Default)]
@@ -62,6 +67,62 @@ pub struct Impact {
     pub closing: usize,
 }
 
+/// Fixed deciders for refusals that no rule makes: process-wide limits, the backoff, backend capacity.
+pub struct LimitDeciders {
+    /// `global:per_ip_rate`.
+    pub per_ip: Decider,
+    /// `global:handshake_rate`.
+    pub handshake_rate: Decider,
+    /// `global:max_connections` (refused at accept).
+    pub max_connections: Decider,
+    /// `backoff`.
+    pub backoff: Decider,
+    /// `upstream:capacity`.
+    pub upstream_capacity: Decider,
+}
+
+impl LimitDeciders {
+    fn new(metrics: &Metrics, retry_after: std::time::Duration, jitter: f64) -> LimitDeciders {
+        let make = |name: &str, body: &'static str| Decider {
+            name: Arc::from(name),
+            action: Action::Deny(Refusal {
+                status: http::StatusCode::SERVICE_UNAVAILABLE,
+                body: bytes::Bytes::from_static(body.as_bytes()),
+                retry_after: Some(retry_after),
+                jitter,
+            }),
+            counters: metrics.rule_counters(name),
+            close_existing: false,
+            drain: std::time::Duration::ZERO,
+        };
+        LimitDeciders {
+            per_ip: make(
+                "global:per_ip_rate",
+                "too many requests from this address, retry later\n",
+            ),
+            handshake_rate: make(
+                "global:handshake_rate",
+                "too many devices connecting, retry later\n",
+            ),
+            max_connections: make(
+                "global:max_connections",
+                "too many open connections, retry later\n",
+            ),
+            backoff: make("backoff", "reconnecting too often, retry later\n"),
+            upstream_capacity: make("upstream:capacity", "backend at capacity, retry later\n"),
+        }
+    }
+}
+
+/// What to do with a request once its decision and limits are applied.
+#[derive(Debug)]
+pub enum Verdict<'a> {
+    /// Forward it, holding this limit slot (if any) while it is open.
+    Forward(Option<ConnPermit>),
+    /// Refuse it; the `Retry-After` (seconds) is given when computed rather than configured.
+    Refuse(&'a Refusal, Option<u64>),
+}
+
 /// Shared admission state.
 pub struct Gate {
     /// Process configuration (fixed for the process lifetime).
@@ -77,6 +138,16 @@ pub struct Gate {
     pub upstream: Upstream,
     /// Handshakes per version, for `/v1/versions`.
     pub census: Census,
+    /// Limit state of `limit` rules, kept across reloads.
+    pub limit_store: Arc<LimitStore>,
+    /// Process-wide caps.
+    pub global: GlobalLimits,
+    /// Reconnect backoff.
+    pub backoff: Backoff,
+    /// Cap on concurrent backend exchanges.
+    pub upstream_capacity: Capacity,
+    /// Deciders for refusals by process-wide limits (names label metrics and logs).
+    pub limit_deciders: LimitDeciders,
     kill: ArcSwap<KillSet>,
     kill_path: Option<std::path::PathBuf>,
     kill_lock: tokio::sync::Mutex<()>,
@@ -118,7 +189,27 @@ impl Gate {
             }
         };
         metrics.killswitch_entries.set(kill.entries.len() as i64);
-        let upstream = Upstream::new(&config.upstream, metrics.upstream_connect_seconds.clone())?;
+        let limits = &config.limits;
+        let limit_store = Arc::new(LimitStore::new(limits.max_keys));
+        for rule in &rules.rules {
+            if let Action::Limit(l) = &rule.decider.action {
+                limit_store.adopt(&rule.decider.name, l.state.clone());
+            }
+        }
+        let global = GlobalLimits::new(
+            limits.max_connections,
+            limits.handshake_rate,
+            limits.per_ip_rate,
+            limits.max_keys,
+        );
+        let backoff = Backoff::new(limits.backoff);
+        let upstream_capacity = Capacity::new(config.upstream.max_connections);
+        let limit_deciders = LimitDeciders::new(&metrics, limits.retry_after, limits.jitter);
+        let upstream = Upstream::new(
+            &config.upstream,
+            metrics.upstream_connect_seconds.clone(),
+            metrics.upstream_pending.clone(),
+        )?;
         let refusal_log = RefusalSampler::new(
             config.log.refusal_lines_per_second,
             metrics.access_log_suppressed.clone(),
@@ -134,6 +225,11 @@ impl Gate {
             refusal_log,
             upstream,
             census: Census::default(),
+            limit_store,
+            global,
+            backoff,
+            upstream_capacity,
+            limit_deciders,
             kill: ArcSwap::from_pointee(kill),
             kill_path,
             kill_lock: tokio::sync::Mutex::new(()),
@@ -180,19 +276,63 @@ impl Gate {
         snap.rules.decide(version, path)
     }
 
-    /// Counts a decision in the metrics (one or two atomic adds).
-    pub fn count(&self, decision: &Decision<'_>) {
-        let c = &decision.decider.counters;
-        match decision.decider.action {
-            Action::Allow => c.allow.inc(),
-            Action::Deny(_) => c.deny.inc(),
-        };
+    /// Applies a decision: counts it, checks a `limit` rule's limiter, and says whether to
+    /// forward or refuse. `device` (raw bytes) and `ip` key per-device and per-IP limits.
+    pub fn apply<'a>(
+        &self,
+        decision: &Decision<'a>,
+        device: Option<&[u8]>,
+        ip: IpAddr,
+    ) -> Verdict<'a> {
         if let Some(shadow) = decision.shadow {
             match shadow.action {
-                Action::Allow => shadow.counters.shadow_allow.inc(),
                 Action::Deny(_) => shadow.counters.shadow_deny.inc(),
+                _ => shadow.counters.shadow_allow.inc(),
             };
         }
+        let c = &decision.decider.counters;
+        match &decision.decider.action {
+            Action::Allow => {
+                c.allow.inc();
+                Verdict::Forward(None)
+            }
+            Action::Deny(r) => {
+                c.deny.inc();
+                Verdict::Refuse(r, None)
+            }
+            Action::Limit(l) => match l.state.check(key_hash(device, ip, l.state.spec().key)) {
+                LimitOutcome::Admit(permit) => {
+                    c.allow.inc();
+                    Verdict::Forward(permit)
+                }
+                LimitOutcome::RateLimited(wait) => {
+                    c.limited.inc();
+                    Verdict::Refuse(&l.refusal, Some(jittered_wait_secs(wait, l.refusal.jitter)))
+                }
+                LimitOutcome::AtCapacity => {
+                    c.limited.inc();
+                    Verdict::Refuse(&l.refusal, None)
+                }
+            },
+        }
+    }
+
+    /// Refuses through one of the fixed limit deciders (counted as `limited`).
+    pub fn refuse_by<'a>(&self, decider: &'a Decider, retry_secs: Option<u64>) -> Verdict<'a> {
+        decider.counters.limited.inc();
+        match &decider.action {
+            Action::Deny(r) => Verdict::Refuse(r, retry_secs),
+            // The fixed deciders are all built as Deny above.
+            _ => Verdict::Forward(None),
+        }
+    }
+
+    /// Evicts idle limiter and backoff keys and refreshes their gauges.
+    pub fn sweep_limits(&self) {
+        let keys = self.limit_store.sweep() + self.global.sweep();
+        self.metrics.limit_keys.set(keys as i64);
+        let (_, penalized) = self.backoff.sweep();
+        self.metrics.backoff_active.set(penalized as i64);
     }
 
     /// The last reload attempt's status.
@@ -225,9 +365,10 @@ impl Gate {
         };
         let result = tokio::task::spawn_blocking({
             let metrics = self.metrics.clone();
+            let limits = self.limit_store.clone();
             let next = self.generation.load(Ordering::Relaxed) + 1;
             let current_hash = self.rules().source.content_hash.clone();
-            move || compile_if_changed(&path, &metrics, next, &current_hash, force)
+            move || compile_if_changed(&path, &metrics, &limits, next, &current_hash, force)
         })
         .await
         .unwrap_or_else(|e| {
@@ -266,6 +407,9 @@ impl Gate {
     /// that ask for it (`close_existing`), spread over their drain period.
     pub fn install(&self, rules: RuleSet) -> ReloadOutcome {
         let generation = rules.source.generation;
+        let names: std::collections::HashSet<&str> =
+            rules.rules.iter().map(|r| &*r.decider.name).collect();
+        self.limit_store.retain(&names);
         for w in &rules.warnings {
             tracing::warn!(warning = %w, "rules warning");
         }
@@ -479,6 +623,7 @@ impl Gate {
 fn compile_if_changed(
     path: &Path,
     metrics: &Metrics,
+    limits: &LimitStore,
     generation: u64,
     current_hash: &str,
     force: bool,
@@ -490,5 +635,5 @@ fn compile_if_changed(
     }
     let text = String::from_utf8(text)
         .map_err(|_| crate::diag::FileError::whole(path, "rules file is not valid UTF-8"))?;
-    file::compile(&text, Some(path), metrics, generation).map(Some)
+    file::compile_with_limits(&text, Some(path), metrics, limits, generation).map(Some)
 }

@@ -15,6 +15,7 @@
 //! - [`proxy`]: accept loop, admission service, forwarding, upgrade tunnels.
 //! - [`reload`]: watching the rules file's directory; [`admin`]: the admin listener.
 //! - [`killswitch`]: emergency entries decided before every rule, persisted and audited.
+//! - [`limits`]: rule `limit` actions (GCRA via governor), concurrency caps, global caps, reconnect backoff.
 //! - [`registry`]: open tunnels, so a rule change can close what it no longer admits.
 //! - [`census`]: which versions are connecting, for `/v1/versions`.
 //! - [`metrics`], [`access_log`], [`diag`], [`duration`]: supporting pieces.
@@ -32,6 +33,7 @@ pub mod extract;
 pub mod gate;
 pub mod kill_cli;
 pub mod killswitch;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;
@@ -82,6 +84,16 @@ pub async fn run(
             None
         }
     };
+    let sweeper = tokio::spawn({
+        let gate = gate.clone();
+        async move {
+            let mut tick = tokio::time::interval(limits::SWEEP_INTERVAL);
+            loop {
+                tick.tick().await;
+                gate.sweep_limits();
+            }
+        }
+    });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await.map(|_| ());
@@ -116,4 +128,5 @@ pub async fn run(
         tracing::warn!("shutdown grace elapsed with requests still in flight");
     }
     admin_task.abort();
+    sweeper.abort();
 }

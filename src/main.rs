@@ -122,11 +122,13 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             let result = cli::load_config(cli.config.as_deref())
-                .and_then(|c| cli::load_rules(&c, &Metrics::new()))
+                .and_then(|c| cli::load_rules(&c, &Metrics::new()).map(|r| (c, r)))
                 .map_err(|e| e.to_string())
-                .and_then(|rules| {
+                .and_then(|(config, rules)| {
+                    let kill = cli::load_kill_set(&config, &rules)?;
                     cli::explain(
                         &rules,
+                        &kill,
                         &ExplainInput {
                             version,
                             headers,

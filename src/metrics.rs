@@ -58,6 +58,8 @@ pub enum UpstreamOutcome {
     response_timeout,
     /// The connection broke during the exchange (502).
     error,
+    /// Refused before connecting: too many connects in progress (503).
+    busy,
 }
 
 /// Labels of `fwgate_upstream_requests_total`.
@@ -133,6 +135,14 @@ pub struct Metrics {
     pub access_log_suppressed: Counter,
     /// `fwgate_tunnels_closed_by_policy_total`: tunnels closed because new rules refuse them.
     pub tunnels_closed_by_policy: Counter,
+    /// `fwgate_limit_keys`: keys held by keyed limiters (refreshed every sweep).
+    pub limit_keys: Gauge,
+    /// `fwgate_backoff_active`: devices/IPs currently held back by the reconnect backoff.
+    pub backoff_active: Gauge,
+    /// `fwgate_upstream_pending`: backend TCP connects in progress.
+    pub upstream_pending: Gauge,
+    /// `fwgate_upstream_active`: backend exchanges (in-flight requests + open tunnels).
+    pub upstream_active: Gauge,
     /// `fwgate_killswitch_changes_total{action}`.
     pub killswitch_changes: Family<KillSwitchLabel, Counter>,
     /// `fwgate_killswitch_entries`: entries in the state in force (including not yet pruned expired ones).
@@ -236,8 +246,36 @@ impl Metrics {
             "Unusable kill-switch state files (fell back to the backup or kept the entries in force)",
             killswitch_state_errors.clone(),
         );
+        let limit_keys = Gauge::default();
+        registry.register(
+            "limit_keys",
+            "Keys held by keyed rate limiters (per device or IP)",
+            limit_keys.clone(),
+        );
+        let backoff_active = Gauge::default();
+        registry.register(
+            "backoff_active",
+            "Devices or IPs currently held back by the reconnect backoff",
+            backoff_active.clone(),
+        );
+        let upstream_pending = Gauge::default();
+        registry.register(
+            "upstream_pending",
+            "Backend TCP connects in progress",
+            upstream_pending.clone(),
+        );
+        let upstream_active = Gauge::default();
+        registry.register(
+            "upstream_active",
+            "Backend exchanges in progress (requests and tunnels)",
+            upstream_active.clone(),
+        );
         Metrics {
             registry,
+            limit_keys,
+            backoff_active,
+            upstream_pending,
+            upstream_active,
             killswitch_changes,
             killswitch_entries,
             killswitch_state_errors,
@@ -282,6 +320,7 @@ impl Metrics {
             deny: get(DecisionKind::deny),
             shadow_deny: get(DecisionKind::shadow_deny),
             shadow_allow: get(DecisionKind::shadow_allow),
+            limited: get(DecisionKind::limited),
             active: self
                 .active_connections
                 .get_or_create(&RuleLabel {
@@ -317,6 +356,8 @@ pub struct RuleCounters {
     pub shadow_deny: Counter,
     /// Shadow admissions.
     pub shadow_allow: Counter,
+    /// Refusals because a limit was exceeded.
+    pub limited: Counter,
     /// Connections open under this rule.
     pub active: Gauge,
 }

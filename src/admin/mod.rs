@@ -375,6 +375,19 @@ pub fn rule_set_json(rules: &RuleSet) -> Value {
             "retry_after": r.retry_after.map(format_duration),
             "jitter": r.jitter,
         }),
+        Action::Limit(l) => {
+            let spec = l.state.spec();
+            json!({
+                "action": "limit",
+                "rate": spec.rate.map(|(r, _)| format!("{}/{}", r.count, match r.per.as_secs() { 1 => "s", 60 => "m", _ => "h" })),
+                "burst": spec.rate.map(|(r, b)| b.map_or(r.count.get(), |b| b.get())),
+                "key": spec.key.as_str(),
+                "max_connections": spec.max_connections,
+                "open_connections": l.state.open_connections(),
+                "keys": l.state.keys(),
+                "status": l.refusal.status.as_u16(),
+            })
+        }
     };
     let list: Vec<Value> = rules
         .rules

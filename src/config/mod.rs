@@ -14,6 +14,8 @@ use toml::Spanned;
 
 use crate::diag::{FileError, FileErrors};
 use crate::duration::parse_duration;
+use crate::limits::backoff::BackoffConfig;
+use crate::limits::{Rate, DEFAULT_MAX_KEYS};
 
 /// Where devices connect when no config says otherwise.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:8080";
@@ -35,6 +37,26 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Refusal access-log lines per second before lines are sampled (a storm must not flood the log).
 pub const DEFAULT_REFUSAL_LOG_PER_SECOND: u32 = 50;
+
+/// Backend connects in progress at once before new handshakes get 503 (a dead backend must not
+/// pile up sockets).
+pub const DEFAULT_MAX_PENDING_CONNECTS: usize = 512;
+/// Base Retry-After of refusals by process-wide limits (jittered).
+pub const DEFAULT_LIMIT_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 0,
+            handshake_rate: None,
+            per_ip_rate: None,
+            max_keys: DEFAULT_MAX_KEYS,
+            retry_after: DEFAULT_LIMIT_RETRY_AFTER,
+            jitter: 0.5,
+            backoff: BackoffConfig::default(),
+        }
+    }
+}
 
 /// The configuration fwgate runs with when started without `--config`: listen on 8080, forward
 /// to 127.0.0.1:9000, admit everything. Deliberately minimal and safe.
@@ -67,6 +89,48 @@ pub struct RawConfig {
     /// Logging.
     #[serde(default)]
     pub log: RawLog,
+    /// Process-wide admission limits.
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+/// `[limits]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Open device connections allowed at once; more get 503 at accept. Default 0 (unlimited).
+    pub max_connections: Option<Spanned<i64>>,
+    /// Admissions per period for the whole process, e.g. `"2000/s"`. Default unlimited.
+    pub handshake_rate: Option<Spanned<String>>,
+    /// Requests per period from one client IP, e.g. `"20/s"`. Default unlimited.
+    pub per_ip_rate: Option<Spanned<String>>,
+    /// Keys kept per keyed limiter (and by the backoff). Default 1000000.
+    pub max_keys: Option<Spanned<i64>>,
+    /// Base Retry-After of refusals by these limits, e.g. `"10s"`.
+    pub retry_after: Option<Spanned<String>>,
+    /// Spread of that Retry-After (0-1). Default 0.5.
+    pub jitter: Option<Spanned<f64>>,
+    /// Reconnect backoff.
+    #[serde(default)]
+    pub backoff: RawBackoff,
+}
+
+/// `[limits.backoff]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackoff {
+    /// Default true.
+    pub enabled: Option<bool>,
+    /// Refusals/disconnects per window before a penalty. Default 10.
+    pub threshold: Option<Spanned<i64>>,
+    /// Counting window. Default `"60s"`.
+    pub window: Option<Spanned<String>>,
+    /// First penalty. Default `"5s"`.
+    pub base: Option<Spanned<String>>,
+    /// Longest penalty. Default `"5m"`.
+    pub max: Option<Spanned<String>>,
+    /// Quiet time after which a device starts over. Default `"5m"`.
+    pub quiet: Option<Spanned<String>>,
 }
 
 /// `[listen]` as written.
@@ -95,6 +159,10 @@ pub struct RawUpstream {
     pub pool_idle_timeout: Option<Spanned<String>>,
     /// How many idle pooled connections are kept. Default 256.
     pub pool_max_idle: Option<Spanned<i64>>,
+    /// Exchanges (in-flight requests + open tunnels) to the backend at once; more get 503. Default 0 (unlimited).
+    pub max_connections: Option<Spanned<i64>>,
+    /// TCP connects to the backend in progress at once; more get 503 at once. Default 512.
+    pub max_pending_connects: Option<Spanned<i64>>,
 }
 
 /// `[admin]` as written.
@@ -145,6 +213,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Logging settings.
     pub log: LogConfig,
+    /// Process-wide limits.
+    pub limits: LimitsConfig,
 }
 
 /// Validated `[listen]`.
@@ -171,6 +241,29 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Idle pooled connections kept.
     pub pool_max_idle: usize,
+    /// Concurrent backend exchanges (0: unlimited).
+    pub max_connections: usize,
+    /// Concurrent backend connects in progress.
+    pub max_pending_connects: usize,
+}
+
+/// Validated `[limits]`.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Open device connections (0: unlimited).
+    pub max_connections: usize,
+    /// Global admission rate.
+    pub handshake_rate: Option<Rate>,
+    /// Per-IP request rate.
+    pub per_ip_rate: Option<Rate>,
+    /// Keys per keyed limiter.
+    pub max_keys: usize,
+    /// Base Retry-After of global refusals.
+    pub retry_after: Duration,
+    /// Its spread.
+    pub jitter: f64,
+    /// Reconnect backoff.
+    pub backoff: BackoffConfig,
 }
 
 /// Validated `[admin]`.
@@ -213,7 +306,10 @@ impl Config {
                 response_timeout: DEFAULT_RESPONSE_TIMEOUT,
                 pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
                 pool_max_idle: DEFAULT_POOL_MAX_IDLE,
+                max_connections: 0,
+                max_pending_connects: DEFAULT_MAX_PENDING_CONNECTS,
             },
+            limits: LimitsConfig::default(),
             admin: AdminConfig {
                 addr: SocketAddr::from(([127, 0, 0, 1], 9901)),
                 token_file: None,
@@ -272,6 +368,39 @@ impl Config {
                 0,
                 1 << 20,
             ),
+            max_connections: v.bounded_int(&raw.upstream.max_connections, 0, 0, 1 << 24),
+            max_pending_connects: v.bounded_int(
+                &raw.upstream.max_pending_connects,
+                DEFAULT_MAX_PENDING_CONNECTS,
+                1,
+                1 << 20,
+            ),
+        };
+        let l = &raw.limits;
+        let b = &l.backoff;
+        let backoff_defaults = BackoffConfig::default();
+        let max_keys = v.bounded_int(&l.max_keys, DEFAULT_MAX_KEYS, 1, 100_000_000);
+        let limits = LimitsConfig {
+            max_connections: v.bounded_int(&l.max_connections, 0, 0, 1 << 24),
+            handshake_rate: v.rate(&l.handshake_rate),
+            per_ip_rate: v.rate(&l.per_ip_rate),
+            max_keys,
+            retry_after: v.duration(&l.retry_after, DEFAULT_LIMIT_RETRY_AFTER),
+            jitter: v.fraction(&l.jitter, 0.5),
+            backoff: BackoffConfig {
+                enabled: b.enabled.unwrap_or(true),
+                threshold: v.bounded_int(
+                    &b.threshold,
+                    backoff_defaults.threshold as usize,
+                    1,
+                    1_000_000,
+                ) as u32,
+                window: v.duration(&b.window, backoff_defaults.window),
+                base: v.duration(&b.base, backoff_defaults.base),
+                max: v.duration(&b.max, backoff_defaults.max),
+                quiet: v.duration(&b.quiet, backoff_defaults.quiet),
+                max_keys,
+            },
         };
         let admin = AdminConfig {
             addr: v.socket_addr(&raw.admin.addr, DEFAULT_ADMIN_ADDR),
@@ -323,6 +452,7 @@ impl Config {
                 upstream,
                 admin,
                 log,
+                limits,
             })
         } else {
             Err(FileErrors(errors))
@@ -386,6 +516,27 @@ impl Validator<'_> {
                 self.error(s.span().start, e);
                 default
             }),
+        }
+    }
+
+    fn rate(&mut self, value: &Option<Spanned<String>>) -> Option<Rate> {
+        let v = value.as_ref()?;
+        Rate::parse(v.get_ref())
+            .map_err(|e| self.error(v.span().start, e))
+            .ok()
+    }
+
+    fn fraction(&mut self, value: &Option<Spanned<f64>>, default: f64) -> f64 {
+        match value {
+            None => default,
+            Some(s) if (0.0..=1.0).contains(s.get_ref()) => *s.get_ref(),
+            Some(s) => {
+                self.error(
+                    s.span().start,
+                    format!("{} must be between 0 and 1", s.get_ref()),
+                );
+                default
+            }
         }
     }
 

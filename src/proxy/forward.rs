@@ -19,6 +19,7 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpStream;
 
@@ -37,6 +38,17 @@ pub struct TimedConnector {
     addr: Arc<str>,
     timeout: Duration,
     connect_seconds: Histogram,
+    pending: Gauge,
+    max_pending: usize,
+}
+
+/// Decrements the pending-connect gauge however the connect ends.
+struct PendingConnect(Gauge);
+
+impl Drop for PendingConnect {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl tower_service::Service<Uri> for TimedConnector {
@@ -49,10 +61,22 @@ impl tower_service::Service<Uri> for TimedConnector {
     }
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
+        // Bounded: a dead or slow backend must not pile up sockets in SYN_SENT.
+        if self.pending.inc() >= self.max_pending as i64 {
+            self.pending.dec();
+            return Box::pin(async {
+                Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    "too many backend connects in progress",
+                ))
+            });
+        }
+        let pending = PendingConnect(self.pending.clone());
         let addr = self.addr.clone();
         let limit = self.timeout;
         let histogram = self.connect_seconds.clone();
         Box::pin(async move {
+            let _pending = pending;
             let started = Instant::now();
             let stream = tokio::time::timeout(limit, TcpStream::connect(&*addr))
                 .await
@@ -79,7 +103,11 @@ pub struct Upstream {
 
 impl Upstream {
     /// Builds the pooled client from `[upstream]`.
-    pub fn new(cfg: &UpstreamConfig, connect_seconds: Histogram) -> Result<Upstream, String> {
+    pub fn new(
+        cfg: &UpstreamConfig,
+        connect_seconds: Histogram,
+        pending: Gauge,
+    ) -> Result<Upstream, String> {
         let authority: Authority = cfg
             .addr
             .parse()
@@ -88,6 +116,8 @@ impl Upstream {
             addr: Arc::from(cfg.addr.as_str()),
             timeout: cfg.connect_timeout,
             connect_seconds,
+            pending,
+            max_pending: cfg.max_pending_connects,
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
@@ -134,6 +164,9 @@ fn classify(e: &hyper_util::client::legacy::Error) -> ProxyFailure {
         if let Some(io) = s.downcast_ref::<io::Error>() {
             if io.kind() == io::ErrorKind::TimedOut {
                 return ProxyFailure::UpstreamConnectTimeout;
+            }
+            if io.kind() == io::ErrorKind::ResourceBusy {
+                return ProxyFailure::UpstreamBusy;
             }
         }
         source = s.source();

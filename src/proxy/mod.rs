@@ -23,6 +23,26 @@ use tokio::sync::{mpsc, watch};
 
 use crate::gate::Gate;
 
+/// Over `[limits] max_connections`: answer a static 503 without parsing anything, then close.
+async fn refuse_at_accept(gate: Arc<Gate>, mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt as _;
+    let decider = &gate.limit_deciders.max_connections;
+    let retry = match gate.refuse_by(decider, None) {
+        crate::gate::Verdict::Refuse(r, _) => r.retry_after_secs().unwrap_or(10),
+        crate::gate::Verdict::Forward(_) => 10,
+    };
+    let body = "too many open connections, retry later\n";
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: {retry}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
 /// Accepts device connections until `shutdown` resolves, then lets every open HTTP exchange
 /// finish (keep-alive connections close after their current request) and returns.
 pub async fn serve(listener: TcpListener, gate: Arc<Gate>, shutdown: impl Future<Output = ()>) {
@@ -45,15 +65,23 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, shutdown: impl Future
             }
         };
         gate.metrics.connections_accepted.inc();
+        let Some(slot) = gate.global.connection() else {
+            tokio::spawn(refuse_at_accept(gate.clone(), stream));
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let gate = gate.clone();
         let mut stop = stop_rx.clone();
         let alive = alive_tx.clone();
+        // Shared with every request on the connection, and handed to a tunnel on upgrade, so the
+        // slot stays taken for as long as anything of the connection is open.
+        let slot = Arc::new(slot);
         tokio::spawn(async move {
             let _alive = alive;
             let svc = service_fn({
                 let gate = gate.clone();
-                move |req| service::handle(gate.clone(), peer, req)
+                let slot = slot.clone();
+                move |req| service::handle(gate.clone(), peer, slot.clone(), req)
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())

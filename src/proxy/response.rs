@@ -24,6 +24,8 @@ pub enum ProxyFailure {
     UpstreamResponseTimeout,
     /// The backend broke the exchange: 502.
     UpstreamBroken,
+    /// Too many backend connects already in progress (`max_pending_connects`): 503 at once.
+    UpstreamBusy,
 }
 
 impl ProxyFailure {
@@ -40,6 +42,10 @@ impl ProxyFailure {
             ProxyFailure::UpstreamBroken => {
                 (StatusCode::BAD_GATEWAY, "backend connection failed\n")
             }
+            ProxyFailure::UpstreamBusy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "backend busy, retry later\n",
+            ),
         }
     }
 }

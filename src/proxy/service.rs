@@ -18,8 +18,10 @@ use super::response::{self, BodyDone, ProxyFailure, ResponseBody};
 use super::tunnel::{self, TunnelStats};
 use crate::extract::MAX_DEVICE_ID_LEN;
 use crate::gate::Gate;
+use crate::gate::Verdict;
+use crate::limits::{key_hash, ConnPermit, LimitKey};
 use crate::metrics::UpstreamOutcome;
-use crate::rules::{Action, Decision, VersionInput};
+use crate::rules::{jittered_wait_secs, Action, Decision, VersionInput};
 
 /// Who is asking and what they presented, kept for the access log.
 struct Presented {
@@ -39,69 +41,161 @@ impl Presented {
     }
 }
 
-/// Handles one request: decide, then refuse or forward. Never fails: every outcome is a response.
+/// Handles one request: decide, then refuse or forward. Never fails: every outcome is a
+/// response. Order (cheapest refusal first): per-IP rate, reconnect backoff, kill switch and
+/// rules (with a `limit` rule's limiter), global handshake rate, backend capacity.
 pub async fn handle(
     gate: Arc<Gate>,
     client: SocketAddr,
+    connection_slot: Arc<ConnPermit>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let ip = client.ip();
+    let deciders = &gate.limit_deciders;
+    if !gate.global.per_ip_ok(ip) {
+        let verdict = gate.refuse_by(&deciders.per_ip, None);
+        return Ok(refuse(&gate, verdict, &deciders.per_ip, None, &req, client));
+    }
     let snap = gate.snapshot();
     let rules = &snap.rules;
-    let found = rules
-        .version_sources
-        .extract(req.headers(), req.uri().query());
+    let (headers, query) = (req.headers(), req.uri().query());
+    let found = rules.version_sources.extract(headers, query);
+    let device = rules.device_sources.extract(headers, query);
+    let device_raw = device.as_ref().map(|d| d.raw);
+    let backoff_key = key_hash(device_raw, ip, LimitKey::Device);
     let version = VersionInput::from_found(found.as_ref());
-    let decision = gate.decide(&snap, &version, req.uri().path());
-    gate.count(&decision);
     gate.census.record(&version);
 
-    let log_this = gate.config.log.access && (decision.admits() || gate.refusal_log.allow());
+    if let Some(remaining) = gate.backoff.penalty(backoff_key) {
+        let verdict = gate.refuse_by(&deciders.backoff, Some(jittered_wait_secs(remaining, 0.25)));
+        return Ok(refuse(
+            &gate,
+            verdict,
+            &deciders.backoff,
+            None,
+            &req,
+            client,
+        ));
+    }
+
+    let decision = gate.decide(&snap, &version, req.uri().path());
+    let mut verdict = gate.apply(&decision, device_raw, ip);
+    let mut decider = decision.decider;
+    if matches!(verdict, Verdict::Forward(_)) && !gate.global.handshake_ok() {
+        verdict = gate.refuse_by(&deciders.handshake_rate, None);
+        decider = &deciders.handshake_rate;
+    }
+    let permit = match verdict {
+        Verdict::Forward(permit) => permit,
+        refused => {
+            gate.backoff.record(backoff_key);
+            let presented = Presented {
+                client,
+                device: device.map(|d| d.display(MAX_DEVICE_ID_LEN)),
+                raw_version: found.map(|f| f.display(crate::version::MAX_VERSION_LEN)),
+                version,
+            };
+            return Ok(refuse(
+                &gate,
+                refused,
+                decider,
+                Some(presented),
+                &req,
+                client,
+            ));
+        }
+    };
+    let Some(upstream_slot) = gate.upstream_capacity.try_take() else {
+        let verdict = gate.refuse_by(&deciders.upstream_capacity, None);
+        return Ok(refuse(
+            &gate,
+            verdict,
+            &deciders.upstream_capacity,
+            None,
+            &req,
+            client,
+        ));
+    };
+    if let Some(shadow) = decision.shadow {
+        if gate.config.log.access {
+            tracing::info!(target: "fwgate::access", client = %client, device = device.map(|d| d.display(MAX_DEVICE_ID_LEN)).as_deref().unwrap_or("-"), version = %version_str(&version), shadow_rule = %shadow.name, would = shadow.action.as_str(), "shadow rule matched; admitted anyway");
+        }
+    }
     let presented = Presented {
         client,
-        device: if log_this || decision.admits() {
-            rules
-                .device_sources
-                .extract(req.headers(), req.uri().query())
-                .map(|d| d.display(MAX_DEVICE_ID_LEN))
-        } else {
-            None
-        },
-        raw_version: if log_this {
+        device: device.map(|d| d.display(MAX_DEVICE_ID_LEN)),
+        raw_version: if gate.config.log.access {
             found.map(|f| f.display(crate::version::MAX_VERSION_LEN))
         } else {
             None
         },
         version,
     };
-
-    if let Action::Deny(refusal) = &decision.decider.action {
-        if log_this {
-            log_refusal(&presented, &decision, refusal.status, &req);
-        }
-        return Ok(response::refusal(refusal));
-    }
-    if let Some(shadow) = decision.shadow {
-        if gate.config.log.access {
-            tracing::info!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), version = %presented.version_str(), shadow_rule = %shadow.name, would = shadow.action.as_str(), "shadow rule matched; admitted anyway");
-        }
-    }
-    Ok(forward(gate.clone(), presented, &decision, req).await)
+    let held = Held {
+        _connection: connection_slot,
+        _limit: permit,
+        _upstream: upstream_slot,
+        upstream_active: gate.metrics.upstream_active.clone(),
+    };
+    held.upstream_active.inc();
+    Ok(forward(gate.clone(), presented, &decision, backoff_key, held, req).await)
 }
 
-fn log_refusal(p: &Presented, d: &Decision<'_>, status: StatusCode, req: &Request<Incoming>) {
-    tracing::info!(
-        target: "fwgate::access",
-        client = %p.client,
-        device = p.device.as_deref().unwrap_or("-"),
-        raw_version = p.raw_version.as_deref().unwrap_or("-"),
-        version = %p.version_str(),
-        rule = %d.decider.name,
-        decision = "deny",
-        status = status.as_u16(),
-        method = %req.method(),
-        path = req.uri().path(),
-        "refused"
-    );
+/// Slots an admitted connection holds while it is open (released on drop).
+struct Held {
+    _connection: Arc<ConnPermit>,
+    _limit: Option<ConnPermit>,
+    _upstream: ConnPermit,
+    upstream_active: Gauge,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.upstream_active.dec();
+    }
+}
+
+fn version_str(v: &VersionInput) -> String {
+    match v {
+        VersionInput::Parsed(v) => v.to_string(),
+        VersionInput::Missing => "missing".into(),
+        VersionInput::Unparseable => "unparseable".into(),
+    }
+}
+
+/// Builds a refusal response and logs it (sampled).
+fn refuse(
+    gate: &Gate,
+    verdict: Verdict<'_>,
+    decider: &crate::rules::Decider,
+    presented: Option<Presented>,
+    req: &Request<Incoming>,
+    client: SocketAddr,
+) -> Response<ResponseBody> {
+    let Verdict::Refuse(refusal, retry) = verdict else {
+        return response::plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
+    };
+    let resp = match retry {
+        Some(secs) => response::refusal(&refusal.with_retry_after_secs(secs)),
+        None => response::refusal(refusal),
+    };
+    if gate.config.log.access && gate.refusal_log.allow() {
+        let p = presented.as_ref();
+        tracing::info!(
+            target: "fwgate::access",
+            client = %client,
+            device = p.and_then(|p| p.device.as_deref()).unwrap_or("-"),
+            raw_version = p.and_then(|p| p.raw_version.as_deref()).unwrap_or("-"),
+            version = %p.map(|p| p.version_str()).unwrap_or_else(|| "-".into()),
+            rule = %decider.name,
+            decision = if matches!(decider.action, Action::Deny(_)) && !decider.name.starts_with("global:") && &*decider.name != "backoff" && &*decider.name != "upstream:capacity" { "deny" } else { "limited" },
+            status = resp.status().as_u16(),
+            method = %req.method(),
+            path = req.uri().path(),
+            "refused"
+        );
+    }
+    resp
 }
 
 /// Forwards an admitted request; for an upgrade, relays the 101 and starts the tunnel.
@@ -109,6 +203,8 @@ async fn forward(
     gate: Arc<Gate>,
     presented: Presented,
     decision: &Decision<'_>,
+    backoff_key: u64,
+    held: Held,
     mut req: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let upgrade = wants_upgrade(req.headers());
@@ -143,8 +239,10 @@ async fn forward(
             .register(presented.version, &path, rule.clone());
         active.inc();
         let log = gate.config.log.access;
+        let gate_for_tunnel = gate.clone();
         tokio::spawn(async move {
             let _registration = registration;
+            let _held = held;
             let stats = match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((c, u)) => relay(c, u, close).await,
                 Err(e) => {
@@ -153,6 +251,8 @@ async fn forward(
                 }
             };
             active.dec();
+            // A disconnect counts towards the reconnect backoff (a storm is many of them).
+            gate_for_tunnel.backoff.record(backoff_key);
             if log {
                 tracing::info!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), raw_version = presented.raw_version.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = 101, path = &*path, backend_ms = backend_time.as_secs_f64() * 1000.0, bytes_in = stats.client_to_upstream, bytes_out = stats.upstream_to_client, end = stats.end.as_str(), duration_s = started.elapsed().as_secs_f64(), "tunnel closed");
             }
@@ -166,6 +266,7 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers, false);
     active.inc();
     let done = Exchange {
+        _held: held,
         presented,
         rule,
         method,
@@ -185,6 +286,7 @@ fn outcome_of(f: ProxyFailure) -> UpstreamOutcome {
         ProxyFailure::UpstreamConnectTimeout => UpstreamOutcome::connect_timeout,
         ProxyFailure::UpstreamResponseTimeout => UpstreamOutcome::response_timeout,
         ProxyFailure::UpstreamBroken => UpstreamOutcome::error,
+        ProxyFailure::UpstreamBusy => UpstreamOutcome::busy,
     }
 }
 
@@ -230,6 +332,7 @@ async fn relay(client: Upgraded, upstream: Upgraded, close: Arc<Notify>) -> Tunn
 
 /// One forwarded exchange, logged and un-counted when its response body ends.
 struct Exchange {
+    _held: Held,
     presented: Presented,
     rule: Arc<str>,
     method: http::Method,

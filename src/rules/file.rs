@@ -19,14 +19,16 @@ use toml::Spanned;
 use super::index::VersionIndex;
 use super::range::VersionRange;
 use super::{
-    content_hash, Action, Decider, Defaults, Mode, Refusal, Rule, RuleSet, RuleSetSource,
-    DEFAULT_DRAIN,
+    content_hash, Action, Decider, Defaults, LimitAction, Mode, Refusal, Rule, RuleSet,
+    RuleSetSource, DEFAULT_DRAIN,
 };
 use crate::diag::{FileError, FileErrors};
 use crate::duration::parse_duration;
 use crate::extract::{Extractor, Pattern, Source};
+use crate::limits::{LimitKey, LimitSpec, LimitStore, Rate};
 use crate::metrics::Metrics;
 use crate::version::VersionOrdering;
+use std::num::NonZeroU32;
 
 /// The rules fwgate uses without a rules file: admit everything, whatever the version.
 pub const EMBEDDED_RULES: &str = r#"# built-in default rules: admit everything
@@ -94,6 +96,10 @@ struct RawRule {
     path_prefix: Option<Spanned<String>>,
     close_existing: Option<bool>,
     drain: Option<Spanned<String>>,
+    rate: Option<Spanned<String>>,
+    burst: Option<Spanned<i64>>,
+    key: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 /// Reads and compiles a rules file.
@@ -103,14 +109,36 @@ pub fn load(path: &Path, metrics: &Metrics, generation: u64) -> Result<RuleSet, 
     compile(&text, Some(path), metrics, generation)
 }
 
-/// Compiles rules text. `path` is used in messages and recorded as the source.
+/// Compiles rules text. `path` is used in messages and recorded as the source. Limit state is
+/// fresh (use [`compile_with_limits`] to keep it across reloads).
 pub fn compile(
     text: &str,
     path: Option<&Path>,
     metrics: &Metrics,
     generation: u64,
 ) -> Result<RuleSet, FileErrors> {
+    compile_with_limits(text, path, metrics, &LimitStore::default(), generation)
+}
+
+/// Compiles rules text, taking `limit` state from `limits` so that unchanged limits keep their
+/// buckets and open-connection counts across a reload.
+pub fn compile_with_limits(
+    text: &str,
+    path: Option<&Path>,
+    metrics: &Metrics,
+    limits: &LimitStore,
+    generation: u64,
+) -> Result<RuleSet, FileErrors> {
     let shown = path.unwrap_or(Path::new("<embedded rules.toml>"));
+    if text.trim().is_empty() {
+        // Also what a reload sees in the middle of an in-place save (truncate, then write):
+        // applying it would admit everything for a moment.
+        return Err(FileError::whole(
+            shown,
+            "rules file is empty (a save in progress?); to run with no rules, write at least a comment",
+        )
+        .into());
+    }
     let raw: RawRules = toml::from_str(text).map_err(|e| FileError::from_toml(shown, text, &e))?;
     let mut c = Compiler {
         path: shown,
@@ -154,7 +182,7 @@ pub fn compile(
     };
 
     let d = &raw.defaults;
-    let default_refusal = c.refusal(&d.status, &d.retry_after, &d.jitter, &d.body);
+    let default_refusal = c.refusal(&d.status, &d.retry_after, &d.jitter, &d.body, false);
     let mut default_decider = |name: &str, value: &Option<Spanned<String>>, fallback: &str| {
         let action = c.action(value, fallback, &default_refusal);
         Decider {
@@ -193,8 +221,37 @@ pub fn compile(
             );
         }
         let range = c.range(name, &r.versions, ordering);
-        let refusal = c.refusal(&r.status, &r.retry_after, &r.jitter, &r.body);
-        let action = c.action(&Some(r.action.clone()), "allow", &refusal);
+        let is_limit = r.action.get_ref() == "limit";
+        let mut refusal = c.refusal(&r.status, &r.retry_after, &r.jitter, &r.body, is_limit);
+        let action = if is_limit {
+            if r.status.is_none() {
+                refusal.status = StatusCode::TOO_MANY_REQUESTS;
+            }
+            if r.body.is_none() {
+                refusal.body = Bytes::from_static(
+                    b"too many connections for this firmware version, retry later\n",
+                );
+            }
+            if r.jitter.is_none() {
+                refusal.jitter = 0.5;
+            }
+            c.limit(name, r, refusal, limits)
+        } else {
+            for (present, key) in [
+                (r.rate.as_ref().map(|x| x.span().start), "rate"),
+                (r.burst.as_ref().map(|x| x.span().start), "burst"),
+                (r.key.as_ref().map(|x| x.span().start), "key"),
+                (
+                    r.max_connections.as_ref().map(|x| x.span().start),
+                    "max_connections",
+                ),
+            ] {
+                if let Some(offset) = present {
+                    c.error(offset, format!("{key} only applies to action = \"limit\""));
+                }
+            }
+            c.action(&Some(r.action.clone()), "allow", &refusal)
+        };
         if matches!(action, Action::Allow)
             && (r.status.is_some() || r.retry_after.is_some() || r.body.is_some())
         {
@@ -384,6 +441,7 @@ impl Compiler<'_> {
         retry_after: &Option<Spanned<String>>,
         jitter: &Option<Spanned<f64>>,
         body: &Option<String>,
+        for_limit: bool,
     ) -> Refusal {
         let mut refusal = Refusal::default_deny();
         if let Some(s) = status {
@@ -412,7 +470,7 @@ impl Compiler<'_> {
                     ),
                 );
             }
-            if retry_after.is_none() {
+            if retry_after.is_none() && !for_limit {
                 self.error(j.span().start, "jitter needs retry_after");
             }
         }
@@ -424,6 +482,77 @@ impl Compiler<'_> {
             refusal.body = Bytes::from(b);
         }
         refusal
+    }
+
+    fn limit(&mut self, rule: &str, r: &RawRule, refusal: Refusal, limits: &LimitStore) -> Action {
+        let rate = r.rate.as_ref().and_then(|x| {
+            Rate::parse(x.get_ref())
+                .map_err(|e| self.error(x.span().start, e))
+                .ok()
+        });
+        let burst = r.burst.as_ref().and_then(|b| {
+            let n = *b.get_ref();
+            match u32::try_from(n).ok().and_then(NonZeroU32::new) {
+                Some(n) => Some(n),
+                None => {
+                    self.error(
+                        b.span().start,
+                        format!("burst {n} must be a whole number from 1"),
+                    );
+                    None
+                }
+            }
+        });
+        let key = match r
+            .key
+            .as_ref()
+            .map(|k| (k.get_ref().as_str(), k.span().start))
+        {
+            None | Some(("rule", _)) => LimitKey::Rule,
+            Some(("device", _)) => LimitKey::Device,
+            Some(("ip", _)) => LimitKey::Ip,
+            Some((other, offset)) => {
+                self.error(
+                    offset,
+                    format!("key must be \"rule\", \"device\" or \"ip\", not {other:?}"),
+                );
+                LimitKey::Rule
+            }
+        };
+        let max_connections = r.max_connections.as_ref().and_then(|m| {
+            let n = *m.get_ref();
+            if n < 1 {
+                self.error(
+                    m.span().start,
+                    format!("max_connections {n} must be at least 1"),
+                );
+                None
+            } else {
+                Some(n as usize)
+            }
+        });
+        if r.rate.is_none() && r.max_connections.is_none() {
+            self.error(
+                r.action.span().start,
+                format!("rule {rule:?}: action \"limit\" needs rate (e.g. \"50/s\") and/or max_connections"),
+            );
+        }
+        if let (Some(b), None) = (&r.burst, &r.rate) {
+            self.error(b.span().start, "burst needs rate");
+        }
+        let spec = LimitSpec {
+            rate: rate.map(|rate| (rate, burst)),
+            key,
+            max_connections,
+        };
+        let mut refusal = refusal;
+        if refusal.retry_after.is_none() {
+            refusal.retry_after = Some(crate::limits::DEFAULT_CAP_RETRY_AFTER);
+        }
+        Action::Limit(LimitAction {
+            state: limits.get(rule, spec),
+            refusal,
+        })
     }
 
     fn action(
@@ -629,6 +758,13 @@ action = "allow"
         );
         assert!(e.starts_with("rules.toml:5:1:"), "{e}");
         assert!(e.contains("statuss"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_file_is_refused_but_a_comment_is_fine() {
+        assert!(compile_err("").contains("rules file is empty"));
+        assert!(compile_err(" \n\t\n").contains("rules file is empty"));
+        assert_eq!(compile_ok("# no rules on purpose\n").rules.len(), 0);
     }
 
     #[test]

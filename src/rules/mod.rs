@@ -19,6 +19,7 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use crate::extract::{Extractor, Found};
+use crate::limits::LimitState;
 use crate::metrics::RuleCounters;
 use crate::version::{FirmwareVersion, VersionOrdering};
 use index::VersionIndex;
@@ -38,6 +39,18 @@ pub enum Action {
     Allow,
     /// Refuse it without contacting the backend.
     Deny(Refusal),
+    /// Admit it within a rate and/or concurrency limit; over it, refuse (429 by default).
+    Limit(LimitAction),
+}
+
+/// A rule's `limit` action: the shared limiter state and how to refuse when over it.
+#[derive(Debug, Clone)]
+pub struct LimitAction {
+    /// Buckets and open-connection count, kept across reloads by rule name.
+    pub state: Arc<LimitState>,
+    /// Status and body when over the limit; `retry_after` is the base used for a concurrency
+    /// cap (a rate limit computes its own from the limiter).
+    pub refusal: Refusal,
 }
 
 impl Action {
@@ -46,6 +59,7 @@ impl Action {
         match self {
             Action::Allow => "allow",
             Action::Deny(_) => "deny",
+            Action::Limit(_) => "limit",
         }
     }
 }
@@ -77,13 +91,36 @@ impl Refusal {
 
     /// The jittered `Retry-After` in whole seconds (at least 1), if one is configured.
     pub fn retry_after_secs(&self) -> Option<u64> {
-        let base = self.retry_after?.as_secs_f64();
-        let spread = if self.jitter > 0.0 {
-            1.0 + self.jitter * (fastrand::f64() * 2.0 - 1.0)
-        } else {
-            1.0
-        };
-        Some((base * spread).round().max(1.0) as u64)
+        self.retry_after
+            .map(|base| jittered_secs(base, self.jitter))
+    }
+}
+
+/// `base` spread uniformly over `base × (1 ± jitter)`, in whole seconds, at least 1.
+pub fn jittered_secs(base: Duration, jitter: f64) -> u64 {
+    let spread = if jitter > 0.0 {
+        1.0 + jitter * (fastrand::f64() * 2.0 - 1.0)
+    } else {
+        1.0
+    };
+    (base.as_secs_f64() * spread).round().max(1.0) as u64
+}
+
+/// A wait that must not be shortened (a limiter's next admission): `wait` rounded up, then
+/// spread upwards only, over `wait × (1 + jitter)`.
+pub fn jittered_wait_secs(wait: Duration, jitter: f64) -> u64 {
+    let base = wait.as_secs_f64().ceil().max(1.0);
+    (base * (1.0 + jitter.max(0.0) * fastrand::f64())).ceil() as u64
+}
+
+impl Refusal {
+    /// The same refusal with a computed `Retry-After` (seconds) instead of the configured one.
+    pub fn with_retry_after_secs(&self, secs: u64) -> Refusal {
+        Refusal {
+            retry_after: Some(Duration::from_secs(secs)),
+            jitter: 0.0,
+            ..self.clone()
+        }
     }
 }
 
@@ -201,9 +238,9 @@ pub struct Decision<'a> {
 }
 
 impl Decision<'_> {
-    /// Whether the connection is forwarded.
+    /// Whether the connection is forwarded (a `limit` rule admits within its limit).
     pub fn admits(&self) -> bool {
-        matches!(self.decider.action, Action::Allow)
+        !matches!(self.decider.action, Action::Deny(_))
     }
 }
 

@@ -449,18 +449,12 @@ fn parse_comparator(text: &str, offset: usize) -> Result<ParsedComparator<'_>, R
     match scan_wildcard(version_token) {
         Err((at, message)) => Err(RangeError::new(version_start + at + 1, message)),
         Ok(Some(wildcard)) => {
-            if !matches!(operator, None | Some(Operator::Eq)) {
-                let example = match wildcard.fixed {
-                    [None, _] => String::new(),
-                    [Some(major), minor] => format!(
-                        ", or bound a version instead, e.g. `{operator_text}{}`",
-                        FirmwareVersion::lowest_of_core(major, minor.unwrap_or(0), 0)
-                    ),
-                };
+            if let Some(operator) = operator.filter(|&o| o != Operator::Eq) {
                 return Err(RangeError::new(
                     column,
                     format!(
-                        "a wildcard takes no operator (only `=` or none): write `{version_token}` alone{example}"
+                        "a wildcard takes no operator (only `=` or none): write `{version_token}` alone{}",
+                        wildcard.bound_hint(operator)
                     ),
                 ));
             }
@@ -479,28 +473,6 @@ fn parse_comparator(text: &str, offset: usize) -> Result<ParsedComparator<'_>, R
                         format!("malformed version `{version_token}`: {e}"),
                     )
                 })?;
-            let interval = match operator.unwrap_or(Operator::Eq) {
-                Operator::Eq => CutInterval {
-                    lower: Cut::below(version),
-                    upper: Cut::above(version),
-                },
-                Operator::Gt => CutInterval {
-                    lower: Cut::above(version),
-                    upper: Cut::AboveAll,
-                },
-                Operator::Ge => CutInterval {
-                    lower: Cut::below(version),
-                    upper: Cut::AboveAll,
-                },
-                Operator::Lt => CutInterval {
-                    lower: Cut::BelowAll,
-                    upper: Cut::below(version),
-                },
-                Operator::Le => CutInterval {
-                    lower: Cut::BelowAll,
-                    upper: Cut::above(version),
-                },
-            };
             let is_partial_bare =
                 operator.is_none() && details.core_components < 3 && !version.is_prerelease();
             let partial_bare_version = is_partial_bare.then(|| PartialBareVersion {
@@ -513,12 +485,26 @@ fn parse_comparator(text: &str, offset: usize) -> Result<ParsedComparator<'_>, R
                 },
             });
             Ok(ParsedComparator {
-                interval,
+                interval: operator.unwrap_or(Operator::Eq).interval(version),
                 column,
                 token,
                 partial_bare_version,
             })
         }
+    }
+}
+
+impl Operator {
+    /// The versions `self version` selects.
+    fn interval(self, version: FirmwareVersion) -> CutInterval {
+        let (lower, upper) = match self {
+            Operator::Eq => (Cut::below(version), Cut::above(version)),
+            Operator::Gt => (Cut::above(version), Cut::AboveAll),
+            Operator::Ge => (Cut::below(version), Cut::AboveAll),
+            Operator::Lt => (Cut::BelowAll, Cut::below(version)),
+            Operator::Le => (Cut::BelowAll, Cut::above(version)),
+        };
+        CutInterval { lower, upper }
     }
 }
 
@@ -538,7 +524,7 @@ fn parse_operator(text: &str) -> Result<Option<Operator>, String> {
             "`!=` is not supported: use two alternatives, e.g. `<3.8.0 || >3.8.0`".to_string(),
         ),
         other if other.contains(['^', '~']) => Err(format!(
-            "`{other}` is not supported: `^` and `~` ranges are not; write explicit bounds with `>=` and `<`, e.g. `>=3.8.0, <4`"
+            "unknown operator `{other}`: `^` and `~` ranges are not supported; write explicit bounds with `>=` and `<`, e.g. `>=3.8.0, <4`"
         )),
         other => Err(format!(
             "unknown operator `{other}`: use `=`, `>`, `>=`, `<` or `<=`"
@@ -553,6 +539,23 @@ struct Wildcard {
 }
 
 impl Wildcard {
+    /// For `>=3.8.*` and the like: the version bound that was probably meant, e.g.
+    /// `, or bound a version instead: `>=3.8.0-0``, or nothing when there is none.
+    fn bound_hint(self, operator: Operator) -> String {
+        let interval = self.interval();
+        let (written, edge) = match operator {
+            Operator::Eq => return String::new(),
+            Operator::Ge => (">=", interval.lower),
+            Operator::Lt => ("<", interval.lower),
+            Operator::Gt => (">=", interval.upper),
+            Operator::Le => ("<", interval.upper),
+        };
+        match edge {
+            Cut::Below(version) => format!(", or bound a version instead: `{written}{version}`"),
+            _ => String::new(),
+        }
+    }
+
     /// The exact interval: from the least version of the first core it covers, up to (not
     /// including) the least version of the first core after it.
     fn interval(self) -> CutInterval {
@@ -1241,7 +1244,7 @@ mod tests {
         assert_error("!=3.8", 1, "not supported");
         assert_error(">>3.8", 1, "unknown operator `>>`");
         for text in ["~3.8", "^3.8", "~>3.8", "~=3.8"] {
-            assert_error(text, 1, "not supported");
+            assert_error(text, 1, "are not supported");
             let message = error(text).message;
             assert!(message.contains("`^` and `~`") && message.contains("`>=`"));
             assert!(message.contains("`<`"));
@@ -1254,6 +1257,9 @@ mod tests {
         assert_error("Airtame", 1, "malformed version");
         assert_error(">=3.8.*", 1, "a wildcard takes no operator");
         assert_error(">=3.8.*", 1, "`>=3.8.0-0`");
+        assert_error(">3.8.*", 1, "`>=3.9.0-0`");
+        assert_error("<3.8.x", 1, "`<3.8.0-0`");
+        assert_error("<=3.*", 1, "`<4.0.0-0`");
         assert_error("<*", 1, "a wildcard takes no operator");
         assert_error(">=3, <3.x", 6, "a wildcard takes no operator");
         assert_error("3.*.1", 4, "nothing may follow a wildcard: write `3.*`");

@@ -230,6 +230,7 @@ impl FirmwareVersion {
         version.pre[..pre.len()].copy_from_slice(pre);
         version.pre_len = pre.len() as u8;
         let details = ParseDetails {
+            // At most 3 (the loop above stops there).
             core_components: components as u8,
             had_build_metadata: build.is_some(),
         };

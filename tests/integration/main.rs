@@ -7,6 +7,7 @@ mod admin;
 mod cli;
 mod http_proxy;
 mod killswitch;
+mod limits;
 mod reload;
 mod versions;
 mod websocket;

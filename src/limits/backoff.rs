@@ -1,0 +1,268 @@
+//! Reconnect backoff: the feedback loop of the 2020-02-08 outage was devices reconnecting at
+//! once after every failure. A device (or IP, when no device id is known) that is refused or
+//! disconnects more than `threshold` times within `window` gets a penalty that doubles with
+//! each repeat (from `base` up to `max`); until it ends, its handshakes are refused without
+//! backend contact and told exactly when to come back. After `quiet` without events, the
+//! device starts over.
+//!
+//! State is 24 bytes of counters per key (plus the map's overhead), in 16 independently locked
+//! shards so two cores rarely contend; at most `max_keys` keys are kept, quiet ones are swept.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Reconnect backoff settings (`[limits.backoff]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackoffConfig {
+    /// Off switch.
+    pub enabled: bool,
+    /// Refusals/disconnects tolerated per window before a penalty starts.
+    pub threshold: u32,
+    /// Counting window.
+    pub window: Duration,
+    /// First penalty.
+    pub base: Duration,
+    /// Longest penalty.
+    pub max: Duration,
+    /// Quiet period after which a key starts over.
+    pub quiet: Duration,
+    /// Keys kept at most.
+    pub max_keys: usize,
+}
+
+impl Default for BackoffConfig {
+    /// Conservative: only a device reconnecting more than 10 times a minute is slowed, first for
+    /// 5 s, at most 5 min, forgiven after 5 quiet minutes.
+    fn default() -> Self {
+        BackoffConfig {
+            enabled: true,
+            threshold: 10,
+            window: Duration::from_secs(60),
+            base: Duration::from_secs(5),
+            max: Duration::from_secs(300),
+            quiet: Duration::from_secs(300),
+            max_keys: super::DEFAULT_MAX_KEYS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Entry {
+    window_start: u64,
+    last_event: u64,
+    penalty_until: u64,
+    count: u32,
+    level: u8,
+}
+
+const SHARDS: usize = 16;
+
+/// Per-key reconnect accounting.
+#[derive(Debug)]
+pub struct Backoff {
+    config: BackoffConfig,
+    shards: [Mutex<HashMap<u64, Entry>>; SHARDS],
+}
+
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+impl Backoff {
+    /// Creates the tracker.
+    pub fn new(config: BackoffConfig) -> Backoff {
+        Backoff {
+            config,
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &BackoffConfig {
+        &self.config
+    }
+
+    fn shard(&self, key: u64) -> MutexGuard<'_, HashMap<u64, Entry>> {
+        self.shards[(key as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remaining penalty for `key`, if it is being held back.
+    pub fn penalty(&self, key: u64) -> Option<Duration> {
+        self.penalty_at(key, now_ms())
+    }
+
+    fn penalty_at(&self, key: u64, now: u64) -> Option<Duration> {
+        if !self.config.enabled {
+            return None;
+        }
+        let shard = self.shard(key);
+        let e = shard.get(&key)?;
+        (e.penalty_until > now).then(|| Duration::from_millis(e.penalty_until - now))
+    }
+
+    /// Records a refusal or a disconnect of `key`; returns the penalty it starts, if any.
+    pub fn record(&self, key: u64) -> Option<Duration> {
+        self.record_at(key, now_ms())
+    }
+
+    fn record_at(&self, key: u64, now: u64) -> Option<Duration> {
+        if !self.config.enabled {
+            return None;
+        }
+        let c = &self.config;
+        let per_shard_cap = c.max_keys.div_ceil(SHARDS).max(1);
+        let mut shard = self.shard(key);
+        if !shard.contains_key(&key) && shard.len() >= per_shard_cap {
+            // Full: this key is not tracked until a sweep makes room (bounded memory wins).
+            return None;
+        }
+        let e = shard.entry(key).or_insert(Entry {
+            window_start: now,
+            last_event: now,
+            ..Entry::default()
+        });
+        if now.saturating_sub(e.last_event) > c.quiet.as_millis() as u64 {
+            *e = Entry {
+                window_start: now,
+                ..Entry::default()
+            };
+        }
+        e.last_event = now;
+        if e.penalty_until > now {
+            // Already held back: do not escalate on the refusals the penalty itself causes.
+            return None;
+        }
+        if now.saturating_sub(e.window_start) > c.window.as_millis() as u64 {
+            e.window_start = now;
+            e.count = 0;
+        }
+        e.count = e.count.saturating_add(1);
+        if e.count <= c.threshold {
+            return None;
+        }
+        e.level = e.level.saturating_add(1).min(32);
+        let penalty = c
+            .base
+            .saturating_mul(1u32 << (e.level - 1).min(31))
+            .min(c.max);
+        e.penalty_until = now + penalty.as_millis() as u64;
+        e.count = 0;
+        e.window_start = now;
+        Some(penalty)
+    }
+
+    /// Forgets keys quiet for longer than `quiet`; returns (keys kept, keys under penalty).
+    pub fn sweep(&self) -> (usize, usize) {
+        let now = now_ms();
+        let quiet = self.config.quiet.as_millis() as u64;
+        let mut kept = 0;
+        let mut penalized = 0;
+        for shard in &self.shards {
+            let mut s = shard.lock().unwrap_or_else(|e| e.into_inner());
+            s.retain(|_, e| e.penalty_until > now || now.saturating_sub(e.last_event) <= quiet);
+            s.shrink_to_fit();
+            kept += s.len();
+            penalized += s.values().filter(|e| e.penalty_until > now).count();
+        }
+        (kept, penalized)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> BackoffConfig {
+        BackoffConfig {
+            threshold: 3,
+            window: Duration::from_secs(10),
+            base: Duration::from_secs(2),
+            max: Duration::from_secs(7),
+            quiet: Duration::from_secs(60),
+            ..BackoffConfig::default()
+        }
+    }
+
+    #[test]
+    fn penalty_starts_after_the_threshold_and_doubles_up_to_the_cap() {
+        let b = Backoff::new(cfg());
+        let mut t = 1_000;
+        for _ in 0..3 {
+            assert_eq!(b.record_at(7, t), None);
+            t += 10;
+        }
+        assert_eq!(b.record_at(7, t), Some(Duration::from_secs(2)));
+        assert!(b.penalty_at(7, t + 1).is_some());
+        assert_eq!(b.penalty_at(8, t + 1), None, "other keys are not affected");
+        // Refusals during the penalty do not escalate it.
+        assert_eq!(b.record_at(7, t + 5), None);
+        let mut penalties = Vec::new();
+        for _ in 0..3 {
+            t += 8_000; // after the penalty
+            for _ in 0..4 {
+                if let Some(p) = b.record_at(7, t) {
+                    penalties.push(p);
+                }
+                t += 1;
+            }
+        }
+        assert_eq!(
+            penalties,
+            vec![
+                Duration::from_secs(4),
+                Duration::from_secs(7),
+                Duration::from_secs(7)
+            ]
+        );
+    }
+
+    #[test]
+    fn slow_reconnects_never_trigger_and_quiet_resets() {
+        let b = Backoff::new(cfg());
+        let mut t = 0;
+        for _ in 0..100 {
+            assert_eq!(
+                b.record_at(1, t),
+                None,
+                "one event every 4 s stays under 3 per 10 s"
+            );
+            t += 4_000;
+        }
+        for _ in 0..4 {
+            b.record_at(2, t);
+        }
+        assert!(b.penalty_at(2, t).is_some());
+        t += 120_000;
+        for _ in 0..3 {
+            assert_eq!(b.record_at(2, t), None);
+        }
+        assert_eq!(
+            b.record_at(2, t),
+            Some(Duration::from_secs(2)),
+            "level starts over after quiet"
+        );
+    }
+
+    #[test]
+    fn disabled_does_nothing_and_memory_is_capped() {
+        let off = Backoff::new(BackoffConfig {
+            enabled: false,
+            ..cfg()
+        });
+        for _ in 0..10 {
+            assert_eq!(off.record_at(1, 0), None);
+        }
+        let capped = Backoff::new(BackoffConfig {
+            max_keys: 160,
+            ..cfg()
+        });
+        for k in 0..100_000u64 {
+            capped.record_at(k, 0);
+        }
+        assert!(capped.sweep().0 <= 160);
+    }
+}
