@@ -50,9 +50,6 @@ use tokio::net::TcpListener;
 use crate::admin::{Admin, AdminToken};
 use crate::gate::Gate;
 
-/// How long shutdown waits for in-flight HTTP exchanges before giving up on them.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-
 /// Already-bound listeners: tests bind `127.0.0.1:0`, `main` binds the configured addresses.
 pub struct Listeners {
     /// Device-facing listener.
@@ -61,9 +58,9 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
-/// Runs fwgate until `shutdown` resolves: the proxy, the admin API and the rules watcher.
+/// Runs fwgate until `shutdown` resolves: the proxy, the admin API, the watchers.
 /// On shutdown: readiness turns 503, no new connections are accepted, in-flight HTTP exchanges
-/// finish (up to [`DEFAULT_SHUTDOWN_GRACE`]), open tunnels are closed, then it returns.
+/// finish and open tunnels are closed spread over `shutdown_grace`, then it returns.
 pub async fn run(
     listeners: Listeners,
     gate: Arc<Gate>,
@@ -114,18 +111,24 @@ pub async fn run(
     ));
 
     shutdown.await;
-    tracing::info!("shutting down: refusing new connections, finishing in-flight requests");
+    let grace = gate.config.shutdown_grace;
+    tracing::info!(
+        grace_s = grace.as_secs_f64(),
+        tunnels = gate.registry.len(),
+        "shutting down: not ready, refusing new connections, finishing in-flight requests, closing tunnels over the grace period"
+    );
     gate.start_draining();
     drop(watcher);
     drop(kill_watcher);
     let _ = stop_tx.send(true);
-    let plan = gate.registry.plan_close(|_| Some(Duration::ZERO));
-    plan.execute(|| {});
-    if tokio::time::timeout(DEFAULT_SHUTDOWN_GRACE, proxy_task)
-        .await
-        .is_err()
-    {
+    let deadline = tokio::time::Instant::now() + grace;
+    // Tunnels are closed gradually so the fleet reconnects to other instances in a trickle.
+    gate.registry.plan_close(|_| Some(grace)).execute(|| {});
+    if tokio::time::timeout_at(deadline, proxy_task).await.is_err() {
         tracing::warn!("shutdown grace elapsed with requests still in flight");
+    }
+    while !gate.registry.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     admin_task.abort();
     sweeper.abort();

@@ -279,8 +279,7 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let proxy = tokio::net::TcpListener::bind(config.listen.addr)
-            .await
+        let proxy = fwgate::proxy::bind(config.listen.addr, config.listen.backlog)
             .with_context(|| format!("cannot listen on {} ([listen] addr)", config.listen.addr))?;
         let admin = tokio::net::TcpListener::bind(config.admin.addr)
             .await

@@ -105,6 +105,33 @@ pub struct KillSwitchLabel {
     pub action: KillSwitchAction,
 }
 
+/// Why fwgate closed a connection (or hyper did, on bad input), as a label value.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CloseReason {
+    /// PROXY protocol is on and the peer is not a trusted proxy.
+    untrusted_proxy,
+    /// The PROXY header was missing or malformed.
+    bad_proxy_header,
+    /// The TLS handshake failed or timed out.
+    tls_handshake,
+    /// The request head (or PROXY header) did not arrive in time, or a keep-alive connection idled out.
+    header_timeout,
+    /// Malformed HTTP (hyper answered 400).
+    bad_request,
+    /// Request head over `max_header_bytes`/`max_headers` (hyper answered 431).
+    head_too_large,
+    /// Socket errors.
+    io,
+}
+
+/// Labels of `fwgate_connections_closed_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabel {
+    /// Why.
+    pub reason: CloseReason,
+}
+
 /// Labels of `fwgate_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabel {
@@ -143,6 +170,8 @@ pub struct Metrics {
     pub upstream_pending: Gauge,
     /// `fwgate_upstream_active`: backend exchanges (in-flight requests + open tunnels).
     pub upstream_active: Gauge,
+    /// `fwgate_connections_closed_total{reason}`: connections refused or cut at the connection level.
+    pub connections_closed: Family<CloseLabel, Counter>,
     /// `fwgate_killswitch_changes_total{action}`.
     pub killswitch_changes: Family<KillSwitchLabel, Counter>,
     /// `fwgate_killswitch_entries`: entries in the state in force (including not yet pruned expired ones).
@@ -270,8 +299,15 @@ impl Metrics {
             "Backend exchanges in progress (requests and tunnels)",
             upstream_active.clone(),
         );
+        let connections_closed = Family::<CloseLabel, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Connections refused or cut at the connection level, by reason",
+            connections_closed.clone(),
+        );
         Metrics {
             registry,
+            connections_closed,
             limit_keys,
             backoff_active,
             upstream_pending,
@@ -328,6 +364,13 @@ impl Metrics {
                 })
                 .clone(),
         }
+    }
+
+    /// Counts a connection-level refusal.
+    pub fn connection_closed(&self, reason: CloseReason) {
+        self.connections_closed
+            .get_or_create(&CloseLabel { reason })
+            .inc();
     }
 
     /// Counts one kill-switch change.

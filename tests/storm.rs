@@ -78,11 +78,17 @@ async fn fragile_backend() -> FragileBackend {
             tokio::spawn(async move {
                 let is_bad = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let flag = is_bad.clone();
-                let ws = tokio_tungstenite::accept_hdr_async(stream, move |req: &http::Request<()>, resp| {
-                    let bad = req.headers().get("x-firmware-version").is_some_and(|v| v == BAD_VERSION);
-                    flag.store(bad, Ordering::SeqCst);
-                    Ok(resp)
-                })
+                let ws = tokio_tungstenite::accept_hdr_async(
+                    stream,
+                    move |req: &http::Request<()>, resp| {
+                        let bad = req
+                            .headers()
+                            .get("x-firmware-version")
+                            .is_some_and(|v| v == BAD_VERSION);
+                        flag.store(bad, Ordering::SeqCst);
+                        Ok(resp)
+                    },
+                )
                 .await;
                 let Ok(mut ws) = ws else { return };
                 let bad = is_bad.load(Ordering::SeqCst);
@@ -91,7 +97,10 @@ async fn fragile_backend() -> FragileBackend {
                     bad_attempts.fetch_add(1, Ordering::SeqCst);
                 }
                 counter.fetch_add(1, Ordering::SeqCst);
-                let now = load(good_open.load(Ordering::SeqCst), bad_open.load(Ordering::SeqCst));
+                let now = load(
+                    good_open.load(Ordering::SeqCst),
+                    bad_open.load(Ordering::SeqCst),
+                );
                 peak.fetch_max((now * 100.0) as u64, Ordering::SeqCst);
                 if now > CAPACITY {
                     crashes.fetch_add(1, Ordering::SeqCst);
@@ -114,8 +123,16 @@ fn fleet(target: SocketAddr) -> Fleet {
         target,
         path: "/ws".into(),
         cohorts: vec![
-            Cohort { name: "good", devices: GOOD, version: "3.7.2".into() },
-            Cohort { name: "bad", devices: BAD, version: BAD_VERSION.into() },
+            Cohort {
+                name: "good",
+                devices: GOOD,
+                version: "3.7.2".into(),
+            },
+            Cohort {
+                name: "bad",
+                devices: BAD,
+                version: BAD_VERSION.into(),
+            },
         ],
         reconnect_delay: (Duration::from_millis(10), Duration::from_millis(80)),
         handshake_timeout: Duration::from_secs(5),
@@ -141,7 +158,10 @@ async fn control_without_rules_the_backend_collapses() {
     .await;
     let summary = f.summary(Duration::ZERO);
     f.stop().await;
-    assert!(backend.peak_load.load(Ordering::SeqCst) as f64 / 100.0 > CAPACITY, "{summary}");
+    assert!(
+        backend.peak_load.load(Ordering::SeqCst) as f64 / 100.0 > CAPACITY,
+        "{summary}"
+    );
     proxy.stop().await;
 }
 
@@ -158,9 +178,12 @@ async fn deny_rule_and_backoff_keep_the_backend_up() {
     storm_under_way(&f).await;
     // Devices that keep hammering (over 10 refusals a minute) are taken over by the backoff.
     eventually("the reconnect backoff engages", || async {
-        util::metric(&proxy, "fwgate_decisions_total{decision=\"limited\",rule=\"backoff\"}")
-            .await
-            .unwrap_or(0.0)
+        util::metric(
+            &proxy,
+            "fwgate_decisions_total{decision=\"limited\",rule=\"backoff\"}",
+        )
+        .await
+        .unwrap_or(0.0)
             >= 1.0
     })
     .await;
@@ -169,10 +192,20 @@ async fn deny_rule_and_backoff_keep_the_backend_up() {
     let refused = f.stats[1].refused.lock().unwrap().values().sum::<u64>();
     f.stop().await;
     assert_eq!(backend.crashes.load(Ordering::SeqCst), 0, "{summary}");
-    assert!(backend.peak_load.load(Ordering::SeqCst) as f64 / 100.0 <= CAPACITY, "{summary}");
+    assert!(
+        backend.peak_load.load(Ordering::SeqCst) as f64 / 100.0 <= CAPACITY,
+        "{summary}"
+    );
     assert_eq!(good_connected, GOOD as u64, "{summary}");
-    assert_eq!(backend.bad_attempts.load(Ordering::SeqCst), 0, "bad cohort reached the backend\n{summary}");
-    assert!(refused >= BAD as u64, "every bad device is refused at least once\n{summary}");
+    assert_eq!(
+        backend.bad_attempts.load(Ordering::SeqCst),
+        0,
+        "bad cohort reached the backend\n{summary}"
+    );
+    assert!(
+        refused >= BAD as u64,
+        "every bad device is refused at least once\n{summary}"
+    );
     proxy.stop().await;
 }
 
@@ -188,11 +221,20 @@ async fn limit_rule_throttles_the_cohort_instead() {
     .await;
     storm_under_way(&f).await;
     let summary = f.summary(Duration::ZERO);
-    let refused_429 = f.stats[1].refused.lock().unwrap().get(&429).copied().unwrap_or(0);
+    let refused_429 = f.stats[1]
+        .refused
+        .lock()
+        .unwrap()
+        .get(&429)
+        .copied()
+        .unwrap_or(0);
     f.stop().await;
     assert_eq!(backend.crashes.load(Ordering::SeqCst), 0, "{summary}");
     let bad_attempts = backend.bad_attempts.load(Ordering::SeqCst);
-    assert!((1..=5).contains(&bad_attempts), "bad cohort backend attempts {bad_attempts}\n{summary}");
+    assert!(
+        (1..=5).contains(&bad_attempts),
+        "bad cohort backend attempts {bad_attempts}\n{summary}"
+    );
     assert!(refused_429 > 0, "{summary}");
     proxy.stop().await;
 }

@@ -16,6 +16,7 @@ use crate::diag::{FileError, FileErrors};
 use crate::duration::parse_duration;
 use crate::limits::backoff::BackoffConfig;
 use crate::limits::{Rate, DEFAULT_MAX_KEYS};
+use ipnet::IpNet;
 
 /// Where devices connect when no config says otherwise.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:8080";
@@ -37,6 +38,19 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Refusal access-log lines per second before lines are sampled (a storm must not flood the log).
 pub const DEFAULT_REFUSAL_LOG_PER_SECOND: u32 = 50;
+
+/// Header lines per request (hyper's default is 100).
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Request-target bytes before 414 (nginx's large_client_header_buffers is 8k).
+pub const DEFAULT_MAX_URI_BYTES: usize = 8192;
+/// Idle tunnels are closed after this (devices ping far more often; dead peers must not leak).
+pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Kernel accept backlog.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+/// Open sockets before accept pauses (keep LimitNOFILE above it).
+pub const DEFAULT_MAX_OPEN_CONNECTIONS: usize = 100_000;
+/// Shutdown: time for in-flight requests, and the spread of tunnel closures.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Backend connects in progress at once before new handshakes get 503 (a dead backend must not
 /// pile up sockets).
@@ -92,6 +106,9 @@ pub struct RawConfig {
     /// Process-wide admission limits.
     #[serde(default)]
     pub limits: RawLimits,
+    /// On SIGTERM/SIGINT: how long in-flight requests may finish and over how long open tunnels
+    /// are closed, e.g. `"30s"`. Default 30s.
+    pub shutdown_grace: Option<Spanned<String>>,
 }
 
 /// `[limits]` as written.
@@ -143,6 +160,22 @@ pub struct RawListen {
     pub header_read_timeout: Option<Spanned<String>>,
     /// Maximum bytes in a request head (at least 8192). Default 16384.
     pub max_header_bytes: Option<Spanned<i64>>,
+    /// Maximum header lines in a request. Default 100.
+    pub max_headers: Option<Spanned<i64>>,
+    /// Maximum bytes of the request target (path and query); longer gets 414. Default 8192.
+    pub max_uri_bytes: Option<Spanned<i64>>,
+    /// A tunnel with no byte either way for this long is closed, e.g. `"1h"`. Default 1h.
+    pub tunnel_idle_timeout: Option<Spanned<String>>,
+    /// Kernel accept backlog. Default 1024.
+    pub backlog: Option<Spanned<i64>>,
+    /// Hard cap on open sockets: past it, accept pauses (the kernel backlog absorbs, then refuses). Default 100000.
+    pub max_open_connections: Option<Spanned<i64>>,
+    /// Expect a PROXY protocol v1/v2 header on every connection (from `trusted_proxies` only).
+    pub proxy_protocol: Option<bool>,
+    /// Networks allowed to send PROXY headers, e.g. `["10.0.0.0/8"]`. Others are refused.
+    pub trusted_proxies: Option<Vec<Spanned<String>>>,
+    /// Networks whose `X-Forwarded-For` is believed (e.g. the load balancer's).
+    pub trusted_forwarders: Option<Vec<Spanned<String>>>,
 }
 
 /// `[upstream]` as written.
@@ -215,6 +248,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Process-wide limits.
     pub limits: LimitsConfig,
+    /// Graceful shutdown period.
+    pub shutdown_grace: Duration,
 }
 
 /// Validated `[listen]`.
@@ -226,6 +261,22 @@ pub struct ListenConfig {
     pub header_read_timeout: Duration,
     /// Maximum request-head size in bytes.
     pub max_header_bytes: usize,
+    /// Maximum header lines.
+    pub max_headers: usize,
+    /// Maximum request-target bytes.
+    pub max_uri_bytes: usize,
+    /// Idle tunnel timeout (zero: none).
+    pub tunnel_idle_timeout: Duration,
+    /// Accept backlog.
+    pub backlog: u32,
+    /// Hard cap on open sockets before accept pauses.
+    pub max_open_connections: usize,
+    /// PROXY protocol expected.
+    pub proxy_protocol: bool,
+    /// Who may send PROXY headers.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Whose `X-Forwarded-For` is believed.
+    pub trusted_forwarders: Vec<IpNet>,
 }
 
 /// Validated `[upstream]`.
@@ -299,7 +350,16 @@ impl Config {
                 addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
                 header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
                 max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+                max_headers: DEFAULT_MAX_HEADERS,
+                max_uri_bytes: DEFAULT_MAX_URI_BYTES,
+                tunnel_idle_timeout: DEFAULT_TUNNEL_IDLE_TIMEOUT,
+                backlog: DEFAULT_BACKLOG,
+                max_open_connections: DEFAULT_MAX_OPEN_CONNECTIONS,
+                proxy_protocol: false,
+                trusted_proxies: Vec::new(),
+                trusted_forwarders: Vec::new(),
             },
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             upstream: UpstreamConfig {
                 addr: DEFAULT_UPSTREAM_ADDR.to_string(),
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -355,7 +415,31 @@ impl Config {
                 8192,
                 1 << 20,
             ),
+            max_headers: v.bounded_int(&raw.listen.max_headers, DEFAULT_MAX_HEADERS, 1, 10_000),
+            max_uri_bytes: v.bounded_int(
+                &raw.listen.max_uri_bytes,
+                DEFAULT_MAX_URI_BYTES,
+                16,
+                1 << 20,
+            ),
+            tunnel_idle_timeout: v
+                .duration(&raw.listen.tunnel_idle_timeout, DEFAULT_TUNNEL_IDLE_TIMEOUT),
+            backlog: v.bounded_int(&raw.listen.backlog, DEFAULT_BACKLOG as usize, 1, 1 << 20)
+                as u32,
+            max_open_connections: v.bounded_int(
+                &raw.listen.max_open_connections,
+                DEFAULT_MAX_OPEN_CONNECTIONS,
+                1,
+                1 << 24,
+            ),
+            proxy_protocol: raw.listen.proxy_protocol.unwrap_or(false),
+            trusted_proxies: v.networks(&raw.listen.trusted_proxies),
+            trusted_forwarders: v.networks(&raw.listen.trusted_forwarders),
         };
+        if listen.proxy_protocol && listen.trusted_proxies.is_empty() {
+            v.error(0, "[listen] proxy_protocol = true needs trusted_proxies (the load balancers' networks, e.g. [\"10.0.0.0/8\"])");
+        }
+        let shutdown_grace = v.duration(&raw.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
         let upstream = UpstreamConfig {
             addr: v.host_port(&raw.upstream.addr, DEFAULT_UPSTREAM_ADDR),
             connect_timeout: v.duration(&raw.upstream.connect_timeout, DEFAULT_CONNECT_TIMEOUT),
@@ -453,6 +537,7 @@ impl Config {
                 admin,
                 log,
                 limits,
+                shutdown_grace,
             })
         } else {
             Err(FileErrors(errors))
@@ -517,6 +602,28 @@ impl Validator<'_> {
                 default
             }),
         }
+    }
+
+    fn networks(&mut self, value: &Option<Vec<Spanned<String>>>) -> Vec<IpNet> {
+        let Some(list) = value else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for item in list {
+            let text = item.get_ref().trim();
+            // A bare address means just that host.
+            let parsed = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(net) => out.push(net),
+                Err(_) => self.error(
+                    item.span().start,
+                    format!("{text:?} is not a network (e.g. \"10.0.0.0/8\", \"192.0.2.7\", \"::1/128\")"),
+                ),
+            }
+        }
+        out
     }
 
     fn rate(&mut self, value: &Option<Spanned<String>>) -> Option<Rate> {

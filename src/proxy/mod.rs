@@ -7,6 +7,7 @@
 //! 101 and join both ends in a task registered with the connection registry.
 
 pub mod forward;
+pub mod proxy_protocol;
 pub mod response;
 pub mod tunnel;
 
@@ -18,8 +19,13 @@ use std::sync::Arc;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::limits::ConnPermit;
+use crate::metrics::CloseReason;
 
 use crate::gate::Gate;
 
@@ -43,19 +49,58 @@ async fn refuse_at_accept(gate: Arc<Gate>, mut stream: tokio::net::TcpStream) {
     .await;
 }
 
+/// What the connection layer knows about a client, handed to every request on it.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client as fwgate believes it: the PROXY header's source when one was accepted,
+    /// else the TCP peer.
+    pub client: SocketAddr,
+    /// `"http"` or `"https"`, for `X-Forwarded-Proto`.
+    pub scheme: &'static str,
+    /// Identity from a verified client certificate (CN, else first DNS SAN).
+    pub cert_identity: Option<Arc<str>>,
+}
+
+/// Whether `ip` is inside any of `nets`.
+pub fn in_networks(ip: IpAddr, nets: &[IpNet]) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+/// Binds a listener with `SO_REUSEADDR` (restart without waiting for TIME_WAIT) and `backlog`.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Accepts device connections until `shutdown` resolves, then lets every open HTTP exchange
-/// finish (keep-alive connections close after their current request) and returns.
+/// finish (keep-alive connections close after their current request) and returns. At most
+/// `[listen] max_open_connections` sockets are open at once: past it, accept pauses and the
+/// kernel backlog absorbs the excess.
 pub async fn serve(listener: TcpListener, gate: Arc<Gate>, shutdown: impl Future<Output = ()>) {
     let (stop_tx, stop_rx) = watch::channel(false);
     // Each connection task holds a sender; when all are dropped, every connection has ended.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let sockets = Arc::new(Semaphore::new(gate.config.listen.max_open_connections));
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = accept(&listener, &sockets) => a,
             () = &mut shutdown => break,
         };
-        let (stream, peer) = match accepted {
+        let (stream, peer, socket_permit) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // Usually EMFILE/ENFILE: back off briefly instead of spinning.
@@ -66,48 +111,137 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, shutdown: impl Future
         };
         gate.metrics.connections_accepted.inc();
         let Some(slot) = gate.global.connection() else {
-            tokio::spawn(refuse_at_accept(gate.clone(), stream));
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let _socket = socket_permit;
+                refuse_at_accept(gate, stream).await;
+            });
             continue;
         };
         let _ = stream.set_nodelay(true);
         let gate = gate.clone();
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
         let alive = alive_tx.clone();
-        // Shared with every request on the connection, and handed to a tunnel on upgrade, so the
-        // slot stays taken for as long as anything of the connection is open.
-        let slot = Arc::new(slot);
         tokio::spawn(async move {
             let _alive = alive;
-            let svc = service_fn({
-                let gate = gate.clone();
-                let slot = slot.clone();
-                move |req| service::handle(gate.clone(), peer, slot.clone(), req)
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(gate.config.listen.header_read_timeout)
-                .max_buf_size(gate.config.listen.max_header_bytes)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let stopping = async {
-                // The watch guard is dropped inside this block, before any other await.
-                let _ = stop.wait_for(|s| *s).await.map(|_| ());
-            };
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = stopping => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(client = %peer, error = %e, "connection ended with an error");
-            }
+            let _socket = socket_permit;
+            serve_connection(gate, stream, peer, slot, stop).await;
         });
     }
     let _ = stop_tx.send(true);
     drop(alive_tx);
     // Resolves when every connection task has dropped its sender.
     let _ = alive_rx.recv().await;
+}
+
+async fn accept(
+    listener: &TcpListener,
+    sockets: &Arc<Semaphore>,
+) -> std::io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    // The semaphore is never closed, so acquiring cannot fail; map it anyway rather than panic.
+    let permit = sockets
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| std::io::Error::other("connection semaphore closed"))?;
+    let (stream, peer) = listener.accept().await?;
+    Ok((stream, peer, permit))
+}
+
+/// One device connection: PROXY header (from trusted networks only), then HTTP.
+async fn serve_connection(
+    gate: Arc<Gate>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    slot: ConnPermit,
+    stop: watch::Receiver<bool>,
+) {
+    let listen = &gate.config.listen;
+    let client = if listen.proxy_protocol {
+        if !in_networks(peer.ip(), &listen.trusted_proxies) {
+            gate.metrics.connection_closed(CloseReason::untrusted_proxy);
+            tracing::debug!(peer = %peer, "PROXY protocol expected but peer is not a trusted proxy; closed");
+            return;
+        }
+        match tokio::time::timeout(
+            listen.header_read_timeout,
+            proxy_protocol::read_header(&mut stream),
+        )
+        .await
+        {
+            Ok(Ok(Some(source))) => source,
+            Ok(Ok(None)) => peer,
+            Ok(Err(e)) => {
+                gate.metrics
+                    .connection_closed(CloseReason::bad_proxy_header);
+                tracing::debug!(peer = %peer, error = %e, "bad PROXY header; closed");
+                return;
+            }
+            Err(_) => {
+                gate.metrics.connection_closed(CloseReason::header_timeout);
+                return;
+            }
+        }
+    } else {
+        peer
+    };
+    let info = ConnInfo {
+        client,
+        scheme: "http",
+        cert_identity: None,
+    };
+    serve_http(gate, TokioIo::new(stream), info, slot, stop).await;
+}
+
+/// Serves HTTP/1.1 (with upgrades) on one connection until it ends or shutdown drains it.
+async fn serve_http<I>(
+    gate: Arc<Gate>,
+    io: I,
+    info: ConnInfo,
+    slot: ConnPermit,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    // Shared with every request on the connection, and handed to a tunnel on upgrade, so the
+    // slot stays taken for as long as anything of the connection is open.
+    let slot = Arc::new(slot);
+    let info = Arc::new(info);
+    let svc = service_fn({
+        let gate = gate.clone();
+        move |req| service::handle(gate.clone(), info.clone(), slot.clone(), req)
+    });
+    let listen = &gate.config.listen;
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(listen.header_read_timeout)
+        .max_buf_size(listen.max_header_bytes)
+        .max_headers(listen.max_headers)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let stopping = async {
+        // The watch guard is dropped inside this block, before any other await.
+        let _ = stop.wait_for(|s| *s).await.map(|_| ());
+    };
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stopping => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        let reason = if e.is_timeout() {
+            CloseReason::header_timeout
+        } else if e.is_parse_too_large() {
+            CloseReason::head_too_large
+        } else if e.is_parse() {
+            CloseReason::bad_request
+        } else {
+            CloseReason::io
+        };
+        gate.metrics.connection_closed(reason);
+        tracing::debug!(error = %e, ?reason, "connection ended with an error");
+    }
 }

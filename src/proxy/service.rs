@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use super::forward::{add_forwarding_headers, strip_hop_by_hop, wants_upgrade};
 use super::response::{self, BodyDone, ProxyFailure, ResponseBody};
 use super::tunnel::{self, TunnelStats};
+use super::{in_networks, ConnInfo};
 use crate::extract::MAX_DEVICE_ID_LEN;
 use crate::gate::Gate;
 use crate::gate::Verdict;
@@ -46,10 +47,18 @@ impl Presented {
 /// rules (with a `limit` rule's limiter), global handshake rate, backend capacity.
 pub async fn handle(
     gate: Arc<Gate>,
-    client: SocketAddr,
+    conn: Arc<ConnInfo>,
     connection_slot: Arc<ConnPermit>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let listen = &gate.config.listen;
+    if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > listen.max_uri_bytes {
+        return Ok(response::plain(
+            StatusCode::URI_TOO_LONG,
+            "request target too long\n",
+        ));
+    }
+    let client = effective_client(&conn, req.headers(), &listen.trusted_forwarders);
     let ip = client.ip();
     let deciders = &gate.limit_deciders;
     if !gate.global.per_ip_ok(ip) {
@@ -138,7 +147,46 @@ pub async fn handle(
         upstream_active: gate.metrics.upstream_active.clone(),
     };
     held.upstream_active.inc();
-    Ok(forward(gate.clone(), presented, &decision, backoff_key, held, req).await)
+    Ok(forward(
+        gate.clone(),
+        &conn,
+        presented,
+        &decision,
+        backoff_key,
+        held,
+        req,
+    )
+    .await)
+}
+
+/// The client address used for logs, per-IP limits and the backoff: behind trusted forwarders
+/// (the load balancer's networks), the right-most `X-Forwarded-For` entry that is not itself a
+/// trusted forwarder, as nginx's `real_ip_recursive` does; otherwise the connection's client.
+fn effective_client(
+    conn: &ConnInfo,
+    headers: &http::HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> SocketAddr {
+    if trusted.is_empty() || !in_networks(conn.client.ip(), trusted) {
+        return conn.client;
+    }
+    let mut chosen = conn.client;
+    let hops = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect::<Vec<_>>();
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.trim().parse::<std::net::IpAddr>() else {
+            break;
+        };
+        chosen = SocketAddr::new(ip, 0);
+        if !in_networks(ip, trusted) {
+            break;
+        }
+    }
+    chosen
 }
 
 /// Slots an admitted connection holds while it is open (released on drop).
@@ -201,6 +249,7 @@ fn refuse(
 /// Forwards an admitted request; for an upgrade, relays the 101 and starts the tunnel.
 async fn forward(
     gate: Arc<Gate>,
+    conn: &ConnInfo,
     presented: Presented,
     decision: &Decision<'_>,
     backoff_key: u64,
@@ -212,7 +261,7 @@ async fn forward(
     let path: Box<str> = req.uri().path().into();
     let method = req.method().clone();
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    add_forwarding_headers(req.headers_mut(), presented.client, "http");
+    add_forwarding_headers(req.headers_mut(), conn.client, conn.scheme);
 
     let started = Instant::now();
     let mut resp = match gate.upstream.send(req).await {
@@ -239,12 +288,13 @@ async fn forward(
             .register(presented.version, &path, rule.clone());
         active.inc();
         let log = gate.config.log.access;
+        let idle = gate.config.listen.tunnel_idle_timeout;
         let gate_for_tunnel = gate.clone();
         tokio::spawn(async move {
             let _registration = registration;
             let _held = held;
             let stats = match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((c, u)) => relay(c, u, close).await,
+                Ok((c, u)) => relay(c, u, close, idle).await,
                 Err(e) => {
                     tracing::debug!(error = %e, "upgrade did not complete");
                     TunnelStats::default()
@@ -292,7 +342,12 @@ fn outcome_of(f: ProxyFailure) -> UpstreamOutcome {
 
 /// Joins the two upgraded connections. Plain TCP on both sides (the normal case) uses the
 /// buffer-free idle relay; anything else falls back to a buffered copy.
-async fn relay(client: Upgraded, upstream: Upgraded, close: Arc<Notify>) -> TunnelStats {
+async fn relay(
+    client: Upgraded,
+    upstream: Upgraded,
+    close: Arc<Notify>,
+    idle: Duration,
+) -> TunnelStats {
     let client = match client.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => parts,
         Err(client) => {
@@ -302,6 +357,7 @@ async fn relay(client: Upgraded, upstream: Upgraded, close: Arc<Notify>) -> Tunn
                 TokioIo::new(upstream),
                 &[],
                 close,
+                idle,
             )
             .await
         }
@@ -314,6 +370,7 @@ async fn relay(client: Upgraded, upstream: Upgraded, close: Arc<Notify>) -> Tunn
                 up.io.into_inner(),
                 &up.read_buf,
                 &close,
+                idle,
             )
             .await
         }
@@ -324,6 +381,7 @@ async fn relay(client: Upgraded, upstream: Upgraded, close: Arc<Notify>) -> Tunn
                 TokioIo::new(upstream),
                 &[],
                 close,
+                idle,
             )
             .await
         }

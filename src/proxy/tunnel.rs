@@ -11,6 +11,7 @@ use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -73,8 +74,10 @@ pub enum TunnelEnd {
     Closed,
     /// A socket error (reset, broken pipe).
     Error,
-    /// Closed by fwgate because the rules in force no longer admit it.
+    /// Closed by fwgate because the rules in force no longer admit it (or at shutdown).
     ClosedByPolicy,
+    /// No byte either way for `tunnel_idle_timeout`.
+    IdleTimeout,
 }
 
 impl TunnelEnd {
@@ -84,19 +87,22 @@ impl TunnelEnd {
             TunnelEnd::Closed => "closed",
             TunnelEnd::Error => "error",
             TunnelEnd::ClosedByPolicy => "closed_by_policy",
+            TunnelEnd::IdleTimeout => "idle_timeout",
         }
     }
 }
 
 /// Relays bytes between two TCP sockets until both directions finish, an error occurs, or
 /// `close` is notified. `client_early`/`upstream_early` are bytes each side already sent that
-/// HTTP parsing had buffered; they are delivered first.
+/// HTTP parsing had buffered; they are delivered first. A tunnel with no byte either way for
+/// `idle_timeout` is closed (zero: never).
 pub async fn relay_tcp(
     client: TcpStream,
     client_early: &[u8],
     upstream: TcpStream,
     upstream_early: &[u8],
     close: &Notify,
+    idle_timeout: Duration,
 ) -> TunnelStats {
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
@@ -111,11 +117,30 @@ pub async fn relay_tcp(
     let end = tokio::select! {
         r = run => if r.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error },
         _ = close.notified() => TunnelEnd::ClosedByPolicy,
+        _ = idle(idle_timeout, &up, &down) => TunnelEnd::IdleTimeout,
     };
     TunnelStats {
         client_to_upstream: up.load(Ordering::Relaxed),
         upstream_to_client: down.load(Ordering::Relaxed),
         end,
+    }
+}
+
+/// Resolves once no byte has moved either way for a whole `timeout` period (so an idle tunnel
+/// ends between one and two periods after its last byte; never, for a zero timeout). One timer
+/// per tunnel, re-armed only when it fires: no per-read timer cost.
+async fn idle(timeout: Duration, up: &AtomicU64, down: &AtomicU64) {
+    if timeout.is_zero() {
+        return std::future::pending().await;
+    }
+    let mut seen = (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
+    loop {
+        tokio::time::sleep(timeout).await;
+        let now = (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
+        if now == seen {
+            return;
+        }
+        seen = now;
     }
 }
 
@@ -163,6 +188,7 @@ pub async fn relay_generic<A, B>(
     mut b: B,
     b_early: &[u8],
     close: Arc<Notify>,
+    idle_timeout: Duration,
 ) -> TunnelStats
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -183,6 +209,9 @@ where
             Err(_) => TunnelStats { end: TunnelEnd::Error, ..TunnelStats::default() },
         },
         _ = close.notified() => TunnelStats { end: TunnelEnd::ClosedByPolicy, ..TunnelStats::default() },
+        // Byte counts are not visible inside copy_bidirectional: this bounds total lifetime
+        // without activity tracking, so it is only armed for the (rare) non-TCP fallback.
+        _ = async { if idle_timeout.is_zero() { std::future::pending::<()>().await } else { tokio::time::sleep(idle_timeout).await } } => TunnelStats { end: TunnelEnd::IdleTimeout, ..TunnelStats::default() },
     }
 }
 
@@ -213,6 +242,7 @@ mod tests {
                 upstream_side,
                 b"early-down ",
                 &c2,
+                Duration::ZERO,
             )
             .await
         });
@@ -242,8 +272,9 @@ mod tests {
         let (upstream_side, _backend) = pair().await;
         let close = Arc::new(Notify::new());
         let c2 = close.clone();
-        let relay =
-            tokio::spawn(async move { relay_tcp(client_side, b"", upstream_side, b"", &c2).await });
+        let relay = tokio::spawn(async move {
+            relay_tcp(client_side, b"", upstream_side, b"", &c2, Duration::ZERO).await
+        });
         close.notify_one();
         let stats = relay.await.unwrap();
         assert_eq!(stats.end, TunnelEnd::ClosedByPolicy);
@@ -251,6 +282,37 @@ mod tests {
         let mut buf = [0u8; 8];
         let n = client.read(&mut buf).await.unwrap_or(0);
         assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn idle_tunnels_are_closed_and_active_ones_are_not() {
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut backend) = pair().await;
+        let close = Notify::new();
+        let idle = Duration::from_millis(300);
+        let relay = relay_tcp(client_side, b"", upstream_side, b"", &close, idle);
+        let chatter = async {
+            // Keep it busy for 3 idle periods, then go quiet.
+            for _ in 0..9 {
+                client.write_all(b"x").await.unwrap();
+                let mut b = [0u8; 1];
+                backend.read_exact(&mut b).await.unwrap();
+                tokio::time::sleep(idle / 3).await;
+            }
+            std::future::pending::<()>().await
+        };
+        let started = std::time::Instant::now();
+        let stats = tokio::select! {
+            s = relay => s,
+            _ = chatter => unreachable!(),
+        };
+        assert_eq!(stats.end, TunnelEnd::IdleTimeout);
+        assert!(
+            started.elapsed() >= idle * 3,
+            "closed while active after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(stats.client_to_upstream, 9);
     }
 
     #[tokio::test]
@@ -273,7 +335,7 @@ mod tests {
         });
         let stats = tokio::time::timeout(
             std::time::Duration::from_secs(20),
-            relay_tcp(client_side, b"", upstream_side, b"", &close),
+            relay_tcp(client_side, b"", upstream_side, b"", &close, Duration::ZERO),
         );
         // The backend never closes its side here, so the relay is still running: only check bytes.
         let (got, _backend) = tokio::select! {

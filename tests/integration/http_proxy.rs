@@ -131,7 +131,12 @@ async fn backend_that_never_answers_is_504() {
             held.push(s);
         }
     });
-    let proxy = start_proxy(ALLOW_ALL, addr, "response_timeout = \"300ms\"\n").await;
+    let proxy = start_proxy(
+        ALLOW_ALL,
+        addr,
+        "[upstream]\nresponse_timeout = \"300ms\"\n",
+    )
+    .await;
     let started = std::time::Instant::now();
     let (status, _, body) = get(proxy.addr, "/", &[]).await;
     assert_eq!(
@@ -159,7 +164,7 @@ async fn backend_connect_timeout_is_504() {
             fillers.push(s);
         }
     }
-    let proxy = start_proxy(ALLOW_ALL, addr, "connect_timeout = \"300ms\"\n").await;
+    let proxy = start_proxy(ALLOW_ALL, addr, "[upstream]\nconnect_timeout = \"300ms\"\n").await;
     let (status, _, body) = get(proxy.addr, "/", &[]).await;
     assert_eq!(
         (status, body.as_str()),

@@ -5,6 +5,7 @@ mod util;
 
 mod admin;
 mod cli;
+mod edge;
 mod http_proxy;
 mod killswitch;
 mod limits;

@@ -133,6 +133,12 @@ async fn backend_handle(req: Request<Incoming>) -> Result<Response<BackendBody>,
         let body = StreamBody::new(futures_util::stream::iter(chunks));
         return Ok(Response::new(BodyExt::boxed(body)));
     }
+    if let Some(ms) = path.strip_prefix("/delay/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        return Ok(Response::new(
+            Full::new(Bytes::from_static(b"delayed ok")).boxed(),
+        ));
+    }
     if let Some(code) = path.strip_prefix("/status/") {
         let mut resp = Response::new(Full::new(Bytes::from_static(b"status")).boxed());
         *resp.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
@@ -198,12 +204,29 @@ pub async fn start_proxy(rules: &str, upstream: SocketAddr, extra: &str) -> Prox
 /// Starts fwgate in an existing directory (rules.toml and any state already there): a restart.
 pub async fn start_proxy_in(dir: tempfile::TempDir, upstream: SocketAddr, extra: &str) -> Proxy {
     init_log_capture();
-    let upstream_table = if extra.contains("[upstream]") {
-        extra.replace("[upstream]", &format!("[upstream]\naddr = \"{upstream}\""))
+    // Top-level keys in `extra` (before its first table) must precede every table.
+    let split = extra
+        .find("\n[")
+        .map(|i| i + 1)
+        .unwrap_or(if extra.starts_with('[') {
+            0
+        } else {
+            extra.len()
+        });
+    let (top, tables) = extra.split_at(split);
+    let upstream_table = if tables.contains("[upstream]") {
+        tables.replace("[upstream]", &format!("[upstream]\naddr = \"{upstream}\""))
     } else {
-        format!("[upstream]\naddr = \"{upstream}\"\n{extra}")
+        format!("[upstream]\naddr = \"{upstream}\"\n{tables}")
     };
-    let config_text = format!("rules = \"rules.toml\"\nstate_dir = \"state\"\n{upstream_table}\n");
+    // A short grace keeps test shutdowns quick when tunnels are still open.
+    let grace = if top.contains("shutdown_grace") {
+        ""
+    } else {
+        "shutdown_grace = \"1s\"\n"
+    };
+    let config_text =
+        format!("rules = \"rules.toml\"\nstate_dir = \"state\"\n{grace}{top}{upstream_table}\n");
     std::fs::write(dir.path().join("fwgate.toml"), &config_text).unwrap();
     let config = Config::load(&dir.path().join("fwgate.toml"))
         .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{config_text}"));
