@@ -7,6 +7,9 @@
 //! reconnect backoff, it stays under capacity, every good device ends up connected, and the bad
 //! cohort's backend attempts are bounded.
 
+// tokio-tungstenite's handshake callback signature returns its (large) error response type.
+#![allow(clippy::result_large_err)]
+
 #[allow(dead_code)]
 #[path = "../examples/storm/fleet.rs"]
 mod fleet;
