@@ -55,7 +55,11 @@ fn contended(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("admission");
     group.measurement_time(Duration::from_secs(3));
-    for (name, v) in [("allow", allowed), ("deny", refused), ("limit_by_device", limited)] {
+    for (name, v) in [
+        ("allow", allowed),
+        ("deny", refused),
+        ("limit_by_device", limited),
+    ] {
         group.bench_function(format!("{name}/1_thread"), |b| {
             b.iter(|| black_box(admit_once(&g, &v, b"device-1", ip)))
         });

@@ -38,6 +38,12 @@ pub fn check(config_path: Option<&Path>) -> (String, bool) {
     };
     let mut out = String::new();
     let mut ok = true;
+    if let Some(files) = &config.tls {
+        if let Err(e) = crate::tls::load_certified_key(files) {
+            let _ = writeln!(out, "[tls]: {e}");
+            ok = false;
+        }
+    }
     if let Some(token) = &config.admin.token_file {
         if let Err(e) = std::fs::metadata(token) {
             let _ = writeln!(

@@ -25,6 +25,12 @@ pub enum Source {
         /// Parameter name.
         name: Box<str>,
     },
+    /// The identity of a verified TLS client certificate (CN, else first DNS SAN), optionally
+    /// narrowed by a regex capture (e.g. a version embedded in the CN).
+    ClientCert {
+        /// Optional pattern, as for headers.
+        pattern: Option<Pattern>,
+    },
 }
 
 /// A compiled pattern and the capture group holding the value.
@@ -74,6 +80,10 @@ impl Source {
                 pattern: Some(p),
             } => format!("header {name} ~ /{}/", p.as_str()),
             Source::Query { name } => format!("query {name}"),
+            Source::ClientCert { pattern: None } => "client certificate identity".into(),
+            Source::ClientCert { pattern: Some(p) } => {
+                format!("client certificate identity ~ /{}/", p.as_str())
+            }
         }
     }
 }
@@ -152,10 +162,20 @@ impl Extractor {
 
     /// The first value any source yields. Empty values count as absent.
     pub fn extract<'a>(&self, headers: &'a HeaderMap, query: Option<&'a str>) -> Option<Found<'a>> {
+        self.extract_with_cert(headers, query, None)
+    }
+
+    /// As [`Extractor::extract`], with the connection's client-certificate identity available.
+    pub fn extract_with_cert<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        query: Option<&'a str>,
+        cert_identity: Option<&'a str>,
+    ) -> Option<Found<'a>> {
         self.sources
             .iter()
             .enumerate()
-            .find_map(|(i, s)| find(i, s, headers, query))
+            .find_map(|(i, s)| find(i, s, headers, query, cert_identity))
     }
 }
 
@@ -164,6 +184,7 @@ fn find<'a>(
     source: &Source,
     headers: &'a HeaderMap,
     query: Option<&'a str>,
+    cert_identity: Option<&'a str>,
 ) -> Option<Found<'a>> {
     let (raw, percent_encoded) = match source {
         Source::Header { name, pattern } => {
@@ -182,6 +203,13 @@ fn find<'a>(
                 (k == &**name).then_some(v)
             })?;
             (value.as_bytes(), true)
+        }
+        Source::ClientCert { pattern } => {
+            let identity = cert_identity?;
+            match pattern {
+                None => (identity.as_bytes(), false),
+                Some(p) => (p.capture(identity)?.as_bytes(), false),
+            }
         }
     };
     if raw.iter().all(u8::is_ascii_whitespace) {

@@ -184,7 +184,7 @@ impl Gate {
                 }
                 let hash = std::fs::read(path)
                     .map(|b| crate::rules::content_hash(&b))
-                    .unwrap_or_default();
+                    .unwrap_or_else(|_| crate::rules::content_hash(killswitch::EMPTY_STATE));
                 (set, hash)
             }
         };
@@ -573,7 +573,7 @@ impl Gate {
         let _serial = self.kill_lock.lock().await;
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => b"{\"entries\":[]}".to_vec(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => killswitch::EMPTY_STATE.to_vec(),
             Err(e) => {
                 tracing::error!(file = %path.display(), error = %e, "cannot read kill-switch state; entries in force are kept");
                 self.metrics.killswitch_state_errors.inc();

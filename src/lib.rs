@@ -39,6 +39,7 @@ pub mod proxy;
 pub mod registry;
 pub mod reload;
 pub mod rules;
+pub mod tls;
 pub mod version;
 
 use std::future::Future;
@@ -56,6 +57,34 @@ pub struct Listeners {
     pub proxy: TcpListener,
     /// Admin listener.
     pub admin: TcpListener,
+    /// TLS for the device listener (see [`TlsListener::from_config`]).
+    pub tls: Option<TlsListener>,
+}
+
+/// TLS termination for the device listener: the acceptor and the watcher that reloads the
+/// certificate when its files change (new handshakes use the new one; open ones are unaffected).
+pub struct TlsListener {
+    /// Performs handshakes with the current certificate.
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    _watcher: tls::CertWatcher,
+}
+
+impl TlsListener {
+    /// Loads and validates the configured files and starts watching them; `None` without `[tls]`.
+    /// Must run inside the tokio runtime.
+    pub fn from_config(config: &config::Config) -> Result<Option<TlsListener>, tls::TlsError> {
+        let Some(files) = &config.tls else {
+            return Ok(None);
+        };
+        let key = tls::load_certified_key(files)?;
+        let resolver = tls::ReloadingCert::new(key);
+        let server = tls::server_config(files, resolver.clone())?;
+        let watcher = tls::watch_cert_files(files.clone(), resolver)?;
+        Ok(Some(TlsListener {
+            acceptor: tokio_rustls::TlsAcceptor::from(server),
+            _watcher: watcher,
+        }))
+    }
 }
 
 /// Runs fwgate until `shutdown` resolves: the proxy, the admin API, the watchers.
@@ -106,6 +135,7 @@ pub async fn run(
     ));
     let proxy_task = tokio::spawn(proxy::serve(
         listeners.proxy,
+        listeners.tls.map(Arc::new),
         gate.clone(),
         stopped(stop_rx),
     ));

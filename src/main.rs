@@ -294,9 +294,10 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             admin_token = if token.is_set() { "set" } else { "unset (mutating admin endpoints answer 403)" },
             "fwgate started"
         );
+        let tls = fwgate::TlsListener::from_config(&config).context("[tls]")?;
         let gate = Arc::new(Gate::new(config, rules, metrics).map_err(anyhow::Error::msg)?);
         tokio::spawn(reload_on_sighup(gate.clone()));
-        fwgate::run(Listeners { proxy, admin }, gate, token, termination()).await;
+        fwgate::run(Listeners { proxy, admin, tls }, gate, token, termination()).await;
         tracing::info!("stopped");
         Ok(())
     })

@@ -145,7 +145,11 @@ impl Fleet {
                 s.percentile(0.99)
                     .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1000.0))
                     .unwrap_or_else(|| "-".into()),
-                if refused.is_empty() { "-".into() } else { refused },
+                if refused.is_empty() {
+                    "-".into()
+                } else {
+                    refused
+                },
             ));
         }
         out.push_str(&format!("elapsed {:.1} s\n", elapsed.as_secs_f64()));
@@ -178,7 +182,8 @@ async fn device(
         if *stop.borrow() {
             return;
         }
-        let Ok(mut req) = format!("ws://{}{}", config.target, config.path).into_client_request() else {
+        let Ok(mut req) = format!("ws://{}{}", config.target, config.path).into_client_request()
+        else {
             return;
         };
         if let (Ok(v), Ok(d)) = (version.parse(), device_id.parse()) {
@@ -192,7 +197,9 @@ async fn device(
             tokio_tungstenite::client_async(req, tcp)
                 .await
                 .map_err(|e| match e {
-                    WsError::Http(resp) => std::io::Error::other(format!("status {}", resp.status().as_u16())),
+                    WsError::Http(resp) => {
+                        std::io::Error::other(format!("status {}", resp.status().as_u16()))
+                    }
                     other => std::io::Error::other(other.to_string()),
                 })
         })

@@ -55,8 +55,16 @@ async fn main() {
         target: args.target,
         path: args.path,
         cohorts: vec![
-            Cohort { name: "good", devices: args.good, version: args.good_version },
-            Cohort { name: "bad", devices: args.bad, version: args.bad_version },
+            Cohort {
+                name: "good",
+                devices: args.good,
+                version: args.good_version,
+            },
+            Cohort {
+                name: "bad",
+                devices: args.bad,
+                version: args.bad_version,
+            },
         ],
         reconnect_delay: (
             Duration::from_millis(args.min_delay_ms),

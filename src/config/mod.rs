@@ -106,9 +106,25 @@ pub struct RawConfig {
     /// Process-wide admission limits.
     #[serde(default)]
     pub limits: RawLimits,
+    /// TLS termination on the device listener.
+    pub tls: Option<RawTls>,
     /// On SIGTERM/SIGINT: how long in-flight requests may finish and over how long open tunnels
     /// are closed, e.g. `"30s"`. Default 30s.
     pub shutdown_grace: Option<Spanned<String>>,
+}
+
+/// `[tls]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain (leaf first); relative to this file. Watched and reloaded.
+    pub cert: Spanned<String>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Watched and reloaded.
+    pub key: Spanned<String>,
+    /// PEM CA bundle for verifying client certificates (enables mTLS).
+    pub client_ca: Option<Spanned<String>>,
+    /// Refuse clients without a valid certificate (default false: verify when presented).
+    pub require_client_cert: Option<bool>,
 }
 
 /// `[limits]` as written.
@@ -196,6 +212,12 @@ pub struct RawUpstream {
     pub max_connections: Option<Spanned<i64>>,
     /// TCP connects to the backend in progress at once; more get 503 at once. Default 512.
     pub max_pending_connects: Option<Spanned<i64>>,
+    /// Speak TLS to the backend. Default false.
+    pub tls: Option<bool>,
+    /// PEM CA bundle the backend's certificate must chain to (required with `tls = true`).
+    pub ca_file: Option<Spanned<String>>,
+    /// Name to send as SNI and verify the certificate against. Default: the host part of `addr`.
+    pub server_name: Option<Spanned<String>>,
 }
 
 /// `[admin]` as written.
@@ -250,6 +272,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Graceful shutdown period.
     pub shutdown_grace: Duration,
+    /// TLS on the device listener, if configured.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Validated `[listen]`.
@@ -296,6 +320,8 @@ pub struct UpstreamConfig {
     pub max_connections: usize,
     /// Concurrent backend connects in progress.
     pub max_pending_connects: usize,
+    /// TLS to the backend: (CA file, server name).
+    pub tls: Option<(PathBuf, String)>,
 }
 
 /// Validated `[limits]`.
@@ -360,6 +386,7 @@ impl Config {
                 trusted_forwarders: Vec::new(),
             },
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            tls: None,
             upstream: UpstreamConfig {
                 addr: DEFAULT_UPSTREAM_ADDR.to_string(),
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -368,6 +395,7 @@ impl Config {
                 pool_max_idle: DEFAULT_POOL_MAX_IDLE,
                 max_connections: 0,
                 max_pending_connects: DEFAULT_MAX_PENDING_CONNECTS,
+                tls: None,
             },
             limits: LimitsConfig::default(),
             admin: AdminConfig {
@@ -440,6 +468,21 @@ impl Config {
             v.error(0, "[listen] proxy_protocol = true needs trusted_proxies (the load balancers' networks, e.g. [\"10.0.0.0/8\"])");
         }
         let shutdown_grace = v.duration(&raw.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        let tls = raw.tls.as_ref().map(|t| {
+            let require = t.require_client_cert.unwrap_or(false);
+            if require && t.client_ca.is_none() {
+                v.error(
+                    t.cert.span().start,
+                    "[tls] require_client_cert = true needs client_ca",
+                );
+            }
+            crate::tls::TlsFiles {
+                cert: base.join(t.cert.get_ref()),
+                key: base.join(t.key.get_ref()),
+                client_ca: t.client_ca.as_ref().map(|c| base.join(c.get_ref())),
+                require_client_cert: require,
+            }
+        });
         let upstream = UpstreamConfig {
             addr: v.host_port(&raw.upstream.addr, DEFAULT_UPSTREAM_ADDR),
             connect_timeout: v.duration(&raw.upstream.connect_timeout, DEFAULT_CONNECT_TIMEOUT),
@@ -459,7 +502,36 @@ impl Config {
                 1,
                 1 << 20,
             ),
+            tls: None,
         };
+        let mut upstream = upstream;
+        if raw.upstream.tls.unwrap_or(false) {
+            match &raw.upstream.ca_file {
+                None => v.error(0, "[upstream] tls = true needs ca_file (the CA bundle the backend's certificate chains to)"),
+                Some(ca) => {
+                    let name = raw
+                        .upstream
+                        .server_name
+                        .as_ref()
+                        .map(|n| n.get_ref().clone())
+                        .unwrap_or_else(|| {
+                            let host = upstream.addr.rsplit_once(':').map_or(upstream.addr.as_str(), |(h, _)| h);
+                            host.trim_start_matches('[').trim_end_matches(']').to_string()
+                        });
+                    upstream.tls = Some((base.join(ca.get_ref()), name));
+                }
+            }
+        } else if let Some(x) = raw
+            .upstream
+            .ca_file
+            .as_ref()
+            .or(raw.upstream.server_name.as_ref())
+        {
+            v.error(
+                x.span().start,
+                "ca_file and server_name only apply with [upstream] tls = true",
+            );
+        }
         let l = &raw.limits;
         let b = &l.backoff;
         let backoff_defaults = BackoffConfig::default();
@@ -538,6 +610,7 @@ impl Config {
                 log,
                 limits,
                 shutdown_grace,
+                tls,
             })
         } else {
             Err(FileErrors(errors))

@@ -32,6 +32,9 @@ pub const DEFAULT_JITTER: f64 = 0.5;
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
 /// File name of the state in `state_dir`.
 pub const STATE_FILE: &str = "killswitch.json";
+/// What a missing state file means (no entries), hashed like a real file so that a missing file
+/// at start and a missing file seen by the watcher compare equal.
+pub const EMPTY_STATE: &[u8] = b"{\"entries\":[]}";
 /// Most entries in force at once (each is checked on every handshake).
 pub const MAX_ENTRIES: usize = 256;
 

@@ -32,7 +32,62 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Connects to the backend with a timeout and records the connect time.
+/// A backend connection: plain TCP (the common case, eligible for the buffer-free tunnel) or TLS.
+pub enum UpstreamStream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for UpstreamStream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+/// Connects to the backend with a timeout (covering the TLS handshake too) and records the
+/// connect time.
 #[derive(Clone)]
 pub struct TimedConnector {
     addr: Arc<str>,
@@ -40,6 +95,10 @@ pub struct TimedConnector {
     connect_seconds: Histogram,
     pending: Gauge,
     max_pending: usize,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 }
 
 /// Decrements the pending-connect gauge however the connect ends.
@@ -52,9 +111,9 @@ impl Drop for PendingConnect {
 }
 
 impl tower_service::Service<Uri> for TimedConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<UpstreamStream>;
     type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<TcpStream>>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<UpstreamStream>>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
@@ -75,17 +134,26 @@ impl tower_service::Service<Uri> for TimedConnector {
         let addr = self.addr.clone();
         let limit = self.timeout;
         let histogram = self.connect_seconds.clone();
+        let tls = self.tls.clone();
         Box::pin(async move {
             let _pending = pending;
             let started = Instant::now();
-            let stream = tokio::time::timeout(limit, TcpStream::connect(&*addr))
-                .await
-                .map_err(|_| {
-                    io::Error::new(io::ErrorKind::TimedOut, "backend connect timed out")
-                })??;
+            let connect = async {
+                let stream = TcpStream::connect(&*addr).await?;
+                // Small device messages must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                match tls {
+                    None => Ok(UpstreamStream::Plain(stream)),
+                    Some((connector, name)) => connector
+                        .connect(name, stream)
+                        .await
+                        .map(|s| UpstreamStream::Tls(Box::new(s))),
+                }
+            };
+            let stream = tokio::time::timeout(limit, connect).await.map_err(|_| {
+                io::Error::new(io::ErrorKind::TimedOut, "backend connect timed out")
+            })??;
             histogram.observe(started.elapsed().as_secs_f64());
-            // Small device messages must not wait for Nagle.
-            let _ = stream.set_nodelay(true);
             Ok(TokioIo::new(stream))
         })
     }
@@ -112,12 +180,21 @@ impl Upstream {
             .addr
             .parse()
             .map_err(|e| format!("upstream addr {:?}: {e}", cfg.addr))?;
+        let tls = match &cfg.tls {
+            None => None,
+            Some((ca, name)) => {
+                let config = crate::tls::upstream_client_config(ca).map_err(|e| e.to_string())?;
+                let name = crate::tls::upstream_server_name(name).map_err(|e| e.to_string())?;
+                Some((tokio_rustls::TlsConnector::from(config), name))
+            }
+        };
         let connector = TimedConnector {
             addr: Arc::from(cfg.addr.as_str()),
             timeout: cfg.connect_timeout,
             connect_seconds,
             pending,
             max_pending: cfg.max_pending_connects,
+            tls,
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)

@@ -89,7 +89,12 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 /// finish (keep-alive connections close after their current request) and returns. At most
 /// `[listen] max_open_connections` sockets are open at once: past it, accept pauses and the
 /// kernel backlog absorbs the excess.
-pub async fn serve(listener: TcpListener, gate: Arc<Gate>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<crate::TlsListener>>,
+    gate: Arc<Gate>,
+    shutdown: impl Future<Output = ()>,
+) {
     let (stop_tx, stop_rx) = watch::channel(false);
     // Each connection task holds a sender; when all are dropped, every connection has ended.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
@@ -122,10 +127,11 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, shutdown: impl Future
         let gate = gate.clone();
         let stop = stop_rx.clone();
         let alive = alive_tx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _alive = alive;
             let _socket = socket_permit;
-            serve_connection(gate, stream, peer, slot, stop).await;
+            serve_connection(gate, tls, stream, peer, slot, stop).await;
         });
     }
     let _ = stop_tx.send(true);
@@ -148,9 +154,11 @@ async fn accept(
     Ok((stream, peer, permit))
 }
 
-/// One device connection: PROXY header (from trusted networks only), then HTTP.
+/// One device connection: PROXY header (from trusted networks only), TLS if configured, then
+/// HTTP/1.1 or (when ALPN chose it) HTTP/2.
 async fn serve_connection(
     gate: Arc<Gate>,
+    tls: Option<Arc<crate::TlsListener>>,
     mut stream: TcpStream,
     peer: SocketAddr,
     slot: ConnPermit,
@@ -185,12 +193,85 @@ async fn serve_connection(
     } else {
         peer
     };
+    let Some(tls) = tls else {
+        let info = ConnInfo {
+            client,
+            scheme: "http",
+            cert_identity: None,
+        };
+        return serve_http(gate, TokioIo::new(stream), info, slot, stop).await;
+    };
+    // Bounded like the request head: a client stalling mid-handshake is a slowloris too.
+    let stream =
+        match tokio::time::timeout(listen.header_read_timeout, tls.acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                gate.metrics.connection_closed(CloseReason::tls_handshake);
+                tracing::debug!(client = %client, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                gate.metrics.connection_closed(CloseReason::tls_handshake);
+                return;
+            }
+        };
+    let session = stream.get_ref().1;
+    let h2 = session.alpn_protocol() == Some(b"h2".as_slice());
+    let cert_identity = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(crate::tls::client_cert_identity)
+        .map(Arc::from);
     let info = ConnInfo {
         client,
-        scheme: "http",
-        cert_identity: None,
+        scheme: "https",
+        cert_identity,
     };
-    serve_http(gate, TokioIo::new(stream), info, slot, stop).await;
+    if h2 {
+        serve_h2(gate, TokioIo::new(stream), info, slot, stop).await;
+    } else {
+        serve_http(gate, TokioIo::new(stream), info, slot, stop).await;
+    }
+}
+
+/// Serves HTTP/2 (negotiated by ALPN over TLS): plain requests through the same rules; upgrades
+/// (WebSocket) stay on HTTP/1.1.
+async fn serve_h2<I>(
+    gate: Arc<Gate>,
+    io: I,
+    info: ConnInfo,
+    slot: ConnPermit,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let slot = Arc::new(slot);
+    let info = Arc::new(info);
+    let svc = service_fn({
+        let gate = gate.clone();
+        move |req| service::handle(gate.clone(), info.clone(), slot.clone(), req)
+    });
+    let listen = &gate.config.listen;
+    let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_header_list_size(listen.max_header_bytes as u32)
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+        .serve_connection(io, svc);
+    tokio::pin!(conn);
+    let stopping = async {
+        let _ = stop.wait_for(|s| *s).await.map(|_| ());
+    };
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stopping => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        gate.metrics.connection_closed(CloseReason::io);
+        tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+    }
 }
 
 /// Serves HTTP/1.1 (with upgrades) on one connection until it ends or shutdown drains it.

@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::forward::{add_forwarding_headers, strip_hop_by_hop, wants_upgrade};
+use super::forward::{add_forwarding_headers, strip_hop_by_hop, wants_upgrade, UpstreamStream};
 use super::response::{self, BodyDone, ProxyFailure, ResponseBody};
 use super::tunnel::{self, TunnelStats};
 use super::{in_networks, ConnInfo};
@@ -68,8 +68,11 @@ pub async fn handle(
     let snap = gate.snapshot();
     let rules = &snap.rules;
     let (headers, query) = (req.headers(), req.uri().query());
-    let found = rules.version_sources.extract(headers, query);
-    let device = rules.device_sources.extract(headers, query);
+    let cert = conn.cert_identity.as_deref();
+    let found = rules
+        .version_sources
+        .extract_with_cert(headers, query, cert);
+    let device = rules.device_sources.extract_with_cert(headers, query, cert);
     let device_raw = device.as_ref().map(|d| d.raw);
     let backoff_key = key_hash(device_raw, ip, LimitKey::Device);
     let version = VersionInput::from_found(found.as_ref());
@@ -261,6 +264,18 @@ async fn forward(
     let path: Box<str> = req.uri().path().into();
     let method = req.method().clone();
     strip_hop_by_hop(req.headers_mut(), upgrade);
+    // The backend leg is HTTP/1.1 whatever the client spoke; HTTP/2 carries the host in
+    // :authority, not Host: keep it for the backend.
+    *req.version_mut() = http::Version::HTTP_11;
+    if !req.headers().contains_key(http::header::HOST) {
+        if let Some(host) = req
+            .uri()
+            .authority()
+            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(http::header::HOST, host);
+        }
+    }
     add_forwarding_headers(req.headers_mut(), conn.client, conn.scheme);
 
     let started = Instant::now();
@@ -362,18 +377,31 @@ async fn relay(
             .await
         }
     };
-    match upstream.downcast::<TokioIo<TcpStream>>() {
-        Ok(up) => {
-            tunnel::relay_tcp(
-                client.io.into_inner(),
-                &client.read_buf,
-                up.io.into_inner(),
-                &up.read_buf,
-                &close,
-                idle,
-            )
-            .await
-        }
+    match upstream.downcast::<TokioIo<UpstreamStream>>() {
+        Ok(up) => match up.io.into_inner() {
+            UpstreamStream::Plain(tcp) => {
+                tunnel::relay_tcp(
+                    client.io.into_inner(),
+                    &client.read_buf,
+                    tcp,
+                    &up.read_buf,
+                    &close,
+                    idle,
+                )
+                .await
+            }
+            tls => {
+                tunnel::relay_generic(
+                    client.io.into_inner(),
+                    &client.read_buf,
+                    tls,
+                    &up.read_buf,
+                    close,
+                    idle,
+                )
+                .await
+            }
+        },
         Err(upstream) => {
             tunnel::relay_generic(
                 client.io.into_inner(),

@@ -68,6 +68,7 @@ struct RawSource {
     header: Option<Spanned<String>>,
     pattern: Option<Spanned<String>>,
     query: Option<Spanned<String>>,
+    client_cert: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -344,6 +345,29 @@ impl Compiler<'_> {
         let mut out = Vec::new();
         for s in list {
             let raw = s.get_ref();
+            if let Some(c) = &raw.client_cert {
+                if raw.header.is_some() || raw.query.is_some() || c.get_ref() != "identity" {
+                    self.error(
+                        c.span().start,
+                        "a client certificate source is { client_cert = \"identity\" } (optionally with pattern)",
+                    );
+                    continue;
+                }
+                let pattern = match &raw.pattern {
+                    None => None,
+                    Some(p) => match Pattern::new(p.get_ref(), group) {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            let first = e.to_string();
+                            let first = first.lines().last().unwrap_or("invalid regex");
+                            self.error(p.span().start, format!("invalid pattern: {first}"));
+                            continue;
+                        }
+                    },
+                };
+                out.push(Source::ClientCert { pattern });
+                continue;
+            }
             match (&raw.header, &raw.query, &raw.pattern) {
                 (Some(h), None, pattern) => {
                     let name = match HeaderName::from_bytes(h.get_ref().trim().as_bytes()) {
@@ -384,7 +408,7 @@ impl Compiler<'_> {
                 ),
                 _ => self.error(
                     s.span().start,
-                    "a source is { header = \"name\" }, { header = \"name\", pattern = '...' } or { query = \"name\" }",
+                    "a source is { header = \"name\" }, { header = \"name\", pattern = '...' }, { query = \"name\" } or { client_cert = \"identity\" }",
                 ),
             }
         }

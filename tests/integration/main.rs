@@ -10,5 +10,6 @@ mod http_proxy;
 mod killswitch;
 mod limits;
 mod reload;
+mod tls;
 mod versions;
 mod websocket;

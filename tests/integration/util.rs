@@ -241,8 +241,10 @@ pub async fn start_proxy_in(dir: tempfile::TempDir, upstream: SocketAddr, extra:
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (addr, admin_addr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let tls = fwgate::TlsListener::from_config(&gate.config)
+        .unwrap_or_else(|e| panic!("test TLS invalid: {e}"));
     let task = tokio::spawn(fwgate::run(
-        Listeners { proxy, admin },
+        Listeners { proxy, admin, tls },
         gate.clone(),
         AdminToken::new(TEST_TOKEN),
         async move {
