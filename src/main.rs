@@ -292,6 +292,13 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             rule_count = rules.rules.len(),
             ordering = rules.ordering.as_str(),
             admin_token = if token.is_set() { "set" } else { "unset (mutating admin endpoints answer 403)" },
+            tls = config.tls.as_ref().map(|t| format!("cert {} client_ca {}", t.cert.display(), t.client_ca.as_ref().map(|c| c.display().to_string()).unwrap_or_else(|| "none".into()))).unwrap_or_else(|| "off".into()),
+            upstream_tls = config.upstream.tls.as_ref().map(|(_, name)| name.as_str()).unwrap_or("off"),
+            proxy_protocol = config.listen.proxy_protocol,
+            state_dir = %config.state_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (kill-switch entries cannot be created)".into()),
+            max_open_connections = config.listen.max_open_connections,
+            backoff = config.limits.backoff.enabled,
+            shutdown_grace_s = config.shutdown_grace.as_secs_f64(),
             "fwgate started"
         );
         let tls = fwgate::TlsListener::from_config(&config).context("[tls]")?;
