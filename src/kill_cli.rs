@@ -83,9 +83,11 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
     }
     let mut out = String::new();
     let mut all_ok = true;
+    let mut any_ok = false;
     for t in tasks {
         match t.await {
             Ok((admin, Ok(text))) => {
+                any_ok = true;
                 let _ = writeln!(out, "ok    {admin}  {text}");
             }
             Ok((admin, Err(e))) => {
@@ -104,7 +106,7 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
             id: Some(id),
             dry_run: false,
             ..
-        } => {
+        } if any_ok => {
             let _ = writeln!(out, "undo: fwgate kill rm {id}{admin_flags}");
         }
         KillAction::Add { dry_run: true, .. } => {
@@ -254,5 +256,38 @@ fn expect(result: Result<(u16, String), String>, ok: &[u16]) -> Result<Value, St
             "{status}: {}",
             v["error"].as_str().unwrap_or(body.trim())
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_change_that_reached_no_instance_offers_no_undo() {
+        // Bound then dropped: nothing listens there.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (out, ok) = run(
+            KillAction::Add {
+                versions: "*".into(),
+                reason: "test".into(),
+                ttl: None,
+                status: None,
+                retry_after: None,
+                keep_existing: false,
+                drain: None,
+                dry_run: false,
+                id: None,
+            },
+            &[format!("http://{dead}")],
+            None,
+        )
+        .await;
+        assert!(!ok);
+        assert!(out.contains("FAIL"), "{out}");
+        assert!(!out.contains("undo"), "{out}");
     }
 }
