@@ -128,11 +128,13 @@ pub async fn serve(
         let stop = stop_rx.clone();
         let alive = alive_tx.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        // Boxed: a task's allocation is sized by its future and outlives it while any waker
+        // remains; the box is freed when the connection ends, leaving only a small task cell.
+        tokio::spawn(Box::pin(async move {
             let _alive = alive;
             let _socket = socket_permit;
             serve_connection(gate, tls, stream, peer, slot, stop).await;
-        });
+        }));
     }
     let _ = stop_tx.send(true);
     drop(alive_tx);

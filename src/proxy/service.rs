@@ -357,14 +357,19 @@ fn outcome_of(f: ProxyFailure) -> UpstreamOutcome {
 
 /// Joins the two upgraded connections. Plain TCP on both sides (the normal case) uses the
 /// buffer-free idle relay; anything else falls back to a buffered copy.
+///
+/// hyper hands back the bytes it read past the HTTP head as a slice of its own read buffer
+/// (8 KiB or more); holding that slice for the tunnel's lifetime would pin the whole buffer on
+/// both legs of every idle tunnel. So the (normally empty) early bytes are copied out and
+/// hyper's buffers are dropped before relaying.
 async fn relay(
     client: Upgraded,
     upstream: Upgraded,
     close: Arc<Notify>,
     idle: Duration,
 ) -> TunnelStats {
-    let client = match client.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => parts,
+    let (client_io, client_early) = match client.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => (parts.io.into_inner(), parts.read_buf.to_vec()),
         Err(client) => {
             return tunnel::relay_generic(
                 TokioIo::new(client),
@@ -378,34 +383,32 @@ async fn relay(
         }
     };
     match upstream.downcast::<TokioIo<UpstreamStream>>() {
-        Ok(up) => match up.io.into_inner() {
-            UpstreamStream::Plain(tcp) => {
-                tunnel::relay_tcp(
-                    client.io.into_inner(),
-                    &client.read_buf,
-                    tcp,
-                    &up.read_buf,
-                    &close,
-                    idle,
-                )
-                .await
+        Ok(parts) => {
+            let upstream_early = parts.read_buf.to_vec();
+            let io = parts.io.into_inner();
+            drop(parts.read_buf);
+            match io {
+                UpstreamStream::Plain(tcp) => {
+                    tunnel::relay_tcp(client_io, &client_early, tcp, &upstream_early, &close, idle)
+                        .await
+                }
+                tls => {
+                    tunnel::relay_generic(
+                        client_io,
+                        &client_early,
+                        tls,
+                        &upstream_early,
+                        close,
+                        idle,
+                    )
+                    .await
+                }
             }
-            tls => {
-                tunnel::relay_generic(
-                    client.io.into_inner(),
-                    &client.read_buf,
-                    tls,
-                    &up.read_buf,
-                    close,
-                    idle,
-                )
-                .await
-            }
-        },
+        }
         Err(upstream) => {
             tunnel::relay_generic(
-                client.io.into_inner(),
-                &client.read_buf,
+                client_io,
+                &client_early,
                 TokioIo::new(upstream),
                 &[],
                 close,

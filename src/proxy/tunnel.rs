@@ -147,7 +147,10 @@ async fn idle(timeout: Duration, up: &AtomicU64, down: &AtomicU64) {
 /// One direction: wait for readability without a buffer, then borrow one for the copy.
 async fn pump(from: &TcpStream, to: &TcpStream, count: &AtomicU64) -> io::Result<()> {
     loop {
-        from.readable().await?;
+        // poll_read_ready (not readable()) takes over the socket's single reader waker slot, so
+        // the waker hyper left there while reading the HTTP head is released: otherwise it pins
+        // the finished connection task's memory for the tunnel's whole life.
+        std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
         let mut buf = PooledBuffer::take();
         let n = match from.try_read(buf.as_mut()) {
             Ok(0) => {
@@ -166,7 +169,7 @@ async fn pump(from: &TcpStream, to: &TcpStream, count: &AtomicU64) -> io::Result
 
 async fn write_all(to: &TcpStream, mut bytes: &[u8], count: &AtomicU64) -> io::Result<()> {
     while !bytes.is_empty() {
-        to.writable().await?;
+        std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
         match to.try_write(bytes) {
             Ok(n) => {
                 count.fetch_add(n as u64, Ordering::Relaxed);
