@@ -317,6 +317,33 @@ mod tests {
     }
 
     #[test]
+    fn client_certificate_identity_and_a_version_inside_it() {
+        let none = HeaderMap::new();
+        let id = Extractor::new(vec![Source::ClientCert { pattern: None }]);
+        assert_eq!(
+            id.extract_with_cert(&none, None, Some("device-42"))
+                .unwrap()
+                .raw,
+            b"device-42"
+        );
+        assert!(
+            id.extract_with_cert(&none, None, None).is_none(),
+            "no certificate: absent"
+        );
+        assert!(id.extract(&none, None).is_none());
+        let version = Extractor::new(vec![Source::ClientCert {
+            pattern: Some(Pattern::new(r"/(?P<version>\S+)$", "version").unwrap()),
+        }]);
+        let f = version
+            .extract_with_cert(&none, None, Some("device-42/v3.8.0b3"))
+            .unwrap();
+        assert_eq!(f.parse_version().unwrap().to_string(), "3.8.0-b3");
+        assert!(version
+            .extract_with_cert(&none, None, Some("device-42"))
+            .is_none());
+    }
+
+    #[test]
     fn display_is_bounded_and_clean() {
         let f = Found {
             source: 0,

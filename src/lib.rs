@@ -153,7 +153,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let deadline = tokio::time::Instant::now() + grace;
     // Tunnels are closed gradually so the fleet reconnects to other instances in a trickle.
-    gate.registry.plan_close(|_| Some(grace)).execute(|| {});
+    gate.registry
+        .plan_close(|t| (t.kind == registry::TrackedKind::Tunnel).then_some(grace))
+        .execute(|| {});
     if tokio::time::timeout_at(deadline, proxy_task).await.is_err() {
         tracing::warn!("shutdown grace elapsed with requests still in flight");
     }

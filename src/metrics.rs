@@ -60,6 +60,8 @@ pub enum UpstreamOutcome {
     error,
     /// Refused before connecting: too many connects in progress (503).
     busy,
+    /// Abandoned because the rules in force no longer admit the request (503).
+    closed_by_policy,
 }
 
 /// Labels of `fwgate_upstream_requests_total`.
@@ -254,7 +256,7 @@ impl Metrics {
         let tunnels_closed_by_policy = Counter::default();
         registry.register(
             "tunnels_closed_by_policy",
-            "Open connections closed because rules or kill-switch entries no longer admit them",
+            "Open tunnels and in-flight requests closed because rules or kill-switch entries no longer admit them",
             tunnels_closed_by_policy.clone(),
         );
         let killswitch_changes = Family::<KillSwitchLabel, Counter>::default();

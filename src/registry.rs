@@ -11,9 +11,20 @@ use tokio::sync::Notify;
 
 use crate::rules::VersionInput;
 
+/// What kind of exchange is tracked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackedKind {
+    /// An upgraded connection (WebSocket): closed at shutdown, spread over the grace period.
+    Tunnel,
+    /// An in-flight HTTP request: left to finish at shutdown.
+    Request,
+}
+
 /// What the registry knows about one open connection.
 #[derive(Debug)]
 pub struct Tracked {
+    /// Tunnel or request.
+    pub kind: TrackedKind,
     /// The version it presented.
     pub version: VersionInput,
     /// Its request path (rules may have a `path_prefix`).
@@ -90,6 +101,7 @@ impl Registry {
     /// Registers an admitted connection; returns its registration and close handle.
     pub fn register(
         self: &Arc<Self>,
+        kind: TrackedKind,
         version: VersionInput,
         path: &str,
         rule: Arc<str>,
@@ -99,6 +111,7 @@ impl Registry {
         self.lock().insert(
             id,
             Tracked {
+                kind,
                 version,
                 path: path.into(),
                 rule,
@@ -156,8 +169,18 @@ mod tests {
     #[test]
     fn registration_is_removed_on_drop() {
         let r = Arc::new(Registry::default());
-        let (a, _) = r.register(VersionInput::Missing, "/", Arc::from("x"));
-        let (b, _) = r.register(VersionInput::Missing, "/", Arc::from("x"));
+        let (a, _) = r.register(
+            TrackedKind::Tunnel,
+            VersionInput::Missing,
+            "/",
+            Arc::from("x"),
+        );
+        let (b, _) = r.register(
+            TrackedKind::Tunnel,
+            VersionInput::Missing,
+            "/",
+            Arc::from("x"),
+        );
         assert_eq!(r.len(), 2);
         drop(a);
         assert_eq!(r.len(), 1);
@@ -171,6 +194,7 @@ mod tests {
         let regs: Vec<_> = (0..4)
             .map(|i| {
                 r.register(
+                    TrackedKind::Request,
                     VersionInput::Missing,
                     if i % 2 == 0 { "/a" } else { "/b" },
                     Arc::from("x"),

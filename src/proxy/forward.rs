@@ -7,6 +7,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -159,8 +160,46 @@ impl tower_service::Service<Uri> for TimedConnector {
     }
 }
 
-/// The request body sent to the backend: the client's, streamed as it arrives.
-pub type UpstreamRequestBody = Incoming;
+/// The request body sent to the backend: the client's, streamed frame by frame as it arrives,
+/// counting bytes for the access log.
+pub struct UpstreamRequestBody {
+    inner: Incoming,
+    sent: Arc<AtomicU64>,
+}
+
+impl UpstreamRequestBody {
+    /// Wraps the client's body; `sent` accumulates the bytes forwarded.
+    pub fn new(inner: Incoming, sent: Arc<AtomicU64>) -> UpstreamRequestBody {
+        UpstreamRequestBody { inner, sent }
+    }
+}
+
+impl hyper::body::Body for UpstreamRequestBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// The backend: a pooled client plus what is needed to address it.
 pub struct Upstream {

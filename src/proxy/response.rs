@@ -1,6 +1,7 @@
 //! The one place that turns admission outcomes and backend failures into HTTP responses.
 //! Every refusal is a small static response built without touching the backend.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -26,6 +27,8 @@ pub enum ProxyFailure {
     UpstreamBroken,
     /// Too many backend connects already in progress (`max_pending_connects`): 503 at once.
     UpstreamBusy,
+    /// A rule change or kill-switch entry refused the request while it waited for the backend.
+    ClosedByPolicy,
 }
 
 impl ProxyFailure {
@@ -45,6 +48,10 @@ impl ProxyFailure {
             ProxyFailure::UpstreamBusy => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "backend busy, retry later\n",
+            ),
+            ProxyFailure::ClosedByPolicy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "refused: the rules in force no longer admit this request\n",
             ),
         }
     }
@@ -94,8 +101,14 @@ enum Inner {
         body: Incoming,
         sent: u64,
         on_done: Option<Box<dyn BodyDone>>,
+        close: Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
     },
 }
+
+/// Why a streaming response was cut short by fwgate itself.
+#[derive(Debug, thiserror::Error)]
+#[error("closed by fwgate: the rules in force no longer admit this request")]
+pub struct ClosedByPolicy;
 
 impl ResponseBody {
     /// A body that is exactly these bytes (Content-Length is set from it).
@@ -112,34 +125,55 @@ impl ResponseBody {
         }
     }
 
-    /// The backend's body, streamed; `on_done` runs when it ends or is dropped.
-    pub fn upstream(body: Incoming, on_done: Option<Box<dyn BodyDone>>) -> ResponseBody {
+    /// The backend's body, streamed; `on_done` runs when it ends or is dropped. When `close` is
+    /// notified (a rule change or kill-switch entry refuses this request now), the body ends
+    /// with an error, which makes the server abort the response and close the connection.
+    pub fn upstream(
+        body: Incoming,
+        on_done: Option<Box<dyn BodyDone>>,
+        close: Option<std::sync::Arc<tokio::sync::Notify>>,
+    ) -> ResponseBody {
         ResponseBody {
             inner: Inner::Upstream {
                 body,
                 sent: 0,
                 on_done,
+                close: close.map(|n| Box::pin(n.notified_owned())),
             },
         }
     }
 }
 
+/// Errors of [`ResponseBody`]: the backend's, or fwgate closing a request by policy.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.get_mut().inner {
             Inner::Fixed(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Upstream {
                 body,
                 sent,
                 on_done,
+                close,
             } => {
-                let polled = Pin::new(&mut *body).poll_frame(cx);
+                if let Some(c) = close {
+                    if c.as_mut().poll(cx).is_ready() {
+                        if let Some(done) = on_done.take() {
+                            done.done(*sent, false);
+                        }
+                        return Poll::Ready(Some(Err(Box::new(ClosedByPolicy))));
+                    }
+                }
+                let polled = Pin::new(&mut *body)
+                    .poll_frame(cx)
+                    .map(|o| o.map(|r| r.map_err(BodyError::from)));
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
@@ -185,6 +219,7 @@ impl Drop for ResponseBody {
             body,
             sent,
             on_done,
+            ..
         } = &mut self.inner
         {
             if let Some(done) = on_done.take() {

@@ -13,7 +13,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::forward::{add_forwarding_headers, strip_hop_by_hop, wants_upgrade, UpstreamStream};
+use super::forward::{
+    add_forwarding_headers, strip_hop_by_hop, wants_upgrade, UpstreamRequestBody, UpstreamStream,
+};
 use super::response::{self, BodyDone, ProxyFailure, ResponseBody};
 use super::tunnel::{self, TunnelStats};
 use super::{in_networks, ConnInfo};
@@ -22,6 +24,7 @@ use crate::gate::Gate;
 use crate::gate::Verdict;
 use crate::limits::{key_hash, ConnPermit, LimitKey};
 use crate::metrics::UpstreamOutcome;
+use crate::registry::TrackedKind;
 use crate::rules::{jittered_wait_secs, Action, Decision, VersionInput};
 
 /// Who is asking and what they presented, kept for the access log.
@@ -278,8 +281,29 @@ async fn forward(
     }
     add_forwarding_headers(req.headers_mut(), conn.client, conn.scheme);
 
+    let bytes_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let req = req.map(|body| UpstreamRequestBody::new(body, bytes_in.clone()));
+    // Plain requests are tracked too (upgrades register once the tunnel exists), so that a rule
+    // change or kill-switch entry with close_existing also ends long requests it now refuses.
+    let tracked = (!upgrade).then(|| {
+        gate.registry.register(
+            TrackedKind::Request,
+            presented.version,
+            &path,
+            decision.decider.name.clone(),
+        )
+    });
     let started = Instant::now();
-    let mut resp = match gate.upstream.send(req).await {
+    let sent = async {
+        match &tracked {
+            Some((_, close)) => tokio::select! {
+                r = gate.upstream.send(req) => r,
+                _ = close.notified() => Err(ProxyFailure::ClosedByPolicy),
+            },
+            None => gate.upstream.send(req).await,
+        }
+    };
+    let mut resp = match sent.await {
         Ok(r) => r,
         Err(failure) => {
             gate.metrics.upstream(outcome_of(failure)).inc();
@@ -298,9 +322,9 @@ async fn forward(
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status())
     {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        let (registration, close) = gate
-            .registry
-            .register(presented.version, &path, rule.clone());
+        let (registration, close) =
+            gate.registry
+                .register(TrackedKind::Tunnel, presented.version, &path, rule.clone());
         active.inc();
         let log = gate.config.log.access;
         let idle = gate.config.listen.tunnel_idle_timeout;
@@ -330,8 +354,14 @@ async fn forward(
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     active.inc();
+    let (registration, close) = match tracked {
+        Some((r, c)) => (Some(r), Some(c)),
+        None => (None, None),
+    };
     let done = Exchange {
         _held: held,
+        _registration: registration,
+        bytes_in,
         presented,
         rule,
         method,
@@ -342,7 +372,10 @@ async fn forward(
         active,
         log: gate.config.log.access,
     };
-    Response::from_parts(parts, ResponseBody::upstream(body, Some(Box::new(done))))
+    Response::from_parts(
+        parts,
+        ResponseBody::upstream(body, Some(Box::new(done)), close),
+    )
 }
 
 fn outcome_of(f: ProxyFailure) -> UpstreamOutcome {
@@ -352,6 +385,7 @@ fn outcome_of(f: ProxyFailure) -> UpstreamOutcome {
         ProxyFailure::UpstreamResponseTimeout => UpstreamOutcome::response_timeout,
         ProxyFailure::UpstreamBroken => UpstreamOutcome::error,
         ProxyFailure::UpstreamBusy => UpstreamOutcome::busy,
+        ProxyFailure::ClosedByPolicy => UpstreamOutcome::closed_by_policy,
     }
 }
 
@@ -422,6 +456,8 @@ async fn relay(
 /// One forwarded exchange, logged and un-counted when its response body ends.
 struct Exchange {
     _held: Held,
+    _registration: Option<crate::registry::Registration>,
+    bytes_in: Arc<std::sync::atomic::AtomicU64>,
     presented: Presented,
     rule: Arc<str>,
     method: http::Method,
@@ -438,7 +474,7 @@ impl BodyDone for Exchange {
         self.active.dec();
         if self.log {
             let p = &self.presented;
-            tracing::info!(target: "fwgate::access", client = %p.client, device = p.device.as_deref().unwrap_or("-"), raw_version = p.raw_version.as_deref().unwrap_or("-"), version = %p.version_str(), rule = %self.rule, decision = "allow", status = self.status, method = %self.method, path = &*self.path, backend_ms = self.backend_time.as_secs_f64() * 1000.0, bytes_out = bytes, complete, duration_ms = self.started.elapsed().as_secs_f64() * 1000.0, "forwarded");
+            tracing::info!(target: "fwgate::access", client = %p.client, device = p.device.as_deref().unwrap_or("-"), raw_version = p.raw_version.as_deref().unwrap_or("-"), version = %p.version_str(), rule = %self.rule, decision = "allow", status = self.status, method = %self.method, path = &*self.path, backend_ms = self.backend_time.as_secs_f64() * 1000.0, bytes_in = self.bytes_in.load(std::sync::atomic::Ordering::Relaxed), bytes_out = bytes, complete, duration_ms = self.started.elapsed().as_secs_f64() * 1000.0, "forwarded");
         }
     }
 }

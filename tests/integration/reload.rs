@@ -303,3 +303,60 @@ async fn sighup_reloads_the_binary() {
     assert!(exit.success(), "exit status {exit:?}");
     let _ = Path::new("");
 }
+
+/// Reads a raw HTTP response until the connection ends; returns (complete, body bytes seen).
+async fn drain_response(mut s: tokio::net::TcpStream) -> (bool, usize) {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut all)).await;
+    let complete = all.ends_with(b"0\r\n\r\n");
+    (complete, all.len())
+}
+
+#[tokio::test]
+async fn close_existing_also_ends_long_requests_it_now_refuses() {
+    use tokio::io::AsyncWriteExt;
+    let backend = http_backend().await;
+    let proxy = start_proxy(&rules_blocking(">=9"), backend.addr, "").await;
+    let start = |version: &'static str| {
+        let addr = proxy.addr;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET /drip/100 HTTP/1.1\r\nHost: x\r\nX-Firmware-Version: {version}\r\nConnection: close\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            s
+        }
+    };
+    let bad = start("3.8.0").await;
+    let good = start("3.7.0").await;
+    let (bad, good) = (
+        tokio::spawn(drain_response(bad)),
+        tokio::spawn(drain_response(good)),
+    );
+    eventually("both requests in flight", || async {
+        metric(&proxy, "fwgate_active_connections{rule=\"default\"}").await == Some(2.0)
+    })
+    .await;
+    std::fs::write(
+        proxy.rules_path(),
+        "[[rule]]\nname = \"block\"\nversions = \">=3.8.0-b3\"\naction = \"deny\"\nclose_existing = true\ndrain = \"200ms\"\n",
+    )
+    .unwrap();
+    let (bad_complete, bad_bytes) = bad.await.unwrap();
+    assert!(
+        !bad_complete,
+        "the refused request ran to completion ({bad_bytes} bytes)"
+    );
+    assert!(bad_bytes < 100 * 1024, "{bad_bytes}");
+    let (good_complete, good_bytes) = good.await.unwrap();
+    assert!(
+        good_complete,
+        "a request the new rules still admit was cut ({good_bytes} bytes)"
+    );
+    assert_eq!(
+        metric(&proxy, "fwgate_tunnels_closed_by_policy_total").await,
+        Some(1.0)
+    );
+    proxy.stop().await;
+}

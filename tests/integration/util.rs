@@ -133,6 +133,21 @@ async fn backend_handle(req: Request<Incoming>) -> Result<Response<BackendBody>,
         let body = StreamBody::new(futures_util::stream::iter(chunks));
         return Ok(Response::new(BodyExt::boxed(body)));
     }
+    if let Some(n) = path.strip_prefix("/drip/") {
+        // N chunks of 1 KiB, 50 ms apart: a long-running streamed response.
+        let n: usize = n.parse().unwrap_or(0);
+        let chunks = futures_util::stream::unfold(0usize, move |i| async move {
+            if i >= n {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Some((
+                Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'd'; 1024]))),
+                i + 1,
+            ))
+        });
+        return Ok(Response::new(BodyExt::boxed(StreamBody::new(chunks))));
+    }
     if let Some(ms) = path.strip_prefix("/delay/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
         return Ok(Response::new(

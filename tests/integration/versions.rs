@@ -164,6 +164,26 @@ async fn shadow_mode_admits_counts_and_logs() {
 }
 
 #[tokio::test]
+async fn forwarded_requests_log_bytes_each_way() {
+    let backend = http_backend().await;
+    let proxy = start_proxy(RULES, backend.addr, "").await;
+    let body = "z".repeat(1500);
+    let req = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nX-Device-Id: bytes-dev-9\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, _, answer) = split_response(&raw_exchange(proxy.addr, req.as_bytes()).await);
+    assert_eq!((status, answer.as_str()), (200, "1500"));
+    eventually("access line with both byte counts", || async {
+        captured_logs().lines().any(|l| {
+            l.contains("bytes-dev-9") && l.contains("bytes_in=1500") && l.contains("bytes_out=4")
+        })
+    })
+    .await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn refusals_are_logged_with_decision_fields() {
     let backend = http_backend().await;
     let proxy = start_proxy(RULES, backend.addr, "").await;
