@@ -9,35 +9,44 @@ use serde_json::{json, Value};
 
 use crate::admin::client;
 
-/// What to do.
-#[derive(Debug, Clone)]
+/// What to do (also the `fwgate kill` subcommands: clap reads these doc comments as help).
+#[derive(Debug, Clone, clap::Subcommand)]
 pub enum KillAction {
-    /// Refuse a range.
+    /// Refuse a firmware range now ('*' refuses everything: maintenance mode).
     Add {
-        /// The range (`*` for maintenance mode).
+        /// The range, e.g. '>=3.8.0-b3'.
         versions: String,
-        /// Why.
+        /// Why (required; shown in logs and listings).
+        #[arg(long)]
         reason: String,
-        /// Lifetime, e.g. `2h`.
+        /// Remove the entry automatically after this long (e.g. 2h).
+        #[arg(long)]
         ttl: Option<String>,
-        /// Refusal status.
+        /// Refusal status (default 503).
+        #[arg(long)]
         status: Option<u16>,
-        /// Base Retry-After.
+        /// Base Retry-After (default 5m, jittered ±50%).
+        #[arg(long)]
         retry_after: Option<String>,
-        /// Keep open connections instead of closing them.
+        /// Keep open connections of that range instead of closing them.
+        #[arg(long)]
         keep_existing: bool,
-        /// Spread of closures.
+        /// Spread the closing of open connections over this long (default 10s).
+        #[arg(long)]
         drain: Option<String>,
-        /// Only report the impact.
+        /// Report how many connections would be hit; change nothing.
+        #[arg(long)]
         dry_run: bool,
-        /// Explicit id (generated otherwise; the same id is used on every instance).
+        /// Entry id (default: generated, the same on every --admin).
+        #[arg(long)]
         id: Option<String>,
     },
     /// List entries.
     List,
-    /// Remove an entry.
+    /// Remove an entry (undo).
+    #[command(name = "rm")]
     Remove {
-        /// Its id.
+        /// The entry id.
         id: String,
     },
 }

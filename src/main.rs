@@ -49,53 +49,13 @@ enum Command {
     /// Manage emergency kill-switch entries through the admin API (of one or many instances).
     Kill {
         #[command(subcommand)]
-        action: KillCommand,
+        action: KillAction,
         /// Admin API of an instance (repeat for a fleet). Default: this config's admin address.
         #[arg(long = "admin", global = true)]
         admins: Vec<String>,
         /// File with the admin token (default: $FWGATE_ADMIN_TOKEN, then the config's token_file).
         #[arg(long, global = true)]
         token_file: Option<PathBuf>,
-    },
-}
-
-#[derive(Subcommand)]
-enum KillCommand {
-    /// Refuse a firmware range now ('*' refuses everything: maintenance mode).
-    Add {
-        /// The range, e.g. '>=3.8.0-b3'.
-        versions: String,
-        /// Why (required; shown in logs and listings).
-        #[arg(long)]
-        reason: String,
-        /// Remove the entry automatically after this long (e.g. 2h).
-        #[arg(long)]
-        ttl: Option<String>,
-        /// Refusal status (default 503).
-        #[arg(long)]
-        status: Option<u16>,
-        /// Base Retry-After (default 5m, jittered ±50%).
-        #[arg(long)]
-        retry_after: Option<String>,
-        /// Keep open connections of that range instead of closing them.
-        #[arg(long)]
-        keep_existing: bool,
-        /// Spread the closing of open connections over this long (default 10s).
-        #[arg(long)]
-        drain: Option<String>,
-        /// Report how many connections would be hit; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Entry id (default: generated, the same on every --admin).
-        #[arg(long)]
-        id: Option<String>,
-    },
-    /// List entries.
-    List,
-    /// Remove an entry (undo).
-    Rm {
-        /// The entry id.
-        id: String,
     },
 }
 
@@ -165,7 +125,7 @@ fn main() -> ExitCode {
 
 fn kill(
     config_path: Option<PathBuf>,
-    action: KillCommand,
+    action: KillAction,
     mut admins: Vec<String>,
     token_file: Option<PathBuf>,
 ) -> ExitCode {
@@ -205,31 +165,6 @@ fn kill(
         None => std::env::var("FWGATE_ADMIN_TOKEN")
             .ok()
             .map(|t| t.trim().to_string()),
-    };
-    let action = match action {
-        KillCommand::Add {
-            versions,
-            reason,
-            ttl,
-            status,
-            retry_after,
-            keep_existing,
-            drain,
-            dry_run,
-            id,
-        } => KillAction::Add {
-            versions,
-            reason,
-            ttl,
-            status,
-            retry_after,
-            keep_existing,
-            drain,
-            dry_run,
-            id,
-        },
-        KillCommand::List => KillAction::List,
-        KillCommand::Rm { id } => KillAction::Remove { id },
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

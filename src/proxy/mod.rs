@@ -14,6 +14,7 @@ pub mod tunnel;
 mod service;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use hyper::server::conn::http1;
@@ -236,6 +237,57 @@ async fn serve_connection(
     }
 }
 
+/// A hyper server connection that can be asked to finish its current exchanges and stop.
+trait DrainableConnection: Future {
+    fn start_draining(self: Pin<&mut Self>);
+}
+
+impl<I, S> DrainableConnection for http1::UpgradeableConnection<I, S>
+where
+    Self: Future,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: hyper::body::Body + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn start_draining(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, E> DrainableConnection for hyper::server::conn::http2::Connection<I, S, E>
+where
+    Self: Future,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: hyper::body::Body + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn start_draining(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Runs a connection to its end; when shutdown starts, lets its current exchanges finish.
+async fn until_done_or_drained<C: DrainableConnection>(
+    conn: C,
+    stop: &mut watch::Receiver<bool>,
+) -> C::Output {
+    tokio::pin!(conn);
+    let stopping = async {
+        // The watch guard is dropped inside this block, before any other await.
+        let _ = stop.wait_for(|s| *s).await.map(|_| ());
+    };
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = stopping => {
+            conn.as_mut().start_draining();
+            conn.await
+        }
+    }
+}
+
 /// Serves HTTP/2 (negotiated by ALPN over TLS): plain requests through the same rules; upgrades
 /// (WebSocket) stay on HTTP/1.1.
 async fn serve_h2<I>(
@@ -259,17 +311,7 @@ async fn serve_h2<I>(
         .max_header_list_size(listen.max_header_bytes as u32)
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .serve_connection(io, svc);
-    tokio::pin!(conn);
-    let stopping = async {
-        let _ = stop.wait_for(|s| *s).await.map(|_| ());
-    };
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = stopping => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let result = until_done_or_drained(conn, &mut stop).await;
     if let Err(e) = result {
         gate.metrics.connection_closed(CloseReason::io);
         tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
@@ -302,18 +344,7 @@ async fn serve_http<I>(
         .max_headers(listen.max_headers)
         .serve_connection(io, svc)
         .with_upgrades();
-    tokio::pin!(conn);
-    let stopping = async {
-        // The watch guard is dropped inside this block, before any other await.
-        let _ = stop.wait_for(|s| *s).await.map(|_| ());
-    };
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = stopping => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let result = until_done_or_drained(conn, &mut stop).await;
     if let Err(e) = result {
         let reason = if e.is_timeout() {
             CloseReason::header_timeout
