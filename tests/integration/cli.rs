@@ -25,7 +25,7 @@ fn check_accepts_the_shipped_examples() {
     let (ok, out) = fwgate(&["check", "--config", &repo_config()]);
     assert!(ok, "shipped config must be valid:\n{out}");
     assert!(out.contains("ok: "), "{out}");
-    assert!(out.contains("2 rule(s)"), "{out}");
+    assert!(out.contains("3 rule(s)"), "{out}");
 }
 
 #[test]
