@@ -288,6 +288,25 @@ async fn until_done_or_drained<C: DrainableConnection>(
     }
 }
 
+/// The admission service for one connection. The connection slot is shared with every
+/// request on it and handed to a tunnel on upgrade, so it stays taken for as long as anything
+/// of the connection is open.
+fn admission_service(
+    gate: &Arc<Gate>,
+    info: ConnInfo,
+    slot: ConnPermit,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<response::ResponseBody>,
+    Error = std::convert::Infallible,
+    Future: Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    let (gate, info, slot) = (gate.clone(), Arc::new(info), Arc::new(slot));
+    service_fn(move |req| service::handle(gate.clone(), info.clone(), slot.clone(), req))
+}
+
 /// Serves HTTP/2 (negotiated by ALPN over TLS): plain requests through the same rules; upgrades
 /// (WebSocket) stay on HTTP/1.1.
 async fn serve_h2<I>(
@@ -299,12 +318,7 @@ async fn serve_h2<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let slot = Arc::new(slot);
-    let info = Arc::new(info);
-    let svc = service_fn({
-        let gate = gate.clone();
-        move |req| service::handle(gate.clone(), info.clone(), slot.clone(), req)
-    });
+    let svc = admission_service(&gate, info, slot);
     let listen = &gate.config.listen;
     let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -328,14 +342,7 @@ async fn serve_http<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    // Shared with every request on the connection, and handed to a tunnel on upgrade, so the
-    // slot stays taken for as long as anything of the connection is open.
-    let slot = Arc::new(slot);
-    let info = Arc::new(info);
-    let svc = service_fn({
-        let gate = gate.clone();
-        move |req| service::handle(gate.clone(), info.clone(), slot.clone(), req)
-    });
+    let svc = admission_service(&gate, info, slot);
     let listen = &gate.config.listen;
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())

@@ -353,17 +353,8 @@ impl Compiler<'_> {
                     );
                     continue;
                 }
-                let pattern = match &raw.pattern {
-                    None => None,
-                    Some(p) => match Pattern::new(p.get_ref(), group) {
-                        Ok(p) => Some(p),
-                        Err(e) => {
-                            let first = e.to_string();
-                            let first = first.lines().last().unwrap_or("invalid regex");
-                            self.error(p.span().start, format!("invalid pattern: {first}"));
-                            continue;
-                        }
-                    },
+                let Ok(pattern) = self.pattern(&raw.pattern, group) else {
+                    continue;
                 };
                 out.push(Source::ClientCert { pattern });
                 continue;
@@ -380,17 +371,8 @@ impl Compiler<'_> {
                             continue;
                         }
                     };
-                    let pattern = match pattern {
-                        None => None,
-                        Some(p) => match Pattern::new(p.get_ref(), group) {
-                            Ok(p) => Some(p),
-                            Err(e) => {
-                                let first = e.to_string();
-                                let first = first.lines().last().unwrap_or("invalid regex");
-                                self.error(p.span().start, format!("invalid pattern: {first}"));
-                                continue;
-                            }
-                        },
+                    let Ok(pattern) = self.pattern(pattern, group) else {
+                        continue;
                     };
                     out.push(Source::Header { name, pattern });
                 }
@@ -413,6 +395,22 @@ impl Compiler<'_> {
             }
         }
         Extractor::new(out)
+    }
+
+    /// Compiles an optional source pattern; `Err` once the error is recorded.
+    fn pattern(
+        &mut self,
+        pattern: &Option<Spanned<String>>,
+        group: &str,
+    ) -> Result<Option<Pattern>, ()> {
+        let Some(p) = pattern else {
+            return Ok(None);
+        };
+        Pattern::new(p.get_ref(), group).map(Some).map_err(|e| {
+            let text = e.to_string();
+            let last = text.lines().last().unwrap_or("invalid regex");
+            self.error(p.span().start, format!("invalid pattern: {last}"));
+        })
     }
 
     fn range(
