@@ -182,13 +182,60 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8], count: &AtomicU64) -> io::R
     Ok(())
 }
 
-/// Fallback for streams that are not plain TCP (e.g. TLS later): a buffered copy both ways
-/// that also respects half-close. Holds two buffers per tunnel. `a_early`/`b_early` are bytes
-/// each side already sent, delivered first.
+/// A stream that counts the bytes read from it, so the buffered relay can see activity.
+struct Metered<'c, S> {
+    inner: S,
+    read: &'c AtomicU64,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Fallback for streams that are not plain TCP (TLS on either leg): a buffered copy both ways
+/// that also respects half-close, with the same idle timeout as [`relay_tcp`] (both sides are
+/// metered, so an active tunnel is never cut). Holds two buffers per tunnel. `a_early`/
+/// `b_early` are bytes each side already sent, delivered first.
 pub async fn relay_generic<A, B>(
-    mut a: A,
+    a: A,
     a_early: &[u8],
-    mut b: B,
+    b: B,
     b_early: &[u8],
     close: Arc<Notify>,
     idle_timeout: Duration,
@@ -197,24 +244,30 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let up = AtomicU64::new(a_early.len() as u64);
+    let down = AtomicU64::new(b_early.len() as u64);
+    let mut a = Metered {
+        inner: a,
+        read: &up,
+    };
+    let mut b = Metered {
+        inner: b,
+        read: &down,
+    };
     let run = async {
         b.write_all(a_early).await?;
         a.write_all(b_early).await?;
         tokio::io::copy_bidirectional(&mut a, &mut b).await
     };
-    tokio::select! {
-        r = run => match r {
-            Ok((up, down)) => TunnelStats {
-                client_to_upstream: up + a_early.len() as u64,
-                upstream_to_client: down + b_early.len() as u64,
-                end: TunnelEnd::Closed,
-            },
-            Err(_) => TunnelStats { end: TunnelEnd::Error, ..TunnelStats::default() },
-        },
-        _ = close.notified() => TunnelStats { end: TunnelEnd::ClosedByPolicy, ..TunnelStats::default() },
-        // Byte counts are not visible inside copy_bidirectional: this bounds total lifetime
-        // without activity tracking, so it is only armed for the (rare) non-TCP fallback.
-        _ = async { if idle_timeout.is_zero() { std::future::pending::<()>().await } else { tokio::time::sleep(idle_timeout).await } } => TunnelStats { end: TunnelEnd::IdleTimeout, ..TunnelStats::default() },
+    let end = tokio::select! {
+        r = run => if r.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error },
+        _ = close.notified() => TunnelEnd::ClosedByPolicy,
+        _ = idle(idle_timeout, &up, &down) => TunnelEnd::IdleTimeout,
+    };
+    TunnelStats {
+        client_to_upstream: up.load(Ordering::Relaxed),
+        upstream_to_client: down.load(Ordering::Relaxed),
+        end,
     }
 }
 
@@ -298,6 +351,36 @@ mod tests {
             // Keep it busy for 3 idle periods, then go quiet.
             for _ in 0..9 {
                 client.write_all(b"x").await.unwrap();
+                let mut b = [0u8; 1];
+                backend.read_exact(&mut b).await.unwrap();
+                tokio::time::sleep(idle / 3).await;
+            }
+            std::future::pending::<()>().await
+        };
+        let started = std::time::Instant::now();
+        let stats = tokio::select! {
+            s = relay => s,
+            _ = chatter => unreachable!(),
+        };
+        assert_eq!(stats.end, TunnelEnd::IdleTimeout);
+        assert!(
+            started.elapsed() >= idle * 3,
+            "closed while active after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(stats.client_to_upstream, 9);
+    }
+
+    #[tokio::test]
+    async fn the_buffered_relay_also_closes_only_idle_tunnels() {
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut backend) = pair().await;
+        let close = Arc::new(Notify::new());
+        let idle = Duration::from_millis(300);
+        let relay = relay_generic(client_side, b"", upstream_side, b"", close, idle);
+        let chatter = async {
+            for _ in 0..9 {
+                client.write_all(b"y").await.unwrap();
                 let mut b = [0u8; 1];
                 backend.read_exact(&mut b).await.unwrap();
                 tokio::time::sleep(idle / 3).await;
