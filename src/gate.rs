@@ -16,7 +16,7 @@ use crate::killswitch::{self, EntrySpec, KillSet, KillSwitchError, StateFile};
 use crate::limits::backoff::Backoff;
 use crate::limits::{key_hash, Capacity, ConnPermit, GlobalLimits, LimitOutcome, LimitStore};
 use crate::metrics::KillSwitchAction;
-use crate::metrics::{Metrics, ReloadLabel, ReloadResult};
+use crate::metrics::{DecisionKind, Metrics, ReloadLabel, ReloadResult};
 use crate::proxy::forward::Upstream;
 use crate::registry::Registry;
 use crate::rules::{
@@ -119,8 +119,9 @@ impl LimitDeciders {
 pub enum Verdict<'a> {
     /// Forward it, holding this limit slot (if any) while it is open.
     Forward(Option<ConnPermit>),
-    /// Refuse it; the `Retry-After` (seconds) is given when computed rather than configured.
-    Refuse(&'a Refusal, Option<u64>),
+    /// Refuse it, counted as `kind` (`deny` or `limited`); the `Retry-After` (seconds) is
+    /// given when computed rather than configured.
+    Refuse(&'a Refusal, Option<u64>, DecisionKind),
 }
 
 /// Shared admission state.
@@ -298,7 +299,7 @@ impl Gate {
             }
             Action::Deny(r) => {
                 c.deny.inc();
-                Verdict::Refuse(r, None)
+                Verdict::Refuse(r, None, DecisionKind::deny)
             }
             Action::Limit(l) => match l.state.check(key_hash(device, ip, l.state.spec().key)) {
                 LimitOutcome::Admit(permit) => {
@@ -307,11 +308,15 @@ impl Gate {
                 }
                 LimitOutcome::RateLimited(wait) => {
                     c.limited.inc();
-                    Verdict::Refuse(&l.refusal, Some(jittered_wait_secs(wait, l.refusal.jitter)))
+                    Verdict::Refuse(
+                        &l.refusal,
+                        Some(jittered_wait_secs(wait, l.refusal.jitter)),
+                        DecisionKind::limited,
+                    )
                 }
                 LimitOutcome::AtCapacity => {
                     c.limited.inc();
-                    Verdict::Refuse(&l.refusal, None)
+                    Verdict::Refuse(&l.refusal, None, DecisionKind::limited)
                 }
             },
         }
@@ -321,7 +326,7 @@ impl Gate {
     pub fn refuse_by<'a>(&self, decider: &'a Decider, retry_secs: Option<u64>) -> Verdict<'a> {
         decider.counters.limited.inc();
         match &decider.action {
-            Action::Deny(r) => Verdict::Refuse(r, retry_secs),
+            Action::Deny(r) => Verdict::Refuse(r, retry_secs, DecisionKind::limited),
             // The fixed deciders are all built as Deny above.
             _ => Verdict::Forward(None),
         }

@@ -28,6 +28,19 @@ pub enum DecisionKind {
     limited,
 }
 
+impl DecisionKind {
+    /// The label value, also used as the access log's `decision` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionKind::allow => "allow",
+            DecisionKind::deny => "deny",
+            DecisionKind::shadow_deny => "shadow_deny",
+            DecisionKind::shadow_allow => "shadow_allow",
+            DecisionKind::limited => "limited",
+        }
+    }
+}
+
 /// Labels of `fwgate_decisions_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {

@@ -35,7 +35,7 @@ async fn refuse_at_accept(gate: Arc<Gate>, mut stream: tokio::net::TcpStream) {
     use tokio::io::AsyncWriteExt as _;
     let decider = &gate.limit_deciders.max_connections;
     let retry = match gate.refuse_by(decider, None) {
-        crate::gate::Verdict::Refuse(r, _) => r.retry_after_secs().unwrap_or(10),
+        crate::gate::Verdict::Refuse(r, _, _) => r.retry_after_secs().unwrap_or(10),
         crate::gate::Verdict::Forward(_) => 10,
     };
     let body = "too many open connections, retry later\n";

@@ -25,7 +25,7 @@ use crate::gate::Verdict;
 use crate::limits::{key_hash, ConnPermit, LimitKey};
 use crate::metrics::UpstreamOutcome;
 use crate::registry::TrackedKind;
-use crate::rules::{jittered_wait_secs, Action, Decision, VersionInput};
+use crate::rules::{jittered_wait_secs, Decision, VersionInput};
 
 /// Who is asking and what they presented, kept for the access log.
 struct Presented {
@@ -226,7 +226,7 @@ fn refuse(
     req: &Request<Incoming>,
     client: SocketAddr,
 ) -> Response<ResponseBody> {
-    let Verdict::Refuse(refusal, retry) = verdict else {
+    let Verdict::Refuse(refusal, retry, kind) = verdict else {
         return response::plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
     };
     let resp = match retry {
@@ -242,7 +242,7 @@ fn refuse(
             raw_version = p.and_then(|p| p.raw_version.as_deref()).unwrap_or("-"),
             version = %p.map(|p| p.version_str()).unwrap_or_else(|| "-".into()),
             rule = %decider.name,
-            decision = if matches!(decider.action, Action::Deny(_)) && !decider.name.starts_with("global:") && &*decider.name != "backoff" && &*decider.name != "upstream:capacity" { "deny" } else { "limited" },
+            decision = kind.as_str(),
             status = resp.status().as_u16(),
             method = %req.method(),
             path = req.uri().path(),

@@ -61,6 +61,14 @@ jitter = 0.5
         .await,
         Some(3.0)
     );
+    assert!(
+        captured_logs()
+            .lines()
+            .any(|l| l.contains("rule=suspicious")
+                && l.contains("decision=\"limited\"")
+                && l.contains("status=429")),
+        "a limit refusal must be logged as limited"
+    );
     assert_eq!(
         backend.requests.load(Ordering::SeqCst),
         4,
