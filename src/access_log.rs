@@ -4,14 +4,11 @@
 //! a per-second budget lines are dropped, counted, and a summary line says how many.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 
 fn process_seconds() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_secs()
+    crate::clock::since_start().as_secs()
 }
 
 /// Per-second budget for refusal lines, lock-free.

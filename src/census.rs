@@ -4,8 +4,7 @@
 //! counted individually; later newcomers are folded into `other`.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::sync::{Mutex, MutexGuard};
 
 use serde_json::{json, Value};
 
@@ -69,9 +68,8 @@ fn sum<const N: usize>(slots: &[(u64, u32); N], current: u64) -> u64 {
 }
 
 fn now_secs() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
     // Offset by one window so that stamp 0 never collides with "never written".
-    START.get_or_init(Instant::now).elapsed().as_secs() + 3600
+    crate::clock::since_start().as_secs() + 3600
 }
 
 /// Handshake counts per version.

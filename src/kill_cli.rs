@@ -57,30 +57,10 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
         .ok()
         .map(|u| format!("{u} via fwgate kill"));
     // One id for the whole fleet, so `kill rm ID` later reaches the same entry everywhere.
-    let action = match action {
-        KillAction::Add {
-            id: None,
-            versions,
-            reason,
-            ttl,
-            status,
-            retry_after,
-            keep_existing,
-            drain,
-            dry_run,
-        } => KillAction::Add {
-            id: Some(crate::killswitch::generate_id()),
-            versions,
-            reason,
-            ttl,
-            status,
-            retry_after,
-            keep_existing,
-            drain,
-            dry_run,
-        },
-        other => other,
-    };
+    let mut action = action;
+    if let KillAction::Add { id, .. } = &mut action {
+        id.get_or_insert_with(crate::killswitch::generate_id);
+    }
     let mut tasks = Vec::new();
     for admin in admins {
         let (admin, action, token, actor) =

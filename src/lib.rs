@@ -26,6 +26,7 @@ pub mod access_log;
 pub mod admin;
 pub mod census;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod diag;
 pub mod duration;

@@ -9,8 +9,8 @@
 //! shards so two cores rarely contend; at most `max_keys` keys are kept, quiet ones are swept.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 /// Reconnect backoff settings (`[limits.backoff]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,8 +66,7 @@ pub struct Backoff {
 }
 
 fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+    crate::clock::since_start().as_millis() as u64
 }
 
 impl Backoff {

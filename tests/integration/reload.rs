@@ -242,6 +242,16 @@ async fn close_existing_closes_exactly_the_matching_tunnels_within_the_drain() {
     proxy.stop().await;
 }
 
+/// A child process that is killed if the test fails before it exits on its own.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// SIGHUP needs a real process. The change is made where the watcher cannot see it: the
 /// configured `rules.toml` is a symlink into a sub-directory, and the real file is rewritten in
 /// place there, so the watched directory gets no event and the periodic re-check (30 s) is
@@ -266,17 +276,19 @@ async fn sighup_reloads_the_binary() {
         format!("rules = \"rules.toml\"\n[listen]\naddr = \"{listen}\"\n[upstream]\naddr = \"{}\"\n[admin]\naddr = \"{admin}\"\n[log]\naccess = false\n", backend.addr),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fwgate"))
-        .args([
-            "run",
-            "--config",
-            dir.path().join("fwgate.toml").to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id().to_string();
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_fwgate"))
+            .args([
+                "run",
+                "--config",
+                dir.path().join("fwgate.toml").to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id().to_string();
     eventually("binary is ready", || async {
         tokio::net::TcpStream::connect(admin).await.is_ok()
     })
@@ -294,7 +306,7 @@ async fn sighup_reloads_the_binary() {
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let deadline = Instant::now() + DEADLINE;
     let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         assert!(
