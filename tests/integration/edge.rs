@@ -54,12 +54,7 @@ async fn slowloris_is_cut_off_while_others_are_served() {
             >= Some(1.0)
     })
     .await;
-    assert_eq!(
-        backend
-            .connections
-            .load(std::sync::atomic::Ordering::SeqCst),
-        1
-    );
+    assert_eq!(backend.connections(), 1);
     proxy.stop().await;
 }
 
@@ -106,12 +101,7 @@ async fn too_many_headers_and_too_long_uri_are_refused() {
     assert!(resp.starts_with("HTTP/1.1 431"), "{resp:?}");
     let long = format!("/{}", "a".repeat(200));
     assert_eq!(get(proxy.addr, &long, &[]).await.0, 414);
-    assert_eq!(
-        backend
-            .connections
-            .load(std::sync::atomic::Ordering::SeqCst),
-        0
-    );
+    assert_eq!(backend.connections(), 0);
     assert_eq!(get(proxy.addr, "/", &[]).await.0, 200);
     proxy.stop().await;
 }
@@ -182,12 +172,7 @@ async fn proxy_protocol_from_an_untrusted_source_is_refused() {
         .await,
         Some(1.0)
     );
-    assert_eq!(
-        backend
-            .connections
-            .load(std::sync::atomic::Ordering::SeqCst),
-        0
-    );
+    assert_eq!(backend.connections(), 0);
     proxy.stop().await;
 }
 
@@ -232,7 +217,7 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     let addr = proxy.addr;
     let in_flight = tokio::spawn(async move { get(addr, "/delay/700", &[]).await });
     eventually("request reached the backend", || async {
-        backend.requests.load(std::sync::atomic::Ordering::SeqCst) == 1
+        backend.requests() == 1
     })
     .await;
     let gate = proxy.gate.clone();

@@ -1,6 +1,5 @@
 //! Plain HTTP proxying: headers, streaming bodies, keep-alive, backend failures, bad requests.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -91,9 +90,9 @@ async fn keep_alive_is_reused_on_both_sides() {
             got.extend_from_slice(&buf[..n]);
         }
     }
-    assert_eq!(backend.requests.load(Ordering::SeqCst), 5);
+    assert_eq!(backend.requests(), 5);
     assert_eq!(
-        backend.connections.load(Ordering::SeqCst),
+        backend.connections(),
         1,
         "the pooled upstream connection was not reused"
     );
@@ -208,7 +207,7 @@ async fn oversize_head_is_refused_with_431() {
         "got {:?}",
         &resp[..resp.len().min(100)]
     );
-    assert_eq!(backend.connections.load(Ordering::SeqCst), 0);
+    assert_eq!(backend.connections(), 0);
     proxy.stop().await;
 }
 

@@ -1,7 +1,6 @@
 //! The emergency kill switch: instant, persisted, expiring, audited, fleet-wide.
 
 use std::process::Command;
-use std::sync::atomic::Ordering;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -117,7 +116,7 @@ async fn maintenance_mode_refuses_everything_and_never_reaches_the_backend() {
     for v in [Some("0.0.1"), Some("99.0.0-rc1"), Some("garbage"), None] {
         assert_eq!(status_for(&proxy, v).await, 503, "{v:?}");
     }
-    assert_eq!(backend.connections.load(Ordering::SeqCst), 0);
+    assert_eq!(backend.connections(), 0);
     proxy.stop().await;
 }
 

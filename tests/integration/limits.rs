@@ -1,8 +1,6 @@
 //! Rate limits, concurrency caps, global caps, reconnect backoff and backend protection,
 //! through the real proxy.
 
-use std::sync::atomic::Ordering;
-
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -70,7 +68,7 @@ jitter = 0.5
         "a limit refusal must be logged as limited"
     );
     assert_eq!(
-        backend.requests.load(Ordering::SeqCst),
+        backend.requests(),
         4,
         "limited requests reached the backend"
     );
@@ -131,7 +129,7 @@ async fn concurrency_cap_is_released_when_a_tunnel_closes() {
         ws_connect(proxy.addr, "/ws", &h).await.is_ok()
     })
     .await;
-    assert_eq!(backend.connections.load(Ordering::SeqCst), 3);
+    assert_eq!(backend.connections(), 3);
     proxy.stop().await;
 }
 
@@ -175,7 +173,7 @@ async fn reconnect_backoff_holds_back_a_hammering_device_without_backend_contact
         .0,
         200
     );
-    assert_eq!(backend.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(backend.requests(), 1);
     proxy.stop().await;
 }
 
@@ -189,7 +187,7 @@ async fn global_max_connections_refuses_at_accept() {
     assert_eq!(status, 503, "{resp}");
     assert!(header(&head, "retry-after").is_some());
     assert_eq!(body, "too many open connections, retry later\n");
-    assert_eq!(backend.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(backend.connections(), 1);
     proxy.stop().await;
 }
 
@@ -237,7 +235,7 @@ async fn backend_capacity_answers_503_at_once() {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 503),
         other => panic!("expected 503, got {:?}", other.map(|_| ())),
     }
-    assert_eq!(backend.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(backend.connections(), 1);
     proxy.stop().await;
 }
 

@@ -3,7 +3,6 @@
 
 use std::os::unix::fs::symlink;
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -238,7 +237,7 @@ async fn close_existing_closes_exactly_the_matching_tunnels_within_the_drain() {
         metric(&proxy, "fwgate_tunnels_closed_by_policy_total").await,
         Some(4.0)
     );
-    assert_eq!(backend.connections.load(Ordering::SeqCst), 8);
+    assert_eq!(backend.connections(), 8);
     proxy.stop().await;
 }
 

@@ -187,13 +187,10 @@ async fn http2_through_tls_goes_through_the_same_rules() {
     );
     assert!(body.contains("x-forwarded-proto: https"), "{body}");
     // Same connection, refused version: 503 from the rule, no backend request.
-    let before = backend.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let before = backend.requests();
     let resp = sender.send_request(request("3.8.0")).await.unwrap();
     assert_eq!(resp.status(), 503);
-    assert_eq!(
-        backend.requests.load(std::sync::atomic::Ordering::SeqCst),
-        before
-    );
+    assert_eq!(backend.requests(), before);
     proxy.stop().await;
 }
 

@@ -100,6 +100,25 @@ pub async fn http_backend() -> HttpBackend {
     }
 }
 
+impl HttpBackend {
+    /// TCP connections the backend accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Requests the backend served so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl WsBackend {
+    /// TCP connections the backend accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
 type BackendBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 async fn backend_handle(req: Request<Incoming>) -> Result<Response<BackendBody>, Infallible> {

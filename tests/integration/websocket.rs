@@ -1,7 +1,5 @@
 //! WebSocket tunnels through the proxy.
 
-use std::sync::atomic::Ordering;
-
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -64,7 +62,7 @@ async fn echo_text_binary_large_ping_and_close() {
         }
     }
     assert!(saw_close, "no close frame came back through the tunnel");
-    assert_eq!(backend.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(backend.connections(), 1);
     proxy.stop().await;
 }
 
@@ -79,7 +77,7 @@ async fn refused_handshake_never_reaches_the_backend() {
         tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 503),
         other => panic!("expected an HTTP refusal, got {other:?}"),
     }
-    assert_eq!(backend.connections.load(Ordering::SeqCst), 0);
+    assert_eq!(backend.connections(), 0);
     let n = metric(
         &proxy,
         "fwgate_decisions_total{decision=\"deny\",rule=\"block-table-scan\"}",
