@@ -118,6 +118,7 @@ pub async fn run(
             loop {
                 tick.tick().await;
                 gate.sweep_limits();
+                gate.upstream.sweep_idle();
             }
         }
     });

@@ -131,11 +131,12 @@ pub async fn serve(
         let tls = tls.clone();
         // Boxed: a task's allocation is sized by its future and outlives it while any waker
         // remains; the box is freed when the connection ends, leaving only a small task cell.
-        tokio::spawn(Box::pin(async move {
+        let fut = async move {
             let _alive = alive;
             let _socket = socket_permit;
             serve_connection(gate, tls, stream, peer, slot, stop).await;
-        }));
+        };
+        tokio::spawn(Box::pin(fut));
     }
     let _ = stop_tx.send(true);
     drop(alive_tx);
@@ -205,19 +206,23 @@ async fn serve_connection(
         return serve_http(gate, TokioIo::new(stream), info, slot, stop).await;
     };
     // Bounded like the request head: a client stalling mid-handshake is a slowloris too.
-    let stream =
-        match tokio::time::timeout(listen.header_read_timeout, tls.acceptor.accept(stream)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                gate.metrics.connection_closed(CloseReason::tls_handshake);
-                tracing::debug!(client = %client, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                gate.metrics.connection_closed(CloseReason::tls_handshake);
-                return;
-            }
-        };
+    let stream = match Box::pin(tokio::time::timeout(
+        listen.header_read_timeout,
+        tls.acceptor.accept(stream),
+    ))
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            gate.metrics.connection_closed(CloseReason::tls_handshake);
+            tracing::debug!(client = %client, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            gate.metrics.connection_closed(CloseReason::tls_handshake);
+            return;
+        }
+    };
     let session = stream.get_ref().1;
     let h2 = session.alpn_protocol() == Some(b"h2".as_slice());
     let cert_identity = session
@@ -230,10 +235,12 @@ async fn serve_connection(
         scheme: "https",
         cert_identity,
     };
+    // Boxed when reached: inline, these futures would make every plain connection's future
+    // (copied whole on each move) several kilobytes larger.
     if h2 {
-        serve_h2(gate, TokioIo::new(stream), info, slot, stop).await;
+        Box::pin(serve_h2(gate, TokioIo::new(stream), info, slot, stop)).await;
     } else {
-        serve_http(gate, TokioIo::new(stream), info, slot, stop).await;
+        Box::pin(serve_http(gate, TokioIo::new(stream), info, slot, stop)).await;
     }
 }
 

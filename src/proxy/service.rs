@@ -14,7 +14,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::forward::{
-    add_forwarding_headers, strip_hop_by_hop, wants_upgrade, UpstreamRequestBody, UpstreamStream,
+    add_forwarding_headers, strip_hop_by_hop, wants_upgrade, Lease, UpstreamRequestBody,
+    UpstreamStream,
 };
 use super::response::{self, BodyDone, ProxyFailure, ResponseBody};
 use super::tunnel::{self, TunnelStats};
@@ -268,7 +269,8 @@ async fn forward(
     let method = req.method().clone();
     strip_hop_by_hop(req.headers_mut(), upgrade);
     // The backend leg is HTTP/1.1 whatever the client spoke; HTTP/2 carries the host in
-    // :authority, not Host: keep it for the backend.
+    // :authority, not Host: keep it for the backend (a request with neither gets the backend's
+    // address as Host).
     *req.version_mut() = http::Version::HTTP_11;
     if !req.headers().contains_key(http::header::HOST) {
         if let Some(host) = req
@@ -297,13 +299,13 @@ async fn forward(
     let sent = async {
         match &tracked {
             Some((_, close)) => tokio::select! {
-                r = gate.upstream.send(req) => r,
+                r = gate.upstream.send(req, upgrade) => r,
                 _ = close.notified() => Err(ProxyFailure::ClosedByPolicy),
             },
-            None => gate.upstream.send(req).await,
+            None => gate.upstream.send(req, upgrade).await,
         }
     };
-    let mut resp = match sent.await {
+    let (mut resp, lease) = match sent.await {
         Ok(r) => r,
         Err(failure) => {
             gate.metrics.upstream(outcome_of(failure)).inc();
@@ -360,6 +362,7 @@ async fn forward(
     };
     let done = Exchange {
         _held: held,
+        lease: Some(lease),
         _registration: registration,
         bytes_in,
         presented,
@@ -456,6 +459,8 @@ async fn relay(
 /// One forwarded exchange, logged and un-counted when its response body ends.
 struct Exchange {
     _held: Held,
+    /// The backend connection, reused only if the response was read to its end.
+    lease: Option<Lease>,
     _registration: Option<crate::registry::Registration>,
     bytes_in: Arc<std::sync::atomic::AtomicU64>,
     presented: Presented,
@@ -470,8 +475,11 @@ struct Exchange {
 }
 
 impl BodyDone for Exchange {
-    fn done(self: Box<Self>, bytes: u64, complete: bool) {
+    fn done(mut self: Box<Self>, bytes: u64, complete: bool) {
         self.active.dec();
+        if let (true, Some(lease)) = (complete, self.lease.take()) {
+            lease.release();
+        }
         if self.log {
             let p = &self.presented;
             tracing::info!(target: "fwgate::access", client = %p.client, device = p.device.as_deref().unwrap_or("-"), raw_version = p.raw_version.as_deref().unwrap_or("-"), version = %p.version_str(), rule = %self.rule, decision = "allow", status = self.status, method = %self.method, path = &*self.path, backend_ms = self.backend_time.as_secs_f64() * 1000.0, bytes_in = self.bytes_in.load(std::sync::atomic::Ordering::Relaxed), bytes_out = bytes, complete, duration_ms = self.started.elapsed().as_secs_f64() * 1000.0, "forwarded");

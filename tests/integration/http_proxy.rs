@@ -99,6 +99,67 @@ async fn keep_alive_is_reused_on_both_sides() {
     proxy.stop().await;
 }
 
+/// A backend that answers one request per connection as if keep-alive, then closes the socket
+/// (what a backend's keep-alive timeout does): fwgate must notice the pooled connection is
+/// gone and send the next request on a fresh one instead of answering 502.
+#[tokio::test]
+async fn a_pooled_connection_the_backend_closed_is_not_used() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // No `Connection: close`: the proxy learns of the close only from the socket.
+            });
+        }
+    });
+    let proxy = start_proxy(ALLOW_ALL, addr, "").await;
+    for i in 0..10 {
+        let (status, _, body) = get(proxy.addr, "/", &[]).await;
+        assert_eq!((status, body.as_str()), (200, "ok"), "request {i}");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 10);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_without_host_gets_the_backend_address_as_host() {
+    let backend = http_backend().await;
+    let proxy = start_proxy(ALLOW_ALL, backend.addr, "").await;
+    let resp = raw_exchange(proxy.addr, b"GET /headers HTTP/1.0\r\n\r\n").await;
+    let (status, _, body) = split_response(&resp);
+    assert_eq!(status, 200, "{resp}");
+    let expected = format!("host: {}", backend.addr);
+    assert!(body.lines().any(|l| l == expected), "{body}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn with_pool_max_idle_zero_every_request_gets_a_new_backend_connection() {
+    let backend = http_backend().await;
+    let proxy = start_proxy(ALLOW_ALL, backend.addr, "[upstream]\npool_max_idle = 0\n").await;
+    for _ in 0..3 {
+        let (status, _, _) = get(proxy.addr, "/", &[]).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(backend.connections(), 3);
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn backend_unreachable_is_502() {
     // Bind then drop: nothing listens on this port any more.
