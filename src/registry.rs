@@ -27,8 +27,8 @@ pub struct Tracked {
     pub kind: TrackedKind,
     /// The version it presented.
     pub version: VersionInput,
-    /// Its request path (rules may have a `path_prefix`).
-    pub path: Box<str>,
+    /// Its request path (rules may have a `path_prefix`); shared with the access log.
+    pub path: Arc<str>,
     /// The rule that admitted it.
     pub rule: Arc<str>,
     /// Notified to close it.
@@ -37,11 +37,35 @@ pub struct Tracked {
     pub opened: Instant,
 }
 
-/// The set of open tunnels.
+/// Hashes the registry's ids: sequential numbers fwgate picks itself (never attacker-chosen),
+/// so one multiplication spreads them well enough and is far cheaper than SipHash, which
+/// matters because every forwarded request registers and unregisters.
+#[derive(Debug, Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type OpenMap = HashMap<u64, Tracked, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// The set of open tunnels and in-flight requests.
 #[derive(Debug, Default)]
 pub struct Registry {
     next_id: AtomicU64,
-    open: Mutex<HashMap<u64, Tracked>>,
+    open: Mutex<OpenMap>,
 }
 
 /// Keeps a connection registered; dropping it unregisters (whatever way the tunnel ends).
@@ -92,7 +116,7 @@ impl ClosePlan {
 }
 
 impl Registry {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Tracked>> {
+    fn lock(&self) -> MutexGuard<'_, OpenMap> {
         // A panic while holding this lock cannot leave the map inconsistent (single inserts and
         // removes), so a poisoned lock is still usable.
         self.open.lock().unwrap_or_else(|e| e.into_inner())
@@ -103,7 +127,7 @@ impl Registry {
         self: &Arc<Self>,
         kind: TrackedKind,
         version: VersionInput,
-        path: &str,
+        path: Arc<str>,
         rule: Arc<str>,
     ) -> (Registration, Arc<Notify>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -113,7 +137,7 @@ impl Registry {
             Tracked {
                 kind,
                 version,
-                path: path.into(),
+                path,
                 rule,
                 close: close.clone(),
                 opened: Instant::now(),
@@ -172,13 +196,13 @@ mod tests {
         let (a, _) = r.register(
             TrackedKind::Tunnel,
             VersionInput::Missing,
-            "/",
+            Arc::from("/"),
             Arc::from("x"),
         );
         let (b, _) = r.register(
             TrackedKind::Tunnel,
             VersionInput::Missing,
-            "/",
+            Arc::from("/"),
             Arc::from("x"),
         );
         assert_eq!(r.len(), 2);
@@ -196,7 +220,7 @@ mod tests {
                 r.register(
                     TrackedKind::Request,
                     VersionInput::Missing,
-                    if i % 2 == 0 { "/a" } else { "/b" },
+                    Arc::from(if i % 2 == 0 { "/a" } else { "/b" }),
                     Arc::from("x"),
                 )
             })

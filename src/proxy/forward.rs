@@ -408,36 +408,50 @@ fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
 /// `Connection`. When `keep_upgrade` is set, `Upgrade` survives and `Connection: upgrade` is
 /// restored, so the backend sees a well-formed upgrade request (or the client a 101).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let upgrade = if keep_upgrade {
-        headers.get(UPGRADE).cloned()
-    } else {
-        None
-    };
-    let listed: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .map(str::trim)
-        .filter(|t| {
-            !t.is_empty()
-                && !["close", "keep-alive", "upgrade"]
-                    .iter()
-                    .any(|k| t.eq_ignore_ascii_case(k))
-        })
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in [
+    static FIXED: [HeaderName; 6] = [
         CONNECTION,
         KEEP_ALIVE,
         PROXY_CONNECTION,
         TE,
         TRANSFER_ENCODING,
         UPGRADE,
-    ] {
+    ];
+    // One pass over the names (cheap comparisons) finds which of the fixed names are present:
+    // most messages carry none or one, and each removal is a hashed lookup.
+    let mut present = [false; FIXED.len()];
+    for name in headers.keys() {
+        if let Some(i) = FIXED.iter().position(|f| f == name) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
+        return;
+    }
+    let upgrade = if keep_upgrade {
+        headers.get(UPGRADE).cloned()
+    } else {
+        None
+    };
+    if present[0] {
+        let listed: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !t.is_empty()
+                    && !["close", "keep-alive", "upgrade"]
+                        .iter()
+                        .any(|k| t.eq_ignore_ascii_case(k))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for (name, _) in FIXED.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
     if let Some(u) = upgrade {
@@ -556,6 +570,21 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-end-to-end"], "kept");
+    }
+
+    #[test]
+    fn end_to_end_headers_are_left_alone() {
+        let mut h = map(&[
+            ("host", "a"),
+            ("x-firmware-version", "3.7.0"),
+            ("te", "trailers"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(!h.contains_key(UPGRADE) && !h.contains_key(CONNECTION));
+        let mut h = map(&[("host", "a")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
     }
 
     #[test]

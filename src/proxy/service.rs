@@ -265,7 +265,7 @@ async fn forward(
 ) -> Response<ResponseBody> {
     let upgrade = wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let path: Box<str> = req.uri().path().into();
+    let path: Arc<str> = req.uri().path().into();
     let method = req.method().clone();
     strip_hop_by_hop(req.headers_mut(), upgrade);
     // The backend leg is HTTP/1.1 whatever the client spoke; HTTP/2 carries the host in
@@ -291,7 +291,7 @@ async fn forward(
         gate.registry.register(
             TrackedKind::Request,
             presented.version,
-            &path,
+            path.clone(),
             decision.decider.name.clone(),
         )
     });
@@ -324,9 +324,12 @@ async fn forward(
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status())
     {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        let (registration, close) =
-            gate.registry
-                .register(TrackedKind::Tunnel, presented.version, &path, rule.clone());
+        let (registration, close) = gate.registry.register(
+            TrackedKind::Tunnel,
+            presented.version,
+            path.clone(),
+            rule.clone(),
+        );
         active.inc();
         let log = gate.config.log.access;
         let idle = gate.config.listen.tunnel_idle_timeout;
@@ -466,7 +469,7 @@ struct Exchange {
     presented: Presented,
     rule: Arc<str>,
     method: http::Method,
-    path: Box<str>,
+    path: Arc<str>,
     status: u16,
     started: Instant,
     backend_time: std::time::Duration,
