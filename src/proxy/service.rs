@@ -105,20 +105,14 @@ pub async fn handle(
         Verdict::Forward(permit) => permit,
         refused => {
             gate.backoff.record(backoff_key);
-            let presented = Presented {
+            // Only the access log reads these: no display strings when it is off.
+            let presented = gate.config.log.access.then(|| Presented {
                 client,
                 device: device.map(|d| d.display(MAX_DEVICE_ID_LEN)),
                 raw_version: found.map(|f| f.display(crate::version::MAX_VERSION_LEN)),
                 version,
-            };
-            return Ok(refuse(
-                &gate,
-                refused,
-                decider,
-                Some(presented),
-                &req,
-                client,
-            ));
+            });
+            return Ok(refuse(&gate, refused, decider, presented, &req, client));
         }
     };
     let Some(upstream_slot) = gate.upstream_capacity.try_take() else {
@@ -137,14 +131,14 @@ pub async fn handle(
             tracing::info!(target: "fwgate::access", client = %client, device = device.map(|d| d.display(MAX_DEVICE_ID_LEN)).as_deref().unwrap_or("-"), version = %version_str(&version), shadow_rule = %shadow.name, would = shadow.action.as_str(), "shadow rule matched; admitted anyway");
         }
     }
+    // The display strings are for the access log only.
+    let log = gate.config.log.access;
     let presented = Presented {
         client,
-        device: device.map(|d| d.display(MAX_DEVICE_ID_LEN)),
-        raw_version: if gate.config.log.access {
-            found.map(|f| f.display(crate::version::MAX_VERSION_LEN))
-        } else {
-            None
-        },
+        device: device.filter(|_| log).map(|d| d.display(MAX_DEVICE_ID_LEN)),
+        raw_version: found
+            .filter(|_| log)
+            .map(|f| f.display(crate::version::MAX_VERSION_LEN)),
         version,
     };
     let held = Held {

@@ -309,6 +309,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn short_and_full_reads_never_lose_bytes_or_the_end_of_stream() {
+        // Writes of every size around the relay buffer: full reads keep the socket's readiness,
+        // short reads clear it; either way every byte and the final FIN must get through.
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut backend) = pair().await;
+        let close = Arc::new(Notify::new());
+        let c2 = close.clone();
+        let relay = tokio::spawn(async move {
+            relay_tcp(client_side, b"", upstream_side, b"", &c2, Duration::ZERO).await
+        });
+        let sizes = [
+            1,
+            63,
+            64,
+            RELAY_BUFFER_BYTES - 1,
+            RELAY_BUFFER_BYTES,
+            RELAY_BUFFER_BYTES + 1,
+            200_000,
+        ];
+        let sent: Vec<u8> = sizes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| std::iter::repeat_n(i as u8, *n))
+            .collect();
+        let writer = {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                let mut at = 0;
+                for n in sizes {
+                    client.write_all(&sent[at..at + n]).await.unwrap();
+                    at += n;
+                }
+                client.shutdown().await.unwrap();
+                client
+            })
+        };
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), backend.read_to_end(&mut got))
+            .await
+            .expect("the relay stalled: end of stream not delivered")
+            .unwrap();
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "bytes reordered or corrupted");
+        drop(writer.await.unwrap());
+        drop(backend);
+        let stats = tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .expect("relay did not finish")
+            .unwrap();
+        assert_eq!(stats.client_to_upstream, sent.len() as u64);
+    }
+
+    #[tokio::test]
     async fn relays_both_ways_with_early_bytes_and_half_close() {
         let (mut client, client_side) = pair().await;
         let (upstream_side, mut backend) = pair().await;
