@@ -67,7 +67,7 @@ access = false
 [limits.backoff]
 enabled = false
 EOF
-cat >"$TMP/http.py" <<'EOF'
+cat >"$TMP/keepalive_client.py" <<'EOF'
 import http.client, sys, threading
 n, conns, host, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 def work(k):
@@ -93,17 +93,17 @@ for bin in "${BINS[@]}"; do
     for _ in $(seq 300); do curl -fs -o /dev/null "http://$ADMIN/readyz" && break; sleep 0.2; done
     curl -fs -o /dev/null "http://$ADMIN/readyz" || die "fwgate under valgrind did not start: $(tail -5 "$TMP/fwgate.log")"
     # Warm up (first connections, lazily built state), then count from zero.
-    python3 "$TMP/http.py" 200 10 "${PROXY%:*}" "${PROXY#*:}"
+    python3 "$TMP/keepalive_client.py" 200 10 "${PROXY%:*}" "${PROXY#*:}"
     "$LOADTOOL" handshakes --target "$PROXY" --path /ws --header "$H" --device-ids warm --count 50 --concurrency 5 --max-secs 120 >/dev/null 2>&1
-    callgrind_control -z "$pid" >/dev/null
-    python3 "$TMP/http.py" "$HTTP_N" 10 "${PROXY%:*}" "${PROXY#*:}"
-    callgrind_control -d http "$pid" >/dev/null
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    python3 "$TMP/keepalive_client.py" "$HTTP_N" 10 "${PROXY%:*}" "${PROXY#*:}"
+    callgrind_control -d http "$pid" >/dev/null 2>&1
     "$LOADTOOL" handshakes --target "$PROXY" --path /ws --header "$H" --device-ids hs --count "$HS_N" --concurrency 10 --max-secs 300 >/dev/null 2>&1
-    callgrind_control -d handshake "$pid" >/dev/null
+    callgrind_control -d handshake "$pid" >/dev/null 2>&1
     "$LOADTOOL" echo --target "$PROXY" --path /ws --header "$H" --device-ids echo --connections "$ECHO_CONNS" --messages "$ECHO_MSGS" --size 64 --max-secs 300 >/dev/null 2>&1
-    callgrind_control -d echo "$pid" >/dev/null
+    callgrind_control -d echo "$pid" >/dev/null 2>&1
     "$LOADTOOL" refused --target "$PROXY" --path /ws --header 'X-Firmware-Version: 3.8.0-b3' --device-ids refused --count "$REF_N" --concurrency 10 --max-secs 300 >/dev/null 2>&1
-    callgrind_control -d refused "$pid" >/dev/null
+    callgrind_control -d refused "$pid" >/dev/null 2>&1
     kill "$pid"; wait "$pid" 2>/dev/null
     line="$(basename "$bin"):"
     for part in 1 2 3 4; do
