@@ -194,13 +194,21 @@ impl IdlePool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The most recently used live connection, if any (LIFO keeps the warm ones busy and lets
-    /// the rest age out).
+    /// The most recently used connection that is ready for a request, if any (LIFO keeps the
+    /// warm ones busy and lets the rest age out). Closed ones are dropped on the way. One that
+    /// is not ready yet (its previous exchange still finishing, e.g. a request body still being
+    /// sent after the response ended) stays in the list for later rather than making this
+    /// request wait on it.
     fn take(&self) -> Option<Sender> {
         let mut idle = self.lock();
-        while let Some((sender, since)) = idle.pop() {
-            if !sender.is_closed() && since.elapsed() < self.idle_timeout {
-                return Some(sender);
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let (sender, since) = &idle[i];
+            if sender.is_closed() || since.elapsed() >= self.idle_timeout {
+                idle.remove(i);
+            } else if sender.is_ready() {
+                return Some(idle.remove(i).0);
             }
         }
         None
@@ -331,18 +339,12 @@ impl Upstream {
                 .insert(http::header::HOST, self.authority.clone());
         }
         let exchange = async {
-            let mut pooled = if upgrade { None } else { self.pool.take() };
-            if let Some(sender) = &mut pooled {
-                // Ready once its task has seen the previous response end (normally already).
-                if sender.ready().await.is_err() {
-                    pooled = None;
-                }
-            }
+            let pooled = if upgrade { None } else { self.pool.take() };
             let req = match pooled {
                 Some(mut sender) => match sender.try_send_request(req).await {
                     Ok(resp) => return Ok((resp, sender)),
                     Err(mut e) => match e.take_message() {
-                        // Never written: the pooled connection was already gone.
+                        // Never written: the pooled connection was gone or busy after all.
                         Some(req) => req,
                         None => {
                             tracing::debug!(error = %e.error(), "backend exchange failed");

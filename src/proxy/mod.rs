@@ -75,6 +75,8 @@ pub fn in_networks(ip: IpAddr, nets: &[IpNet]) -> bool {
 }
 
 /// Binds a listener with `SO_REUSEADDR` (restart without waiting for TIME_WAIT) and `backlog`.
+/// `TCP_NODELAY` is set on the listener: Linux hands it down to every accepted socket, which
+/// spares one `setsockopt` per connection (small device messages must not wait for Nagle).
 pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -82,6 +84,7 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
 }
@@ -100,6 +103,7 @@ pub async fn serve(
     // Each connection task holds a sender; when all are dropped, every connection has ended.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let sockets = Arc::new(Semaphore::new(gate.config.listen.max_open_connections));
+    let mut nodelay_inherited: Option<bool> = None;
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -124,7 +128,12 @@ pub async fn serve(
             });
             continue;
         };
-        let _ = stream.set_nodelay(true);
+        // Whether accepted sockets inherit TCP_NODELAY from this listener (one made by `bind`
+        // on Linux) is checked at the first accept; otherwise each connection sets it.
+        let inherited = *nodelay_inherited.get_or_insert_with(|| stream.nodelay().unwrap_or(false));
+        if !inherited {
+            let _ = stream.set_nodelay(true);
+        }
         let gate = gate.clone();
         let stop = stop_rx.clone();
         let alive = alive_tx.clone();
@@ -371,5 +380,23 @@ async fn serve_http<I>(
         };
         gate.metrics.connection_closed(reason);
         tracing::debug!(error = %e, ?reason, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(
+            accepted.nodelay().unwrap(),
+            "TCP_NODELAY not inherited: every connection would need its own setsockopt"
+        );
+        drop(client);
     }
 }
