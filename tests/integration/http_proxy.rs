@@ -136,6 +136,61 @@ async fn a_pooled_connection_the_backend_closed_is_not_used() {
     proxy.stop().await;
 }
 
+/// A backend may answer before it has read the whole request body (an early 4xx, say). Its
+/// connection is then still busy sending that body, and a second request must not wait for it:
+/// it gets a connection of its own.
+#[tokio::test]
+async fn a_request_does_not_wait_for_a_backend_connection_still_busy() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    // Answers at once, whatever body is still to come.
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = start_proxy(ALLOW_ALL, addr, "").await;
+    // Client A: announces 1000 body bytes, sends 10, and holds the rest back.
+    let mut a = TcpStream::connect(proxy.addr).await.unwrap();
+    a.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"early") {
+        let n = tokio::time::timeout(DEADLINE, a.read(&mut buf))
+            .await
+            .expect("client A got no early answer")
+            .unwrap();
+        assert!(n > 0, "client A's connection closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // Client B, while A's backend connection is still waiting for the rest of A's body.
+    let (status, _, body) = tokio::time::timeout(DEADLINE, get(proxy.addr, "/", &[]))
+        .await
+        .expect("the second request waited on the busy backend connection");
+    assert_eq!((status, body.as_str()), (200, "early"));
+    drop(a);
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn a_request_without_host_gets_the_backend_address_as_host() {
     let backend = http_backend().await;
