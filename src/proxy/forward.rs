@@ -310,11 +310,6 @@ impl Upstream {
         self.pool.sweep();
     }
 
-    /// Idle pooled connections (for tests and the admin view).
-    pub fn idle_connections(&self) -> usize {
-        self.pool.lock().len()
-    }
-
     /// Sends a prepared request on a pooled connection (or a new one; always a new one for an
     /// upgrade, whose connection becomes the tunnel) and waits for the response head, bounded
     /// by `response_timeout`. A pooled connection the backend closed meanwhile is detected

@@ -140,12 +140,11 @@ pub async fn serve(
         let tls = tls.clone();
         // Boxed: a task's allocation is sized by its future and outlives it while any waker
         // remains; the box is freed when the connection ends, leaving only a small task cell.
-        let fut = async move {
+        tokio::spawn(Box::pin(async move {
             let _alive = alive;
             let _socket = socket_permit;
             serve_connection(gate, tls, stream, peer, slot, stop).await;
-        };
-        tokio::spawn(Box::pin(fut));
+        }));
     }
     let _ = stop_tx.send(true);
     drop(alive_tx);
