@@ -143,6 +143,55 @@ fn percent_decode_into(input: &[u8], out: &mut [u8]) -> Option<usize> {
     Some(n)
 }
 
+/// Where request headers are looked up: hyper's `HeaderMap`, or the raw head that the
+/// HTTP/1.1 fast path parsed without building one. Both give the same answers.
+pub trait HeaderSource {
+    /// The first value of `name`, as bytes on the wire.
+    fn value(&self, name: &HeaderName) -> Option<&[u8]>;
+    /// Every value of `name`, in order.
+    fn values(&self, name: &HeaderName) -> Vec<&[u8]>;
+}
+
+impl HeaderSource for HeaderMap {
+    fn value(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+
+    fn values(&self, name: &HeaderName) -> Vec<&[u8]> {
+        self.get_all(name).iter().map(|v| v.as_bytes()).collect()
+    }
+}
+
+impl HeaderSource for [httparse::Header<'_>] {
+    fn value(&self, name: &HeaderName) -> Option<&[u8]> {
+        let name = name.as_str();
+        self.iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+
+    fn values(&self, name: &HeaderName) -> Vec<&[u8]> {
+        let name = name.as_str();
+        self.iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+            .collect()
+    }
+}
+
+/// A header value as text when it is visible ASCII (tab allowed), exactly as
+/// `HeaderValue::to_str` accepts it.
+pub fn visible_ascii(value: &[u8]) -> Option<&str> {
+    if value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+    {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
+}
+
 /// An ordered list of sources.
 #[derive(Debug, Clone, Default)]
 pub struct Extractor {
@@ -161,14 +210,18 @@ impl Extractor {
     }
 
     /// The first value any source yields. Empty values count as absent.
-    pub fn extract<'a>(&self, headers: &'a HeaderMap, query: Option<&'a str>) -> Option<Found<'a>> {
+    pub fn extract<'a, H: HeaderSource + ?Sized>(
+        &self,
+        headers: &'a H,
+        query: Option<&'a str>,
+    ) -> Option<Found<'a>> {
         self.extract_with_cert(headers, query, None)
     }
 
     /// As [`Extractor::extract`], with the connection's client-certificate identity available.
-    pub fn extract_with_cert<'a>(
+    pub fn extract_with_cert<'a, H: HeaderSource + ?Sized>(
         &self,
-        headers: &'a HeaderMap,
+        headers: &'a H,
         query: Option<&'a str>,
         cert_identity: Option<&'a str>,
     ) -> Option<Found<'a>> {
@@ -179,20 +232,20 @@ impl Extractor {
     }
 }
 
-fn find<'a>(
+fn find<'a, H: HeaderSource + ?Sized>(
     index: usize,
     source: &Source,
-    headers: &'a HeaderMap,
+    headers: &'a H,
     query: Option<&'a str>,
     cert_identity: Option<&'a str>,
 ) -> Option<Found<'a>> {
     let (raw, percent_encoded) = match source {
         Source::Header { name, pattern } => {
-            let value = headers.get(name)?;
+            let value = headers.value(name)?;
             match pattern {
-                None => (value.as_bytes(), false),
+                None => (value, false),
                 Some(p) => {
-                    let text = value.to_str().ok()?;
+                    let text = visible_ascii(value)?;
                     (p.capture(text)?.as_bytes(), false)
                 }
             }

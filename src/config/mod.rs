@@ -188,6 +188,9 @@ pub struct RawListen {
     pub max_open_connections: Option<Spanned<i64>>,
     /// Expect a PROXY protocol v1/v2 header on every connection (from `trusted_proxies` only).
     pub proxy_protocol: Option<bool>,
+    /// Serve plain-TCP WebSocket handshakes on fwgate's own HTTP/1.1 path (default true);
+    /// false sends every request through hyper.
+    pub fast_path: Option<bool>,
     /// Networks allowed to send PROXY headers, e.g. `["10.0.0.0/8"]`. Others are refused.
     pub trusted_proxies: Option<Vec<Spanned<String>>>,
     /// Networks whose `X-Forwarded-For` is believed (e.g. the load balancer's).
@@ -297,6 +300,8 @@ pub struct ListenConfig {
     pub max_open_connections: usize,
     /// PROXY protocol expected.
     pub proxy_protocol: bool,
+    /// Upgrade handshakes on plain TCP take the HTTP/1.1 fast path.
+    pub fast_path: bool,
     /// Who may send PROXY headers.
     pub trusted_proxies: Vec<IpNet>,
     /// Whose `X-Forwarded-For` is believed.
@@ -382,6 +387,7 @@ impl Config {
                 backlog: DEFAULT_BACKLOG,
                 max_open_connections: DEFAULT_MAX_OPEN_CONNECTIONS,
                 proxy_protocol: false,
+                fast_path: true,
                 trusted_proxies: Vec::new(),
                 trusted_forwarders: Vec::new(),
             },
@@ -461,6 +467,7 @@ impl Config {
                 1 << 24,
             ),
             proxy_protocol: raw.listen.proxy_protocol.unwrap_or(false),
+            fast_path: raw.listen.fast_path.unwrap_or(true),
             trusted_proxies: v.networks(&raw.listen.trusted_proxies),
             trusted_forwarders: v.networks(&raw.listen.trusted_forwarders),
         };

@@ -305,6 +305,22 @@ impl Upstream {
         })
     }
 
+    /// Opens a new backend connection (bounded and timed like every connect) for a caller that
+    /// speaks HTTP/1.1 on it itself: the fast path's upgrades.
+    pub async fn connect(&self) -> Result<UpstreamStream, ProxyFailure> {
+        self.connector.connect().await
+    }
+
+    /// `Host` for requests that came without one.
+    pub fn authority(&self) -> &[u8] {
+        self.authority.as_bytes()
+    }
+
+    /// How long the backend has to send a response head.
+    pub fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
     /// Closes pooled connections idle for longer than `pool_idle_timeout`.
     pub fn sweep_idle(&self) {
         self.pool.sweep();
@@ -461,23 +477,46 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// (`$proxy_add_x_forwarded_for`), `X-Forwarded-Proto` is set to the scheme the client used,
 /// and an RFC 7239 `Forwarded` element is appended. `Host` is left as the client sent it.
 pub fn add_forwarding_headers(headers: &mut HeaderMap, client: SocketAddr, proto: &'static str) {
+    let (xff, forwarded) = forwarding_values(
+        headers.get_all(X_FORWARDED_FOR).iter().map(|v| v.as_bytes()),
+        headers.get_all(FORWARDED).iter().map(|v| v.as_bytes()),
+        headers.get(http::header::HOST).map(|h| h.as_bytes()),
+        client,
+        proto,
+    );
+    // Both values are built from an IP address, fixed tokens, checked values and the visible
+    // ASCII of existing headers: always valid.
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
+        headers.insert(FORWARDED, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+}
+
+/// The new `X-Forwarded-For` and `Forwarded` values: the existing ones (visible ASCII only)
+/// with this hop appended. Shared by hyper's path and the HTTP/1.1 fast path so that both
+/// write the same bytes.
+pub(super) fn forwarding_values<'a>(
+    existing_xff: impl Iterator<Item = &'a [u8]>,
+    existing_forwarded: impl Iterator<Item = &'a [u8]>,
+    host: Option<&[u8]>,
+    client: SocketAddr,
+    proto: &'static str,
+) -> (String, String) {
     use std::fmt::Write as _;
     let ip = client.ip();
-    // Built in place, then handed to the header map without a copy: this runs per request.
     let mut xff = String::with_capacity(48);
-    for v in headers.get_all(X_FORWARDED_FOR) {
-        if let Ok(v) = v.to_str() {
-            xff.push_str(v);
-            xff.push_str(", ");
-        }
+    for v in existing_xff.filter_map(crate::extract::visible_ascii) {
+        xff.push_str(v);
+        xff.push_str(", ");
     }
     push_ip(&mut xff, ip);
     let mut forwarded = String::with_capacity(96);
-    for v in headers.get_all(FORWARDED) {
-        if let Ok(v) = v.to_str() {
-            forwarded.push_str(v);
-            forwarded.push_str(", ");
-        }
+    for v in existing_forwarded.filter_map(crate::extract::visible_ascii) {
+        forwarded.push_str(v);
+        forwarded.push_str(", ");
     }
     forwarded.push_str("for=");
     match ip {
@@ -488,10 +527,7 @@ pub fn add_forwarding_headers(headers: &mut HeaderMap, client: SocketAddr, proto
     }
     forwarded.push_str(";proto=");
     forwarded.push_str(proto);
-    if let Some(host) = headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-    {
+    if let Some(host) = host.and_then(crate::extract::visible_ascii) {
         if host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
@@ -501,15 +537,7 @@ pub fn add_forwarding_headers(headers: &mut HeaderMap, client: SocketAddr, proto
             forwarded.push('"');
         }
     }
-    // Both values are built from an IP address, fixed tokens, checked values and the visible
-    // ASCII of existing headers: always valid.
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
-        headers.insert(FORWARDED, v);
-    }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    (xff, forwarded)
 }
 
 /// Appends an address in its usual text form; IPv4 (the common case) without the formatting

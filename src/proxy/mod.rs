@@ -7,6 +7,7 @@
 //! 101 and join both ends in a task registered with the connection registry.
 
 pub mod forward;
+pub mod h1;
 pub mod proxy_protocol;
 pub mod response;
 pub mod tunnel;
@@ -140,11 +141,13 @@ pub async fn serve(
         let tls = tls.clone();
         // Boxed: a task's allocation is sized by its future and outlives it while any waker
         // remains; the box is freed when the connection ends, leaving only a small task cell.
-        tokio::spawn(Box::pin(async move {
-            let _alive = alive;
-            let _socket = socket_permit;
-            serve_connection(gate, tls, stream, peer, slot, stop).await;
-        }));
+        let guards = h1::ConnGuards {
+            _alive: alive,
+            _socket: socket_permit,
+        };
+        tokio::spawn(Box::pin(serve_connection(
+            gate, tls, stream, peer, slot, stop, guards,
+        )));
     }
     let _ = stop_tx.send(true);
     drop(alive_tx);
@@ -175,6 +178,7 @@ async fn serve_connection(
     peer: SocketAddr,
     slot: ConnPermit,
     stop: watch::Receiver<bool>,
+    guards: h1::ConnGuards,
 ) {
     let listen = &gate.config.listen;
     let client = if listen.proxy_protocol {
@@ -211,8 +215,13 @@ async fn serve_connection(
             scheme: "http",
             cert_identity: None,
         };
-        return serve_http(gate, TokioIo::new(stream), info, slot, stop).await;
+        if listen.fast_path {
+            return h1::serve(gate, stream, info, slot, stop, guards).await;
+        }
+        let _guards = guards;
+        return serve_http(gate, TokioIo::new(stream), info, Arc::new(slot), stop).await;
     };
+    let _guards = guards;
     // Bounded like the request head: a client stalling mid-handshake is a slowloris too.
     let stream = match Box::pin(tokio::time::timeout(
         listen.header_read_timeout,
@@ -245,6 +254,7 @@ async fn serve_connection(
     };
     // Boxed when reached: inline, these futures would make every plain connection's future
     // (copied whole on each move) several kilobytes larger.
+    let slot = Arc::new(slot);
     if h2 {
         Box::pin(serve_h2(gate, TokioIo::new(stream), info, slot, stop)).await;
     } else {
@@ -309,7 +319,7 @@ async fn until_done_or_drained<C: DrainableConnection>(
 fn admission_service(
     gate: &Arc<Gate>,
     info: ConnInfo,
-    slot: ConnPermit,
+    slot: Arc<ConnPermit>,
 ) -> impl hyper::service::Service<
     http::Request<hyper::body::Incoming>,
     Response = http::Response<response::ResponseBody>,
@@ -318,7 +328,7 @@ fn admission_service(
 > + Clone
        + Send
        + 'static {
-    let (gate, info, slot) = (gate.clone(), Arc::new(info), Arc::new(slot));
+    let (gate, info) = (gate.clone(), Arc::new(info));
     service_fn(move |req| service::handle(gate.clone(), info.clone(), slot.clone(), req))
 }
 
@@ -328,7 +338,7 @@ async fn serve_h2<I>(
     gate: Arc<Gate>,
     io: I,
     info: ConnInfo,
-    slot: ConnPermit,
+    slot: Arc<ConnPermit>,
     mut stop: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -348,11 +358,11 @@ async fn serve_h2<I>(
 }
 
 /// Serves HTTP/1.1 (with upgrades) on one connection until it ends or shutdown drains it.
-async fn serve_http<I>(
+pub(super) async fn serve_http<I>(
     gate: Arc<Gate>,
     io: I,
     info: ConnInfo,
-    slot: ConnPermit,
+    slot: Arc<ConnPermit>,
     mut stop: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,

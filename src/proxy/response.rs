@@ -118,6 +118,15 @@ impl ResponseBody {
         }
     }
 
+    /// The bytes of a fixed body (None for a streamed one), for callers that write the
+    /// response themselves.
+    pub fn fixed_bytes(&self) -> Option<&[u8]> {
+        match &self.inner {
+            Inner::Fixed(b) => Some(b.as_deref().unwrap_or_default()),
+            Inner::Upstream { .. } => None,
+        }
+    }
+
     /// An empty body.
     pub fn empty() -> ResponseBody {
         ResponseBody {

@@ -26,10 +26,12 @@ use crate::gate::Verdict;
 use crate::limits::{key_hash, ConnPermit, LimitKey};
 use crate::metrics::UpstreamOutcome;
 use crate::registry::TrackedKind;
-use crate::rules::{jittered_wait_secs, Decision, VersionInput};
+use crate::rules::{jittered_wait_secs, VersionInput};
+
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 
 /// Who is asking and what they presented, kept for the access log.
-struct Presented {
+pub(super) struct Presented {
     client: SocketAddr,
     device: Option<String>,
     raw_version: Option<String>,
@@ -46,32 +48,79 @@ impl Presented {
     }
 }
 
+/// What admission needs from a request head, whichever parser read it.
+pub(super) struct RequestHead<'a, H: ?Sized> {
+    /// The headers (hyper's map or the fast path's parsed slice).
+    pub headers: &'a H,
+    /// The method, for the access log.
+    pub method: &'a str,
+    /// The path (no query), for rules and logs.
+    pub path: &'a str,
+    /// The query string, for query-parameter sources.
+    pub query: Option<&'a str>,
+    /// Length of the request target, checked against `max_uri_bytes`.
+    pub target_len: usize,
+}
+
+/// An admitted request: what forwarding it needs and the slots it holds while open.
+pub(super) struct Admitted {
+    pub presented: Presented,
+    pub rule: Arc<str>,
+    pub active: Gauge,
+    pub backoff_key: u64,
+    pub held: Held,
+}
+
 /// Handles one request: decide, then refuse or forward. Never fails: every outcome is a
-/// response. Order (cheapest refusal first): per-IP rate, reconnect backoff, kill switch and
-/// rules (with a `limit` rule's limiter), global handshake rate, backend capacity.
+/// response.
 pub async fn handle(
     gate: Arc<Gate>,
     conn: Arc<ConnInfo>,
     connection_slot: Arc<ConnPermit>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let admitted = {
+        let head = RequestHead {
+            headers: req.headers(),
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            target_len: req.uri().path_and_query().map_or(0, |p| p.as_str().len()),
+        };
+        admit(&gate, &conn, &connection_slot, &head)
+    };
+    match admitted {
+        Ok(admitted) => Ok(forward(gate.clone(), &conn, admitted, req).await),
+        Err(refusal) => Ok(refusal),
+    }
+}
+
+/// Decides one request: `Ok` to forward it (with its slots taken), `Err` with the response
+/// that refuses it. Order (cheapest refusal first): per-IP rate, reconnect backoff, kill switch
+/// and rules (with a `limit` rule's limiter), global handshake rate, backend capacity.
+pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
+    gate: &Gate,
+    conn: &ConnInfo,
+    connection_slot: &Arc<ConnPermit>,
+    req: &RequestHead<'_, H>,
+) -> Result<Admitted, Response<ResponseBody>> {
     let listen = &gate.config.listen;
-    if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > listen.max_uri_bytes {
-        return Ok(response::plain(
+    if req.target_len > listen.max_uri_bytes {
+        return Err(response::plain(
             StatusCode::URI_TOO_LONG,
             "request target too long\n",
         ));
     }
-    let client = effective_client(&conn, req.headers(), &listen.trusted_forwarders);
+    let client = effective_client(conn, req.headers, &listen.trusted_forwarders);
     let ip = client.ip();
     let deciders = &gate.limit_deciders;
     if !gate.global.per_ip_ok(ip) {
         let verdict = gate.refuse_by(&deciders.per_ip, None);
-        return Ok(refuse(&gate, verdict, &deciders.per_ip, None, &req, client));
+        return Err(refuse(gate, verdict, &deciders.per_ip, None, req, client));
     }
     let snap = gate.snapshot();
     let rules = &snap.rules;
-    let (headers, query) = (req.headers(), req.uri().query());
+    let (headers, query) = (req.headers, req.query);
     let cert = conn.cert_identity.as_deref();
     let found = rules
         .version_sources
@@ -84,17 +133,10 @@ pub async fn handle(
 
     if let Some(remaining) = gate.backoff.penalty(backoff_key) {
         let verdict = gate.refuse_by(&deciders.backoff, Some(jittered_wait_secs(remaining, 0.25)));
-        return Ok(refuse(
-            &gate,
-            verdict,
-            &deciders.backoff,
-            None,
-            &req,
-            client,
-        ));
+        return Err(refuse(gate, verdict, &deciders.backoff, None, req, client));
     }
 
-    let decision = gate.decide(&snap, &version, req.uri().path());
+    let decision = gate.decide(&snap, &version, req.path);
     let mut verdict = gate.apply(&decision, device_raw, ip);
     let mut decider = decision.decider;
     if matches!(verdict, Verdict::Forward(_)) && !gate.global.handshake_ok() {
@@ -112,17 +154,17 @@ pub async fn handle(
                 raw_version: found.map(|f| f.display(crate::version::MAX_VERSION_LEN)),
                 version,
             });
-            return Ok(refuse(&gate, refused, decider, presented, &req, client));
+            return Err(refuse(gate, refused, decider, presented, req, client));
         }
     };
     let Some(upstream_slot) = gate.upstream_capacity.try_take() else {
         let verdict = gate.refuse_by(&deciders.upstream_capacity, None);
-        return Ok(refuse(
-            &gate,
+        return Err(refuse(
+            gate,
             verdict,
             &deciders.upstream_capacity,
             None,
-            &req,
+            req,
             client,
         ));
     };
@@ -142,30 +184,27 @@ pub async fn handle(
         version,
     };
     let held = Held {
-        _connection: connection_slot,
+        _connection: connection_slot.clone(),
         _limit: permit,
         _upstream: upstream_slot,
         upstream_active: gate.metrics.upstream_active.clone(),
     };
     held.upstream_active.inc();
-    Ok(forward(
-        gate.clone(),
-        &conn,
+    Ok(Admitted {
         presented,
-        &decision,
+        rule: decision.decider.name.clone(),
+        active: decision.decider.counters.active.clone(),
         backoff_key,
         held,
-        req,
-    )
-    .await)
+    })
 }
 
 /// The client address used for logs, per-IP limits and the backoff: behind trusted forwarders
 /// (the load balancer's networks), the right-most `X-Forwarded-For` entry that is not itself a
 /// trusted forwarder, as nginx's `real_ip_recursive` does; otherwise the connection's client.
-fn effective_client(
+fn effective_client<H: crate::extract::HeaderSource + ?Sized>(
     conn: &ConnInfo,
-    headers: &http::HeaderMap,
+    headers: &H,
     trusted: &[ipnet::IpNet],
 ) -> SocketAddr {
     if trusted.is_empty() || !in_networks(conn.client.ip(), trusted) {
@@ -173,9 +212,9 @@ fn effective_client(
     }
     let mut chosen = conn.client;
     let hops = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .values(&X_FORWARDED_FOR)
+        .into_iter()
+        .filter_map(crate::extract::visible_ascii)
         .flat_map(|v| v.split(','))
         .collect::<Vec<_>>();
     for hop in hops.iter().rev() {
@@ -191,7 +230,7 @@ fn effective_client(
 }
 
 /// Slots an admitted connection holds while it is open (released on drop).
-struct Held {
+pub(super) struct Held {
     _connection: Arc<ConnPermit>,
     _limit: Option<ConnPermit>,
     _upstream: ConnPermit,
@@ -213,12 +252,12 @@ fn version_str(v: &VersionInput) -> String {
 }
 
 /// Builds a refusal response and logs it (sampled).
-fn refuse(
+fn refuse<H: ?Sized>(
     gate: &Gate,
     verdict: Verdict<'_>,
     decider: &crate::rules::Decider,
     presented: Option<Presented>,
-    req: &Request<Incoming>,
+    req: &RequestHead<'_, H>,
     client: SocketAddr,
 ) -> Response<ResponseBody> {
     let Verdict::Refuse(refusal, retry, kind) = verdict else {
@@ -239,8 +278,8 @@ fn refuse(
             rule = %decider.name,
             decision = kind.as_str(),
             status = resp.status().as_u16(),
-            method = %req.method(),
-            path = req.uri().path(),
+            method = req.method,
+            path = req.path,
             "refused"
         );
     }
@@ -251,12 +290,16 @@ fn refuse(
 async fn forward(
     gate: Arc<Gate>,
     conn: &ConnInfo,
-    presented: Presented,
-    decision: &Decision<'_>,
-    backoff_key: u64,
-    held: Held,
+    admitted: Admitted,
     mut req: Request<Incoming>,
 ) -> Response<ResponseBody> {
+    let Admitted {
+        presented,
+        rule,
+        active,
+        backoff_key,
+        held,
+    } = admitted;
     let upgrade = wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let path: Arc<str> = req.uri().path().into();
@@ -286,7 +329,7 @@ async fn forward(
             TrackedKind::Request,
             presented.version,
             path.clone(),
-            decision.decider.name.clone(),
+            rule.clone(),
         )
     });
     let started = Instant::now();
@@ -302,49 +345,33 @@ async fn forward(
     let (mut resp, lease) = match sent.await {
         Ok(r) => r,
         Err(failure) => {
-            gate.metrics.upstream(outcome_of(failure)).inc();
-            let (status, _) = failure.status_and_body();
-            if gate.config.log.access {
-                tracing::warn!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %decision.decider.name, decision = "allow", status = status.as_u16(), method = %method, path = &*path, backend_ms = started.elapsed().as_secs_f64() * 1000.0, "backend failed");
-            }
-            return response::failure(failure);
+            return backend_failed(&gate, &presented, &rule, failure, method.as_str(), &path, started)
         }
     };
     gate.metrics.upstream(UpstreamOutcome::ok).inc();
     let backend_time = started.elapsed();
-    let rule: Arc<str> = decision.decider.name.clone();
-    let active = decision.decider.counters.active.clone();
 
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status())
     {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        let (registration, close) = gate.registry.register(
-            TrackedKind::Tunnel,
-            presented.version,
-            path.clone(),
-            rule.clone(),
-        );
-        active.inc();
-        let log = gate.config.log.access;
-        let idle = gate.config.listen.tunnel_idle_timeout;
-        let gate_for_tunnel = gate.clone();
-        tokio::spawn(async move {
-            let _registration = registration;
-            let _held = held;
-            let stats = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+        let admitted = Admitted {
+            presented,
+            rule,
+            active,
+            backoff_key,
+            held,
+        };
+        let tunnel = OpenTunnel::open(gate, admitted, path, started, backend_time);
+        let idle = tunnel.gate.config.listen.tunnel_idle_timeout;
+        tokio::spawn(tunnel.run(move |close| async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((c, u)) => relay(c, u, close, idle).await,
                 Err(e) => {
                     tracing::debug!(error = %e, "upgrade did not complete");
                     TunnelStats::default()
                 }
-            };
-            active.dec();
-            // A disconnect counts towards the reconnect backoff (a storm is many of them).
-            gate_for_tunnel.backoff.record(backoff_key);
-            if log {
-                tracing::info!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), raw_version = presented.raw_version.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = 101, path = &*path, backend_ms = backend_time.as_secs_f64() * 1000.0, bytes_in = stats.client_to_upstream, bytes_out = stats.upstream_to_client, end = stats.end.as_str(), duration_s = started.elapsed().as_secs_f64(), "tunnel closed");
             }
-        });
+        }));
         let (mut parts, _) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, true);
         return Response::from_parts(parts, ResponseBody::empty());
@@ -376,6 +403,96 @@ async fn forward(
         parts,
         ResponseBody::upstream(body, Some(Box::new(done)), close),
     )
+}
+
+/// An admitted upgrade whose backend said 101: registered (so policy can close it) and
+/// counted as active until [`OpenTunnel::run`] ends.
+pub(super) struct OpenTunnel {
+    pub gate: Arc<Gate>,
+    admitted: Admitted,
+    path: Arc<str>,
+    started: Instant,
+    backend_time: Duration,
+    registration: crate::registry::Registration,
+    close: Arc<Notify>,
+}
+
+impl OpenTunnel {
+    /// Registers the tunnel with the connection registry and counts it active.
+    pub fn open(
+        gate: Arc<Gate>,
+        admitted: Admitted,
+        path: Arc<str>,
+        started: Instant,
+        backend_time: Duration,
+    ) -> OpenTunnel {
+        let (registration, close) = gate.registry.register(
+            TrackedKind::Tunnel,
+            admitted.presented.version,
+            path.clone(),
+            admitted.rule.clone(),
+        );
+        admitted.active.inc();
+        OpenTunnel {
+            gate,
+            admitted,
+            path,
+            started,
+            backend_time,
+            registration,
+            close,
+        }
+    }
+
+    /// Runs `relay` (given the policy close handle) to the tunnel's end, then un-counts it,
+    /// feeds the reconnect backoff (a storm is many disconnects) and writes the access log.
+    pub async fn run<F>(self, relay: impl FnOnce(Arc<Notify>) -> F)
+    where
+        F: std::future::Future<Output = TunnelStats>,
+    {
+        let OpenTunnel {
+            gate,
+            admitted,
+            path,
+            started,
+            backend_time,
+            registration,
+            close,
+        } = self;
+        let stats = relay(close).await;
+        drop(registration);
+        let Admitted {
+            presented,
+            rule,
+            active,
+            backoff_key,
+            held,
+        } = admitted;
+        drop(held);
+        active.dec();
+        gate.backoff.record(backoff_key);
+        if gate.config.log.access {
+            tracing::info!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), raw_version = presented.raw_version.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = 101, path = &*path, backend_ms = backend_time.as_secs_f64() * 1000.0, bytes_in = stats.client_to_upstream, bytes_out = stats.upstream_to_client, end = stats.end.as_str(), duration_s = started.elapsed().as_secs_f64(), "tunnel closed");
+        }
+    }
+}
+
+/// Counts and logs a request whose backend exchange failed; the response says why.
+pub(super) fn backend_failed(
+    gate: &Gate,
+    presented: &Presented,
+    rule: &str,
+    failure: ProxyFailure,
+    method: &str,
+    path: &str,
+    started: Instant,
+) -> Response<ResponseBody> {
+    gate.metrics.upstream(outcome_of(failure)).inc();
+    let (status, _) = failure.status_and_body();
+    if gate.config.log.access {
+        tracing::warn!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = status.as_u16(), method = method, path = path, backend_ms = started.elapsed().as_secs_f64() * 1000.0, "backend failed");
+    }
+    response::failure(failure)
 }
 
 fn outcome_of(f: ProxyFailure) -> UpstreamOutcome {
@@ -423,7 +540,7 @@ async fn relay(
             drop(parts.read_buf);
             match io {
                 UpstreamStream::Plain(tcp) => {
-                    tunnel::relay_tcp(client_io, &client_early, tcp, &upstream_early, &close, idle)
+                    tunnel::relay_tcp(&client_io, &client_early, &tcp, &upstream_early, &close, idle)
                         .await
                 }
                 tls => {
@@ -454,7 +571,7 @@ async fn relay(
 }
 
 /// One forwarded exchange, logged and un-counted when its response body ends.
-struct Exchange {
+pub(super) struct Exchange {
     _held: Held,
     /// The backend connection, reused only if the response was read to its end.
     lease: Option<Lease>,
@@ -469,6 +586,37 @@ struct Exchange {
     backend_time: std::time::Duration,
     active: Gauge,
     log: bool,
+}
+
+impl Exchange {
+    /// An exchange whose response the caller relays itself (the fast path); it holds the
+    /// request's slots and counts it active until [`BodyDone::done`].
+    pub(super) fn relayed_by_caller(
+        gate: &Gate,
+        admitted: Admitted,
+        method: &str,
+        path: Arc<str>,
+        status: u16,
+        started: Instant,
+        backend_time: Duration,
+    ) -> Exchange {
+        admitted.active.inc();
+        Exchange {
+            _held: admitted.held,
+            lease: None,
+            _registration: None,
+            bytes_in: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            presented: admitted.presented,
+            rule: admitted.rule,
+            method: http::Method::from_bytes(method.as_bytes()).unwrap_or_default(),
+            path,
+            status,
+            started,
+            backend_time,
+            active: admitted.active,
+            log: gate.config.log.access,
+        }
+    }
 }
 
 impl BodyDone for Exchange {

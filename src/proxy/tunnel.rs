@@ -97,9 +97,9 @@ impl TunnelEnd {
 /// HTTP parsing had buffered; they are delivered first. A tunnel with no byte either way for
 /// `idle_timeout` is closed (zero: never).
 pub async fn relay_tcp(
-    client: TcpStream,
+    client: &TcpStream,
     client_early: &[u8],
-    upstream: TcpStream,
+    upstream: &TcpStream,
     upstream_early: &[u8],
     close: &Notify,
     idle_timeout: Duration,
@@ -107,11 +107,11 @@ pub async fn relay_tcp(
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
     let run = async {
-        write_all(&upstream, client_early, &up).await?;
-        write_all(&client, upstream_early, &down).await?;
+        write_all(upstream, client_early, &up).await?;
+        write_all(client, upstream_early, &down).await?;
         tokio::try_join!(
-            pump(&client, &upstream, &up),
-            pump(&upstream, &client, &down)
+            pump(client, upstream, &up),
+            pump(upstream, client, &down)
         )
     };
     let end = tokio::select! {
@@ -172,7 +172,7 @@ async fn pump(from: &TcpStream, to: &TcpStream, count: &AtomicU64) -> io::Result
 /// epoll instead of first costing a `recv` that fails with `EAGAIN`, one syscall in three per
 /// relayed message. Clearing is tick-checked by tokio, so data or a FIN that arrives meanwhile
 /// raises a new event and is not missed; a reported end-of-stream stays ready.
-fn read_drained(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+pub(super) fn read_drained(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     use std::io::Read as _;
     let mut short_read = None;
     let polled = from.try_io(tokio::io::Interest::READABLE, || {
@@ -317,7 +317,7 @@ mod tests {
         let close = Arc::new(Notify::new());
         let c2 = close.clone();
         let relay = tokio::spawn(async move {
-            relay_tcp(client_side, b"", upstream_side, b"", &c2, Duration::ZERO).await
+            relay_tcp(&client_side, b"", &upstream_side, b"", &c2, Duration::ZERO).await
         });
         let sizes = [
             1,
@@ -369,9 +369,9 @@ mod tests {
         let c2 = close.clone();
         let relay = tokio::spawn(async move {
             relay_tcp(
-                client_side,
+                &client_side,
                 b"early-up ",
-                upstream_side,
+                &upstream_side,
                 b"early-down ",
                 &c2,
                 Duration::ZERO,
@@ -405,7 +405,7 @@ mod tests {
         let close = Arc::new(Notify::new());
         let c2 = close.clone();
         let relay = tokio::spawn(async move {
-            relay_tcp(client_side, b"", upstream_side, b"", &c2, Duration::ZERO).await
+            relay_tcp(&client_side, b"", &upstream_side, b"", &c2, Duration::ZERO).await
         });
         close.notify_one();
         let stats = relay.await.unwrap();
@@ -422,7 +422,9 @@ mod tests {
         let (upstream_side, backend) = pair().await;
         let close = Notify::new();
         let idle = Duration::from_millis(300);
-        let relay = relay_tcp(client_side, b"", upstream_side, b"", &close, idle);
+        // The relay owns the sockets, as in the proxy: they close when it ends.
+        let relay =
+            async move { relay_tcp(&client_side, b"", &upstream_side, b"", &close, idle).await };
         assert_closed_only_once_idle(relay, client, backend, idle).await;
     }
 
@@ -487,7 +489,7 @@ mod tests {
         });
         let stats = tokio::time::timeout(
             std::time::Duration::from_secs(20),
-            relay_tcp(client_side, b"", upstream_side, b"", &close, Duration::ZERO),
+            relay_tcp(&client_side, b"", &upstream_side, b"", &close, Duration::ZERO),
         );
         // The backend never closes its side here, so the relay is still running: only check bytes.
         let (got, _backend) = tokio::select! {

@@ -1,0 +1,1062 @@
+//! The HTTP/1.1 fast path for plain-TCP device connections: the device handshake (an upgrade
+//! request) decided, forwarded and joined to its backend without hyper.
+//!
+//! Through hyper, one admitted handshake runs two HTTP state machines (server and client), a
+//! task and a dispatch channel for the backend connection, and hyper's upgrade hand-over on
+//! both legs: about two thirds of fwgate's instructions per handshake (bench/README.md). Here
+//! the head is read into one buffer and parsed with httparse (the parser hyper uses), decided
+//! by the same [`service::admit`] as hyper's path, rewritten into one write to a new backend
+//! connection, and the backend's head is parsed the same way; on 101 both sockets are joined
+//! in this task.
+//!
+//! The path takes only what it fully understands: an HTTP/1.1 upgrade request in origin form
+//! with no body and no `Expect`. From the first request that is anything else (a plain
+//! request, a malformed or oversize head, HTTP/1.0, a body) hyper serves the connection, with
+//! the bytes already read handed to it first ([`Prefixed`]), so it answers exactly as it would
+//! have from the start (400, 431, keep-alive, bodies). Nothing is decided twice: the hand-over
+//! happens before any decision on that request.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+
+use super::forward::{forwarding_values, UpstreamStream};
+use super::response::{BodyDone, ProxyFailure, ResponseBody};
+use super::service::{self, Admitted, Exchange, OpenTunnel, RequestHead};
+use super::{tunnel, ConnInfo};
+use crate::extract::{visible_ascii, HeaderSource};
+use crate::gate::Gate;
+use crate::limits::ConnPermit;
+use crate::metrics::{CloseReason, UpstreamOutcome};
+
+/// Header slots parsed on the stack. A head with more goes to hyper, which applies
+/// `[listen] max_headers` itself.
+const REQUEST_HEADER_SLOTS: usize = 64;
+/// hyper's client accepts 100 response headers; so does this path.
+const RESPONSE_HEADER_SLOTS: usize = 100;
+/// First read buffer: a device's handshake head is a few hundred bytes.
+const HEAD_BUFFER: usize = 2048;
+/// Longest backend response head accepted before answering 502.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Buffer for relaying a (non-101) response body to an upgrade request.
+const BODY_BUFFER: usize = 8 * 1024;
+
+/// What a connection task holds only while it handles HTTP: its place among
+/// `max_open_connections` and the shutdown wait. Released when a tunnel starts, as hyper's
+/// path does (tunnels outlive the drain and are closed by policy or idleness).
+pub(super) struct ConnGuards {
+    /// Dropped when the connection stops doing HTTP (shutdown waits for all of them).
+    pub _alive: mpsc::Sender<()>,
+    /// The `max_open_connections` slot.
+    pub _socket: OwnedSemaphorePermit,
+}
+
+/// What to do with the bytes read so far.
+enum Step {
+    /// The head is not complete yet.
+    Partial,
+    /// hyper serves the connection from this request on.
+    Fallback,
+    /// Answer with these bytes (a refusal) and go on with the next request unless `close`.
+    Respond {
+        consumed: usize,
+        bytes: Vec<u8>,
+        close: bool,
+    },
+    /// Forward an admitted upgrade.
+    Upgrade(Box<UpgradePlan>),
+}
+
+/// An admitted upgrade, ready to go to the backend.
+struct UpgradePlan {
+    /// Length of the request head in the read buffer.
+    consumed: usize,
+    /// The request head as the backend gets it.
+    upstream_head: Vec<u8>,
+    admitted: Admitted,
+    method: http::Method,
+    path: Arc<str>,
+    /// The client asked to close after this exchange.
+    close: bool,
+}
+
+/// Serves one plain-TCP device connection: upgrades here, everything else through hyper.
+pub(super) async fn serve(
+    gate: Arc<Gate>,
+    mut stream: TcpStream,
+    info: ConnInfo,
+    slot: ConnPermit,
+    mut stop: watch::Receiver<bool>,
+    guards: ConnGuards,
+) {
+    let slot = Arc::new(slot);
+    let mut buf = vec![0u8; HEAD_BUFFER];
+    let mut filled = 0;
+    loop {
+        let step = match next_step(&gate, &info, &slot, &stream, &mut buf, &mut filled, &mut stop)
+            .await
+        {
+            Some(step) => step,
+            None => return,
+        };
+        let (consumed, close) = match step {
+            Step::Partial => return,
+            Step::Fallback => break,
+            Step::Respond {
+                consumed,
+                bytes,
+                close,
+            } => {
+                if stream.write_all(&bytes).await.is_err() {
+                    gate.metrics.connection_closed(CloseReason::io);
+                    return;
+                }
+                (consumed, close)
+            }
+            Step::Upgrade(plan) => {
+                let consumed = plan.consumed;
+                let close = plan.close;
+                match forward_upgrade(&gate, &mut stream, &buf[consumed..filled], *plan).await {
+                    Forwarded::Tunnel(tunnel) => {
+                        // The connection is a tunnel now: no more HTTP on it.
+                        drop(buf);
+                        drop(guards);
+                        tunnel.await;
+                        return;
+                    }
+                    Forwarded::Answered => (consumed, close),
+                    Forwarded::Ended => return,
+                }
+            }
+        };
+        if close {
+            let _ = stream.shutdown().await;
+            return;
+        }
+        // Keep what the client sent after this request (pipelining) for the next round.
+        buf.copy_within(consumed..filled, 0);
+        filled -= consumed;
+    }
+    // hyper takes over from the start of the current request.
+    buf.truncate(filled);
+    let io = TokioIo::new(Prefixed::new(buf, stream));
+    super::serve_http(gate, io, info, slot, stop).await;
+    drop(guards);
+}
+
+/// Reads until the buffer holds a complete head (or a reason to stop), bounded by
+/// `header_read_timeout` from the end of the previous exchange. None: the connection is over
+/// (closed by the client, timed out, shutting down while idle, or a socket error).
+async fn next_step(
+    gate: &Gate,
+    info: &ConnInfo,
+    slot: &Arc<ConnPermit>,
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+    filled: &mut usize,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Step> {
+    let listen = &gate.config.listen;
+    let deadline = tokio::time::Instant::now() + listen.header_read_timeout;
+    loop {
+        if *filled > 0 {
+            match prepare(gate, info, slot, &buf[..*filled], *stop.borrow()) {
+                Step::Partial => {}
+                step => return Some(step),
+            }
+            if *filled == buf.len() {
+                // Grows up to the limit; a head that does not fit by then goes to hyper (431).
+                let grown = (buf.len() * 2).min(listen.max_header_bytes.max(HEAD_BUFFER));
+                if grown <= buf.len() {
+                    return Some(Step::Fallback);
+                }
+                buf.resize(grown, 0);
+            }
+        }
+        let idle = *filled == 0;
+        let read = tokio::select! {
+            biased;
+            r = tokio::time::timeout_at(deadline, read_some(stream, &mut buf[*filled..])) => r,
+            // Shutting down: an idle keep-alive connection closes now; one mid-head finishes
+            // its request first.
+            _ = stop.wait_for(|s| *s), if idle => return None,
+        };
+        match read {
+            Ok(Ok(0)) => {
+                if !idle {
+                    gate.metrics.connection_closed(CloseReason::io);
+                }
+                return None;
+            }
+            Ok(Ok(n)) => *filled += n,
+            Ok(Err(_)) => {
+                gate.metrics.connection_closed(CloseReason::io);
+                return None;
+            }
+            Err(_) => {
+                gate.metrics.connection_closed(CloseReason::header_timeout);
+                return None;
+            }
+        }
+    }
+}
+
+/// One read into `buf` once the socket is readable; readiness is cleared after a short read.
+async fn read_some(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await?;
+        match tunnel::read_drained(stream, buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Parses the buffered head and, when it is one this path takes, decides it. Synchronous:
+/// the parsed headers borrow the buffer and live on the stack, never in the task's future.
+fn prepare(
+    gate: &Gate,
+    info: &ConnInfo,
+    slot: &Arc<ConnPermit>,
+    bytes: &[u8],
+    draining: bool,
+) -> Step {
+    let listen = &gate.config.listen;
+    let mut slots = [MaybeUninit::<httparse::Header<'_>>::uninit(); REQUEST_HEADER_SLOTS];
+    let mut req = httparse::Request::new(&mut []);
+    let limit = listen.max_headers.min(REQUEST_HEADER_SLOTS);
+    let consumed = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req,
+        bytes,
+        &mut slots[..limit],
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if bytes.len() < listen.max_header_bytes => {
+            return Step::Partial
+        }
+        // Malformed, too many headers or too large: hyper answers it as it always has.
+        _ => return Step::Fallback,
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Step::Fallback;
+    };
+    // Origin form only; the same URI parser as hyper, so rules see the same path.
+    if !target.starts_with('/') {
+        return Step::Fallback;
+    }
+    let Ok(target) = http::uri::PathAndQuery::try_from(target) else {
+        return Step::Fallback;
+    };
+    let Ok(method) = http::Method::from_bytes(method.as_bytes()) else {
+        return Step::Fallback;
+    };
+    let headers: &[httparse::Header<'_>] = req.headers;
+    let Some(shape) = RequestShape::of(headers) else {
+        return Step::Fallback;
+    };
+    let Some(upgrade) = shape.upgrade.filter(|_| shape.connection_upgrade) else {
+        return Step::Fallback;
+    };
+    let close = shape.close || draining;
+    let head = RequestHead {
+        headers,
+        method: method.as_str(),
+        path: target.path(),
+        query: target.query(),
+        target_len: target.as_str().len(),
+    };
+    let admitted = match service::admit(gate, info, slot, &head) {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            return Step::Respond {
+                consumed,
+                bytes: encode_response(&refusal, close),
+                close,
+            }
+        }
+    };
+    let upstream_head = upstream_request_head(
+        &method,
+        target.as_str(),
+        headers,
+        &shape,
+        upgrade,
+        gate.upstream.authority(),
+        info,
+    );
+    Step::Upgrade(Box::new(UpgradePlan {
+        consumed,
+        upstream_head,
+        admitted,
+        method,
+        path: Arc::from(target.path()),
+        close,
+    }))
+}
+
+/// The request headers this path cares about, found in one pass.
+struct RequestShape<'b> {
+    /// The first `Upgrade` value.
+    upgrade: Option<&'b [u8]>,
+    /// `Connection` lists `upgrade`.
+    connection_upgrade: bool,
+    /// `Connection` lists `close`.
+    close: bool,
+    has_host: bool,
+}
+
+impl<'b> RequestShape<'b> {
+    /// None when the request has (or may have) a body, or expects `100 Continue`: hyper's
+    /// path handles those.
+    fn of(headers: &[httparse::Header<'b>]) -> Option<RequestShape<'b>> {
+        let mut shape = RequestShape {
+            upgrade: None,
+            connection_upgrade: false,
+            close: false,
+            has_host: false,
+        };
+        let mut content_length_seen = false;
+        for h in headers {
+            let name = h.name;
+            if name.eq_ignore_ascii_case("content-length") {
+                if content_length_seen || h.value != b"0" {
+                    return None;
+                }
+                content_length_seen = true;
+            } else if name.eq_ignore_ascii_case("transfer-encoding")
+                || name.eq_ignore_ascii_case("expect")
+            {
+                return None;
+            } else if name.eq_ignore_ascii_case("upgrade") {
+                shape.upgrade.get_or_insert(h.value);
+            } else if name.eq_ignore_ascii_case("connection") {
+                for token in tokens(h.value) {
+                    if token.eq_ignore_ascii_case("upgrade") {
+                        shape.connection_upgrade = true;
+                    } else if token.eq_ignore_ascii_case("close") {
+                        shape.close = true;
+                    }
+                }
+            } else if name.eq_ignore_ascii_case("host") {
+                shape.has_host = true;
+            }
+        }
+        Some(shape)
+    }
+}
+
+/// The comma-separated tokens of a header value (none if it is not visible ASCII).
+fn tokens(value: &[u8]) -> impl Iterator<Item = &str> {
+    visible_ascii(value)
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), dropped on both legs; the forwarding headers are
+/// rewritten, so the client's copies are dropped too.
+fn is_hop_by_hop(name: &str) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// Whether `name` is listed in a `Connection` header (and so hop-by-hop), as hyper's path
+/// treats it: `close`, `keep-alive` and `upgrade` are options, not header names.
+fn listed_in_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| tokens(h.value))
+        .filter(|t| !["close", "keep-alive", "upgrade"].iter().any(|o| t.eq_ignore_ascii_case(o)))
+        .any(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// The request head for the backend: the same rewrite as hyper's path (hop-by-hop removed,
+/// `Upgrade` kept with `Connection: upgrade`, `Host` kept or set to the backend's address,
+/// `X-Forwarded-For`/`Forwarded` appended, `X-Forwarded-Proto` set), in one buffer.
+fn upstream_request_head(
+    method: &http::Method,
+    target: &str,
+    headers: &[httparse::Header<'_>],
+    shape: &RequestShape<'_>,
+    upgrade: &[u8],
+    authority: &[u8],
+    info: &ConnInfo,
+) -> Vec<u8> {
+    const XFF: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+    const FORWARDED: http::HeaderName = http::HeaderName::from_static("forwarded");
+    let lists_names = headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("connection")
+            && tokens(h.value).any(|t| {
+                !["close", "keep-alive", "upgrade"]
+                    .iter()
+                    .any(|o| t.eq_ignore_ascii_case(o))
+            })
+    });
+    let mut out = Vec::with_capacity(256 + headers.iter().map(|h| h.name.len() + h.value.len() + 4).sum::<usize>());
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for h in headers {
+        let name = h.name;
+        if is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case("x-forwarded-for")
+            || name.eq_ignore_ascii_case("forwarded")
+            || name.eq_ignore_ascii_case("x-forwarded-proto")
+            || (lists_names && listed_in_connection(headers, name))
+        {
+            continue;
+        }
+        push_header(&mut out, name.as_bytes(), h.value);
+    }
+    if !shape.has_host {
+        push_header(&mut out, b"host", authority);
+    }
+    push_header(&mut out, b"upgrade", upgrade);
+    push_header(&mut out, b"connection", b"upgrade");
+    let (xff, forwarded) = forwarding_values(
+        headers.values(&XFF).into_iter(),
+        headers.values(&FORWARDED).into_iter(),
+        headers.value(&http::header::HOST),
+        info.client,
+        info.scheme,
+    );
+    push_header(&mut out, b"x-forwarded-for", xff.as_bytes());
+    push_header(&mut out, b"forwarded", forwarded.as_bytes());
+    push_header(&mut out, b"x-forwarded-proto", info.scheme.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How an upgrade exchange ended for the connection.
+enum Forwarded<T> {
+    /// The backend switched protocols: run this to the tunnel's end.
+    Tunnel(T),
+    /// fwgate answered (a backend failure); the connection can take another request.
+    Answered,
+    /// The connection is finished (the backend's non-101 answer was relayed, or a write failed).
+    Ended,
+}
+
+/// Sends an admitted upgrade to a new backend connection and relays the answer: on 101, the
+/// tunnel to run; otherwise the backend's response (then the connection closes, as the request
+/// asked to leave HTTP) or fwgate's 502/503/504.
+async fn forward_upgrade<'a>(
+    gate: &'a Arc<Gate>,
+    client: &'a mut TcpStream,
+    early: &[u8],
+    plan: UpgradePlan,
+) -> Forwarded<impl std::future::Future<Output = ()> + 'a> {
+    let UpgradePlan {
+        upstream_head,
+        admitted,
+        method,
+        path,
+        close,
+        ..
+    } = plan;
+    let started = Instant::now();
+    let exchange = async {
+        let mut upstream = gate.upstream.connect().await?;
+        upstream
+            .write_all(&upstream_head)
+            .await
+            .map_err(|_| ProxyFailure::UpstreamBroken)?;
+        let head = read_response_head(&mut upstream, true, false).await?;
+        Ok::<_, ProxyFailure>((upstream, head))
+    };
+    let (upstream, head) =
+        match tokio::time::timeout(gate.upstream.response_timeout(), exchange).await {
+            Ok(Ok(r)) => r,
+            failed => {
+                let failure = match failed {
+                    Ok(Err(f)) => f,
+                    _ => ProxyFailure::UpstreamResponseTimeout,
+                };
+                let resp = service::backend_failed(
+                    gate,
+                    &admitted.presented,
+                    &admitted.rule,
+                    failure,
+                    method.as_str(),
+                    &path,
+                    started,
+                );
+                drop(admitted);
+                return match client.write_all(&encode_response(&resp, close)).await {
+                    Ok(()) => Forwarded::Answered,
+                    Err(_) => Forwarded::Ended,
+                };
+            }
+        };
+    gate.metrics.upstream(UpstreamOutcome::ok).inc();
+    let backend_time = started.elapsed();
+    if head.status != 101 {
+        let exchange = Exchange::relayed_by_caller(
+            gate,
+            admitted,
+            method.as_str(),
+            path,
+            head.status,
+            started,
+            backend_time,
+        );
+        let (bytes, complete) = relay_response(upstream, client, head).await;
+        Box::new(exchange).done(bytes, complete);
+        let _ = client.shutdown().await;
+        return Forwarded::Ended;
+    }
+    if client.write_all(&head.client_head).await.is_err() {
+        return Forwarded::Ended;
+    }
+    let client_early = early.to_vec();
+    let upstream_early = head.rest;
+    let tunnel = OpenTunnel::open(gate.clone(), admitted, path, started, backend_time);
+    let idle = gate.config.listen.tunnel_idle_timeout;
+    Forwarded::Tunnel(tunnel.run(move |close| async move {
+        match upstream {
+            UpstreamStream::Plain(tcp) => {
+                tunnel::relay_tcp(client, &client_early, &tcp, &upstream_early, &close, idle)
+                    .await
+            }
+            tls => {
+                tunnel::relay_generic(client, &client_early, tls, &upstream_early, close, idle)
+                    .await
+            }
+        }
+    }))
+}
+
+/// A backend response head, rewritten for the client.
+struct BackendHead {
+    status: u16,
+    /// The head as the client gets it.
+    client_head: Vec<u8>,
+    framing: Framing,
+    /// Bytes the backend sent after its head.
+    rest: Vec<u8>,
+}
+
+/// How a response body ends (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (101, 204, 304, a response to HEAD).
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// Chunked: relayed as is, its end found by [`ChunkedEnd`].
+    Chunked,
+    /// Until the backend closes.
+    UntilClose,
+}
+
+/// Reads the backend's response head, skipping informational (1xx other than 101) ones as
+/// hyper's client does.
+async fn read_response_head(
+    upstream: &mut UpstreamStream,
+    upgrade: bool,
+    head_request: bool,
+) -> Result<BackendHead, ProxyFailure> {
+    let mut buf = vec![0u8; 1024];
+    let mut filled = 0;
+    loop {
+        if filled > 0 {
+            match parse_response_head(&buf[..filled], upgrade, head_request)? {
+                ResponseParse::Partial => {}
+                ResponseParse::Informational(n) => {
+                    buf.copy_within(n..filled, 0);
+                    filled -= n;
+                    continue;
+                }
+                ResponseParse::Complete(n, status, client_head, framing) => {
+                    return Ok(BackendHead {
+                        status,
+                        client_head,
+                        framing,
+                        rest: buf[n..filled].to_vec(),
+                    })
+                }
+            }
+            if filled == buf.len() {
+                if buf.len() >= MAX_RESPONSE_HEAD {
+                    return Err(ProxyFailure::UpstreamBroken);
+                }
+                buf.resize(buf.len() * 2, 0);
+            }
+        }
+        match upstream.read(&mut buf[filled..]).await {
+            Ok(0) | Err(_) => return Err(ProxyFailure::UpstreamBroken),
+            Ok(n) => filled += n,
+        }
+    }
+}
+
+enum ResponseParse {
+    Partial,
+    /// An informational head of this length, to skip.
+    Informational(usize),
+    /// Head length, status, the head for the client, the body's framing.
+    Complete(usize, u16, Vec<u8>, Framing),
+}
+
+/// Parses a response head and rewrites it for the client: hop-by-hop headers removed (the
+/// framing header kept when the body is relayed chunked), `Upgrade`/`Connection: upgrade`
+/// kept on a 101, `Date` added when missing, `Connection: close` when this path closes after.
+fn parse_response_head(
+    bytes: &[u8],
+    upgrade: bool,
+    head_request: bool,
+) -> Result<ResponseParse, ProxyFailure> {
+    let mut slots = [MaybeUninit::<httparse::Header<'_>>::uninit(); RESPONSE_HEADER_SLOTS];
+    let mut resp = httparse::Response::new(&mut []);
+    let n = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        bytes,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(ResponseParse::Partial),
+        Err(_) => return Err(ProxyFailure::UpstreamBroken),
+    };
+    let (Some(status), Some(_)) = (resp.code, resp.version) else {
+        return Err(ProxyFailure::UpstreamBroken);
+    };
+    if status == 101 && !upgrade {
+        return Err(ProxyFailure::UpstreamBroken);
+    }
+    if (100..200).contains(&status) && status != 101 {
+        return Ok(ResponseParse::Informational(n));
+    }
+    let headers: &[httparse::Header<'_>] = resp.headers;
+    let mut transfer_encoding: Option<&[u8]> = None;
+    let mut content_length: Option<u64> = None;
+    let mut has_date = false;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // The last coding decides; several headers read as one list.
+            transfer_encoding = Some(h.value);
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            for value in visible_ascii(h.value).unwrap_or("x").split(',') {
+                let len = value
+                    .trim()
+                    .parse::<u64>()
+                    .map_err(|_| ProxyFailure::UpstreamBroken)?;
+                if content_length.is_some_and(|l| l != len) {
+                    return Err(ProxyFailure::UpstreamBroken);
+                }
+                content_length = Some(len);
+            }
+        } else if h.name.eq_ignore_ascii_case("date") {
+            has_date = true;
+        }
+    }
+    let framing = if status == 101 || head_request || status == 204 || status == 304 {
+        Framing::Empty
+    } else if let Some(te) = transfer_encoding {
+        match tokens(te).last() {
+            Some(last) if last.eq_ignore_ascii_case("chunked") => Framing::Chunked,
+            _ => Framing::UntilClose,
+        }
+    } else if let Some(len) = content_length {
+        Framing::Length(len)
+    } else {
+        Framing::UntilClose
+    };
+    let mut out = Vec::with_capacity(n + 64);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+    out.push(b' ');
+    let reason = resp.reason.filter(|r| !r.is_empty()).or_else(|| {
+        StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+    });
+    out.extend_from_slice(reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let lists_names = headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("connection")
+            && tokens(h.value).any(|t| {
+                !["close", "keep-alive", "upgrade"]
+                    .iter()
+                    .any(|o| t.eq_ignore_ascii_case(o))
+            })
+    });
+    let mut upgrade_value = None;
+    for h in headers {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("upgrade") {
+            upgrade_value.get_or_insert(h.value);
+        }
+        let keep_framing = framing == Framing::Chunked && name.eq_ignore_ascii_case("transfer-encoding");
+        if (is_hop_by_hop(name) && !keep_framing)
+            || (transfer_encoding.is_some() && name.eq_ignore_ascii_case("content-length"))
+            || (lists_names && listed_in_connection(headers, name))
+        {
+            continue;
+        }
+        push_header(&mut out, name.as_bytes(), h.value);
+    }
+    if !has_date {
+        push_date(&mut out);
+    }
+    if status == 101 {
+        if let Some(u) = upgrade_value {
+            push_header(&mut out, b"upgrade", u);
+        }
+        push_header(&mut out, b"connection", b"upgrade");
+    } else {
+        // This path closes after answering an upgrade request it could not complete.
+        push_header(&mut out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(ResponseParse::Complete(n, status, out, framing))
+}
+
+/// Relays a backend response (head already rewritten) to the client, as its framing says;
+/// returns the body bytes that reached the client and whether the body was complete.
+async fn relay_response(
+    mut upstream: UpstreamStream,
+    client: &mut TcpStream,
+    head: BackendHead,
+) -> (u64, bool) {
+    let BackendHead {
+        client_head,
+        framing,
+        rest,
+        ..
+    } = head;
+    let mut chunked = ChunkedEnd::default();
+    let mut remaining = match framing {
+        Framing::Length(n) => n,
+        _ => u64::MAX,
+    };
+    // Bytes of `chunk` that belong to this response, and whether it ends there.
+    let mut take = |chunk: &[u8], remaining: &mut u64| -> Result<(usize, bool), ()> {
+        match framing {
+            Framing::Empty => Ok((0, true)),
+            Framing::Length(_) => {
+                let n = chunk.len().min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                *remaining -= n as u64;
+                Ok((n, *remaining == 0))
+            }
+            Framing::Chunked => match chunked.feed(chunk)? {
+                Some(end) => Ok((end, true)),
+                None => Ok((chunk.len(), false)),
+            },
+            Framing::UntilClose => Ok((chunk.len(), false)),
+        }
+    };
+    let mut sent = 0u64;
+    let Ok((n, mut done)) = take(&rest, &mut remaining) else {
+        return (0, false);
+    };
+    let mut first = client_head;
+    first.extend_from_slice(&rest[..n]);
+    if client.write_all(&first).await.is_err() {
+        return (0, false);
+    }
+    sent += n as u64;
+    drop(first);
+    if done {
+        return (sent, true);
+    }
+    let mut buf = vec![0u8; BODY_BUFFER];
+    while !done {
+        let read = match upstream.read(&mut buf).await {
+            Ok(0) => return (sent, framing == Framing::UntilClose),
+            Ok(n) => n,
+            Err(_) => return (sent, false),
+        };
+        let Ok((n, end)) = take(&buf[..read], &mut remaining) else {
+            return (sent, false);
+        };
+        if client.write_all(&buf[..n]).await.is_err() {
+            return (sent, false);
+        }
+        sent += n as u64;
+        done = end;
+    }
+    (sent, true)
+}
+
+/// Serialises a response fwgate itself made (a refusal or a backend failure; always a fixed
+/// body) the way hyper's server writes it.
+fn encode_response(resp: &Response<ResponseBody>, close: bool) -> Vec<u8> {
+    let body = resp.body().fixed_bytes().unwrap_or_default();
+    let mut out = Vec::with_capacity(160 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(resp.status().as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.status().canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in resp.headers() {
+        push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    push_header(
+        &mut out,
+        b"content-length",
+        itoa::Buffer::new().format(body.len()).as_bytes(),
+    );
+    if close {
+        push_header(&mut out, b"connection", b"close");
+    }
+    push_date(&mut out);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
+}
+
+/// Appends `date: <IMF-fixdate>`, formatted once per second per thread (as hyper caches it).
+fn push_date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHED.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != secs || cached.1.is_empty() {
+            *cached = (secs, httpdate::fmt_http_date(now));
+        }
+        push_header(out, b"date", cached.1.as_bytes());
+    });
+}
+
+/// Finds where a chunked body ends (after the last chunk and the trailers) without decoding
+/// it, so the body is relayed byte for byte and the connection's next message is not touched.
+#[derive(Debug, Default)]
+pub(super) struct ChunkedEnd {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Reading the chunk size's hex digits.
+    #[default]
+    Size,
+    /// After the size: extensions or whitespace up to the line end.
+    Extension,
+    /// Expecting the LF of the size line.
+    SizeLf,
+    /// Inside chunk data (`size` bytes left).
+    Data,
+    /// Expecting the CR after chunk data.
+    DataCr,
+    /// Expecting the LF after chunk data.
+    DataLf,
+    /// At the start of a trailer line (or the final empty line).
+    TrailerStart,
+    /// Inside a trailer line.
+    TrailerLine,
+    /// Expecting the final LF.
+    EndLf,
+    /// The body has ended.
+    Done,
+}
+
+impl ChunkedEnd {
+    /// Feeds the next bytes of the body: `Ok(Some(n))` when the body ends after `n` of them,
+    /// `Ok(None)` when all of them belong to it and more follow, `Err` when it is malformed.
+    pub(super) fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, ()> {
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            match self.state {
+                ChunkState::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        // At most 16 hex digits: the size fits a u64.
+                        if self.digits == 16 {
+                            return Err(());
+                        }
+                        let digit = (b as char).to_digit(16).ok_or(())?;
+                        self.size = self.size * 16 + u64::from(digit);
+                        self.digits += 1;
+                    }
+                    _ if self.digits == 0 => return Err(()),
+                    b'\r' => self.state = ChunkState::SizeLf,
+                    b'\n' => self.end_of_size_line(),
+                    b';' | b' ' | b'\t' => self.state = ChunkState::Extension,
+                    _ => return Err(()),
+                },
+                ChunkState::Extension => match b {
+                    b'\r' => self.state = ChunkState::SizeLf,
+                    b'\n' => self.end_of_size_line(),
+                    _ => {}
+                },
+                ChunkState::SizeLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.end_of_size_line();
+                }
+                ChunkState::Data => {
+                    let available = (bytes.len() - i) as u64;
+                    let n = available.min(self.size);
+                    self.size -= n;
+                    i += n as usize;
+                    if self.size == 0 {
+                        self.state = ChunkState::DataCr;
+                    }
+                    continue;
+                }
+                ChunkState::DataCr => match b {
+                    b'\r' => self.state = ChunkState::DataLf,
+                    b'\n' => self.next_chunk(),
+                    _ => return Err(()),
+                },
+                ChunkState::DataLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.next_chunk();
+                }
+                ChunkState::TrailerStart => match b {
+                    b'\r' => self.state = ChunkState::EndLf,
+                    b'\n' => {
+                        self.state = ChunkState::Done;
+                        return Ok(Some(i + 1));
+                    }
+                    _ => self.state = ChunkState::TrailerLine,
+                },
+                ChunkState::TrailerLine => {
+                    if b == b'\n' {
+                        self.state = ChunkState::TrailerStart;
+                    }
+                }
+                ChunkState::EndLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = ChunkState::Done;
+                    return Ok(Some(i + 1));
+                }
+                ChunkState::Done => return Ok(Some(i)),
+            }
+            i += 1;
+        }
+        Ok((self.state == ChunkState::Done).then_some(bytes.len()))
+    }
+
+    fn end_of_size_line(&mut self) {
+        self.state = if self.size == 0 {
+            ChunkState::TrailerStart
+        } else {
+            ChunkState::Data
+        };
+    }
+
+    fn next_chunk(&mut self) {
+        self.state = ChunkState::Size;
+        self.size = 0;
+        self.digits = 0;
+    }
+}
+
+/// A stream whose first reads return bytes already read from it: how a connection this path
+/// started reading is handed to hyper intact. The prefix is freed once consumed.
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    consumed: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// Reads return `prefix` first, then `inner`.
+    pub fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
+        Prefixed {
+            prefix,
+            consumed: 0,
+            inner,
+        }
+    }
+
+    /// The stream and the prefix bytes not yet read.
+    pub fn into_parts(self) -> (S, Vec<u8>) {
+        let mut prefix = self.prefix;
+        prefix.drain(..self.consumed);
+        (self.inner, prefix)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.consumed < this.prefix.len() {
+            let left = &this.prefix[this.consumed..];
+            let n = left.len().min(buf.remaining());
+            buf.put_slice(&left[..n]);
+            this.consumed += n;
+            if this.consumed == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.consumed = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
