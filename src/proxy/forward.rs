@@ -478,7 +478,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// and an RFC 7239 `Forwarded` element is appended. `Host` is left as the client sent it.
 pub fn add_forwarding_headers(headers: &mut HeaderMap, client: SocketAddr, proto: &'static str) {
     let (xff, forwarded) = forwarding_values(
-        headers.get_all(X_FORWARDED_FOR).iter().map(|v| v.as_bytes()),
+        headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .map(|v| v.as_bytes()),
         headers.get_all(FORWARDED).iter().map(|v| v.as_bytes()),
         headers.get(http::header::HOST).map(|h| h.as_bytes()),
         client,

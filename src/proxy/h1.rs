@@ -102,8 +102,16 @@ pub(super) async fn serve(
     let mut buf = vec![0u8; HEAD_BUFFER];
     let mut filled = 0;
     loop {
-        let step = match next_step(&gate, &info, &slot, &stream, &mut buf, &mut filled, &mut stop)
-            .await
+        let step = match next_step(
+            &gate,
+            &info,
+            &slot,
+            &stream,
+            &mut buf,
+            &mut filled,
+            &mut stop,
+        )
+        .await
         {
             Some(step) => step,
             None => return,
@@ -275,8 +283,8 @@ fn prepare(
         target_len: target.as_str().len(),
     };
     let admitted = match service::admit(gate, info, slot, &head) {
-        Ok(admitted) => admitted,
-        Err(refusal) => {
+        service::Admission::Admit(admitted) => admitted,
+        service::Admission::Refuse(refusal) => {
             return Step::Respond {
                 consumed,
                 bytes: encode_response(&refusal, close),
@@ -385,7 +393,11 @@ fn listed_in_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
         .flat_map(|h| tokens(h.value))
-        .filter(|t| !["close", "keep-alive", "upgrade"].iter().any(|o| t.eq_ignore_ascii_case(o)))
+        .filter(|t| {
+            !["close", "keep-alive", "upgrade"]
+                .iter()
+                .any(|o| t.eq_ignore_ascii_case(o))
+        })
         .any(|t| t.eq_ignore_ascii_case(name))
 }
 
@@ -411,7 +423,12 @@ fn upstream_request_head(
                     .any(|o| t.eq_ignore_ascii_case(o))
             })
     });
-    let mut out = Vec::with_capacity(256 + headers.iter().map(|h| h.name.len() + h.value.len() + 4).sum::<usize>());
+    let mut out = Vec::with_capacity(
+        256 + headers
+            .iter()
+            .map(|h| h.name.len() + h.value.len() + 4)
+            .sum::<usize>(),
+    );
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
@@ -542,8 +559,7 @@ async fn forward_upgrade<'a>(
     Forwarded::Tunnel(tunnel.run(move |close| async move {
         match upstream {
             UpstreamStream::Plain(tcp) => {
-                tunnel::relay_tcp(client, &client_early, &tcp, &upstream_early, &close, idle)
-                    .await
+                tunnel::relay_tcp(client, &client_early, &tcp, &upstream_early, &close, idle).await
             }
             tls => {
                 tunnel::relay_generic(client, &client_early, tls, &upstream_early, close, idle)
@@ -635,11 +651,9 @@ fn parse_response_head(
 ) -> Result<ResponseParse, ProxyFailure> {
     let mut slots = [MaybeUninit::<httparse::Header<'_>>::uninit(); RESPONSE_HEADER_SLOTS];
     let mut resp = httparse::Response::new(&mut []);
-    let n = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut resp,
-        bytes,
-        &mut slots,
-    ) {
+    let n = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, bytes, &mut slots)
+    {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(ResponseParse::Partial),
         Err(_) => return Err(ProxyFailure::UpstreamBroken),
@@ -713,7 +727,8 @@ fn parse_response_head(
         if name.eq_ignore_ascii_case("upgrade") {
             upgrade_value.get_or_insert(h.value);
         }
-        let keep_framing = framing == Framing::Chunked && name.eq_ignore_ascii_case("transfer-encoding");
+        let keep_framing =
+            framing == Framing::Chunked && name.eq_ignore_ascii_case("transfer-encoding");
         if (is_hop_by_hop(name) && !keep_framing)
             || (transfer_encoding.is_some() && name.eq_ignore_ascii_case("content-length"))
             || (lists_names && listed_in_connection(headers, name))
@@ -761,7 +776,9 @@ async fn relay_response(
         match framing {
             Framing::Empty => Ok((0, true)),
             Framing::Length(_) => {
-                let n = chunk.len().min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                let n = chunk
+                    .len()
+                    .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                 *remaining -= n as u64;
                 Ok((n, *remaining == 0))
             }
@@ -1058,5 +1075,192 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNKED: &[u8] =
+        b"5;name=v\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\nX-U: 2\r\n\r\n";
+
+    #[test]
+    fn chunked_end_is_found_at_every_split_and_not_before() {
+        let mut next = CHUNKED.to_vec();
+        next.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        for split in 0..=next.len() {
+            let mut end = ChunkedEnd::default();
+            let (a, b) = next.split_at(split);
+            let found = match end.feed(a).unwrap() {
+                Some(n) => n,
+                None => a.len() + end.feed(b).unwrap().expect("end not found"),
+            };
+            assert_eq!(found, CHUNKED.len(), "split at {split}");
+        }
+        // Byte by byte: nothing before the last byte says it ended.
+        let mut end = ChunkedEnd::default();
+        for (i, b) in CHUNKED.iter().enumerate() {
+            let r = end.feed(std::slice::from_ref(b)).unwrap();
+            assert_eq!(r.is_some(), i == CHUNKED.len() - 1, "at byte {i}");
+        }
+    }
+
+    #[test]
+    fn chunked_accepts_bare_lf_and_no_trailers() {
+        let mut end = ChunkedEnd::default();
+        assert_eq!(end.feed(b"3\nabc\n0\n\nrest").unwrap(), Some(9));
+        let mut end = ChunkedEnd::default();
+        assert_eq!(end.feed(b"0\r\n\r\n").unwrap(), Some(5));
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for bad in [
+            &b"\r\n"[..],
+            b"x\r\n",
+            b"5\r\nhelloX",
+            b"5\rX",
+            b"11111111111111111\r\n",
+            b"0\r\n\rX",
+        ] {
+            assert!(ChunkedEnd::default().feed(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn complete(bytes: &[u8], upgrade: bool, head: bool) -> (usize, u16, String, Framing) {
+        match parse_response_head(bytes, upgrade, head) {
+            Ok(ResponseParse::Complete(n, s, h, f)) => (n, s, String::from_utf8(h).unwrap(), f),
+            other => panic!("not complete: {:?}", other.is_ok()),
+        }
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let f = |r: &[u8]| complete(r, true, false).3;
+        assert_eq!(
+            f(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n"),
+            Framing::Length(12)
+        );
+        assert_eq!(
+            f(b"HTTP/1.1 200 OK\r\nContent-Length: 7, 7\r\n\r\n"),
+            Framing::Length(7)
+        );
+        assert_eq!(
+            f(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n"),
+            Framing::Chunked
+        );
+        assert_eq!(
+            f(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            Framing::UntilClose
+        );
+        assert_eq!(f(b"HTTP/1.1 200 OK\r\n\r\n"), Framing::UntilClose);
+        assert_eq!(
+            f(b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n"),
+            Framing::Empty
+        );
+        assert_eq!(f(b"HTTP/1.1 304 Not Modified\r\n\r\n"), Framing::Empty);
+        assert_eq!(
+            f(b"HTTP/1.1 101 Switching\r\nUpgrade: x\r\n\r\n"),
+            Framing::Empty
+        );
+        assert_eq!(
+            complete(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true, true).3,
+            Framing::Empty
+        );
+        // Chunked keeps its framing header and drops a contradicting length.
+        let (_, _, head, _) = complete(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            true,
+            false,
+        );
+        assert!(head.contains("Transfer-Encoding: chunked\r\n"), "{head}");
+        assert!(!head.contains("Content-Length"), "{head}");
+        assert!(head.ends_with("connection: close\r\n\r\n"), "{head}");
+    }
+
+    #[test]
+    fn bad_or_unexpected_backend_heads_are_502s_and_1xx_are_skipped() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"NOT HTTP\r\n\r\n",
+        ] {
+            assert!(
+                matches!(
+                    parse_response_head(bad, true, false),
+                    Err(ProxyFailure::UpstreamBroken)
+                ),
+                "{bad:?}"
+            );
+        }
+        // A 101 nobody asked for.
+        assert!(parse_response_head(b"HTTP/1.1 101 S\r\n\r\n", false, false).is_err());
+        assert!(matches!(
+            parse_response_head(
+                b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\nHTTP/1.1",
+                true,
+                false
+            ),
+            Ok(ResponseParse::Informational(37))
+        ));
+        assert!(matches!(
+            parse_response_head(b"HTTP/1.1 200 OK\r\nA: b", true, false),
+            Ok(ResponseParse::Partial)
+        ));
+    }
+
+    #[test]
+    fn a_101_keeps_upgrade_and_the_reason_phrase_survives() {
+        let input: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade, X-Hop\r\nX-Hop: 1\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: abc\r\nDate: Tue, 24 Nov 2026 10:00:00 GMT\r\n\r\nDATA";
+        let (n, status, head, _) = complete(input, true, false);
+        assert_eq!((n, status), (input.len() - 4, 101));
+        assert_eq!(
+            head,
+            "HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: abc\r\nDate: Tue, 24 Nov 2026 10:00:00 GMT\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+        );
+        let (_, _, head, _) = complete(b"HTTP/1.1 418 \r\nContent-Length: 0\r\n\r\n", true, false);
+        assert!(head.starts_with("HTTP/1.1 418 I'm a teapot\r\n"), "{head}");
+        assert!(head.contains("\r\ndate: "), "{head}");
+    }
+
+    #[test]
+    fn own_responses_are_written_as_hyper_writes_them() {
+        let resp = super::super::response::plain(StatusCode::BAD_GATEWAY, "backend unreachable\n");
+        let text = String::from_utf8(encode_response(&resp, true)).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert_eq!(body, "backend unreachable\n");
+        let mut lines = head.lines();
+        assert_eq!(lines.next(), Some("HTTP/1.1 502 Bad Gateway"));
+        let mut rest: Vec<&str> = lines.filter(|l| !l.starts_with("date: ")).collect();
+        rest.sort();
+        assert_eq!(
+            rest,
+            [
+                "connection: close",
+                "content-length: 20",
+                "content-type: text/plain; charset=utf-8"
+            ]
+        );
+        assert!(head.contains("\r\ndate: "));
+    }
+
+    #[tokio::test]
+    async fn prefixed_reads_the_prefix_first_then_the_stream() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b" world").await.unwrap();
+        drop(a);
+        let mut p = Prefixed::new(b"hello".to_vec(), b);
+        let mut small = [0u8; 3];
+        p.read_exact(&mut small).await.unwrap();
+        assert_eq!(&small, b"hel");
+        let (inner, left) = Prefixed::new(b"hello".to_vec(), tokio::io::empty()).into_parts();
+        let _ = inner;
+        assert_eq!(left, b"hello");
+        let mut rest = Vec::new();
+        p.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"lo world");
+        assert!(p.prefix.capacity() == 0, "the prefix is freed once read");
     }
 }

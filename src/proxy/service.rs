@@ -90,23 +90,30 @@ pub async fn handle(
         admit(&gate, &conn, &connection_slot, &head)
     };
     match admitted {
-        Ok(admitted) => Ok(forward(gate.clone(), &conn, admitted, req).await),
-        Err(refusal) => Ok(refusal),
+        Admission::Admit(admitted) => Ok(forward(gate.clone(), &conn, admitted, req).await),
+        Admission::Refuse(refusal) => Ok(refusal),
     }
 }
 
-/// Decides one request: `Ok` to forward it (with its slots taken), `Err` with the response
-/// that refuses it. Order (cheapest refusal first): per-IP rate, reconnect backoff, kill switch
+/// What [`admit`] decided.
+pub(super) enum Admission {
+    /// Forward it, with its slots taken.
+    Admit(Admitted),
+    /// Answer with this refusal.
+    Refuse(Response<ResponseBody>),
+}
+
+/// Decides one request: forward it (with its slots taken) or the response that refuses it. Order (cheapest refusal first): per-IP rate, reconnect backoff, kill switch
 /// and rules (with a `limit` rule's limiter), global handshake rate, backend capacity.
 pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
     gate: &Gate,
     conn: &ConnInfo,
     connection_slot: &Arc<ConnPermit>,
     req: &RequestHead<'_, H>,
-) -> Result<Admitted, Response<ResponseBody>> {
+) -> Admission {
     let listen = &gate.config.listen;
     if req.target_len > listen.max_uri_bytes {
-        return Err(response::plain(
+        return Admission::Refuse(response::plain(
             StatusCode::URI_TOO_LONG,
             "request target too long\n",
         ));
@@ -116,7 +123,7 @@ pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
     let deciders = &gate.limit_deciders;
     if !gate.global.per_ip_ok(ip) {
         let verdict = gate.refuse_by(&deciders.per_ip, None);
-        return Err(refuse(gate, verdict, &deciders.per_ip, None, req, client));
+        return Admission::Refuse(refuse(gate, verdict, &deciders.per_ip, None, req, client));
     }
     let snap = gate.snapshot();
     let rules = &snap.rules;
@@ -133,7 +140,7 @@ pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
 
     if let Some(remaining) = gate.backoff.penalty(backoff_key) {
         let verdict = gate.refuse_by(&deciders.backoff, Some(jittered_wait_secs(remaining, 0.25)));
-        return Err(refuse(gate, verdict, &deciders.backoff, None, req, client));
+        return Admission::Refuse(refuse(gate, verdict, &deciders.backoff, None, req, client));
     }
 
     let decision = gate.decide(&snap, &version, req.path);
@@ -154,12 +161,12 @@ pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
                 raw_version: found.map(|f| f.display(crate::version::MAX_VERSION_LEN)),
                 version,
             });
-            return Err(refuse(gate, refused, decider, presented, req, client));
+            return Admission::Refuse(refuse(gate, refused, decider, presented, req, client));
         }
     };
     let Some(upstream_slot) = gate.upstream_capacity.try_take() else {
         let verdict = gate.refuse_by(&deciders.upstream_capacity, None);
-        return Err(refuse(
+        return Admission::Refuse(refuse(
             gate,
             verdict,
             &deciders.upstream_capacity,
@@ -190,7 +197,7 @@ pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
         upstream_active: gate.metrics.upstream_active.clone(),
     };
     held.upstream_active.inc();
-    Ok(Admitted {
+    Admission::Admit(Admitted {
         presented,
         rule: decision.decider.name.clone(),
         active: decision.decider.counters.active.clone(),
@@ -345,7 +352,15 @@ async fn forward(
     let (mut resp, lease) = match sent.await {
         Ok(r) => r,
         Err(failure) => {
-            return backend_failed(&gate, &presented, &rule, failure, method.as_str(), &path, started)
+            return backend_failed(
+                &gate,
+                &presented,
+                &rule,
+                failure,
+                method.as_str(),
+                &path,
+                started,
+            )
         }
     };
     gate.metrics.upstream(UpstreamOutcome::ok).inc();
@@ -540,8 +555,15 @@ async fn relay(
             drop(parts.read_buf);
             match io {
                 UpstreamStream::Plain(tcp) => {
-                    tunnel::relay_tcp(&client_io, &client_early, &tcp, &upstream_early, &close, idle)
-                        .await
+                    tunnel::relay_tcp(
+                        &client_io,
+                        &client_early,
+                        &tcp,
+                        &upstream_early,
+                        &close,
+                        idle,
+                    )
+                    .await
                 }
                 tls => {
                     tunnel::relay_generic(

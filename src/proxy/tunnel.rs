@@ -109,10 +109,7 @@ pub async fn relay_tcp(
     let run = async {
         write_all(upstream, client_early, &up).await?;
         write_all(client, upstream_early, &down).await?;
-        tokio::try_join!(
-            pump(client, upstream, &up),
-            pump(upstream, client, &down)
-        )
+        tokio::try_join!(pump(client, upstream, &up), pump(upstream, client, &down))
     };
     let end = tokio::select! {
         r = run => if r.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error },
@@ -489,7 +486,14 @@ mod tests {
         });
         let stats = tokio::time::timeout(
             std::time::Duration::from_secs(20),
-            relay_tcp(&client_side, b"", &upstream_side, b"", &close, Duration::ZERO),
+            relay_tcp(
+                &client_side,
+                b"",
+                &upstream_side,
+                b"",
+                &close,
+                Duration::ZERO,
+            ),
         );
         // The backend never closes its side here, so the relay is still running: only check bytes.
         let (got, _backend) = tokio::select! {

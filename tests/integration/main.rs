@@ -6,6 +6,7 @@ mod util;
 mod admin;
 mod cli;
 mod edge;
+mod fast_path;
 mod http_proxy;
 mod killswitch;
 mod limits;
