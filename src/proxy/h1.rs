@@ -133,15 +133,19 @@ pub(super) async fn serve(
             Step::Upgrade(plan) => {
                 let consumed = plan.consumed;
                 let close = plan.close;
-                match forward_upgrade(&gate, &mut stream, &buf[consumed..filled], *plan).await {
+                let early = &buf[consumed..filled];
+                match Box::pin(forward_upgrade(&gate, stream, early, *plan)).await {
                     Forwarded::Tunnel(tunnel) => {
-                        // The connection is a tunnel now: no more HTTP on it.
-                        drop(buf);
+                        // The connection is a tunnel now, in a task of its own sized for a
+                        // tunnel alone: this connection's HTTP state is freed.
                         drop(guards);
-                        tunnel.await;
+                        tokio::spawn(tunnel);
                         return;
                     }
-                    Forwarded::Answered => (consumed, close),
+                    Forwarded::Answered(kept) => {
+                        stream = kept;
+                        (consumed, close)
+                    }
                     Forwarded::Ended => return,
                 }
             }
@@ -157,7 +161,9 @@ pub(super) async fn serve(
     // hyper takes over from the start of the current request.
     buf.truncate(filled);
     let io = TokioIo::new(Prefixed::new(buf, stream));
-    super::serve_http(gate, io, info, slot, stop).await;
+    // Boxed when reached: inline, hyper's connection would size every fast-path connection's
+    // future (and so every tunnel's memory) by its own.
+    Box::pin(super::serve_http(gate, io, info, slot, stop)).await;
     drop(guards);
 }
 
@@ -476,7 +482,7 @@ enum Forwarded<T> {
     /// The backend switched protocols: run this to the tunnel's end.
     Tunnel(T),
     /// fwgate answered (a backend failure); the connection can take another request.
-    Answered,
+    Answered(TcpStream),
     /// The connection is finished (the backend's non-101 answer was relayed, or a write failed).
     Ended,
 }
@@ -484,12 +490,12 @@ enum Forwarded<T> {
 /// Sends an admitted upgrade to a new backend connection and relays the answer: on 101, the
 /// tunnel to run; otherwise the backend's response (then the connection closes, as the request
 /// asked to leave HTTP) or fwgate's 502/503/504.
-async fn forward_upgrade<'a>(
-    gate: &'a Arc<Gate>,
-    client: &'a mut TcpStream,
+async fn forward_upgrade(
+    gate: &Arc<Gate>,
+    mut client: TcpStream,
     early: &[u8],
     plan: UpgradePlan,
-) -> Forwarded<impl std::future::Future<Output = ()> + 'a> {
+) -> Forwarded<impl std::future::Future<Output = ()> + Send + 'static> {
     let UpgradePlan {
         upstream_head,
         admitted,
@@ -527,7 +533,7 @@ async fn forward_upgrade<'a>(
                 );
                 drop(admitted);
                 return match client.write_all(&encode_response(&resp, close)).await {
-                    Ok(()) => Forwarded::Answered,
+                    Ok(()) => Forwarded::Answered(client),
                     Err(_) => Forwarded::Ended,
                 };
             }
@@ -544,7 +550,7 @@ async fn forward_upgrade<'a>(
             started,
             backend_time,
         );
-        let (bytes, complete) = relay_response(upstream, client, head).await;
+        let (bytes, complete) = relay_response(upstream, &mut client, head).await;
         Box::new(exchange).done(bytes, complete);
         let _ = client.shutdown().await;
         return Forwarded::Ended;
@@ -559,7 +565,7 @@ async fn forward_upgrade<'a>(
     Forwarded::Tunnel(tunnel.run(move |close| async move {
         match upstream {
             UpstreamStream::Plain(tcp) => {
-                tunnel::relay_tcp(client, &client_early, &tcp, &upstream_early, &close, idle).await
+                tunnel::relay_tcp(&client, &client_early, &tcp, &upstream_early, &close, idle).await
             }
             tls => {
                 tunnel::relay_generic(client, &client_early, tls, &upstream_early, close, idle)

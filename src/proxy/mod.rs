@@ -219,7 +219,8 @@ async fn serve_connection(
             return h1::serve(gate, stream, info, slot, stop, guards).await;
         }
         let _guards = guards;
-        return serve_http(gate, TokioIo::new(stream), info, Arc::new(slot), stop).await;
+        let io = TokioIo::new(stream);
+        return Box::pin(serve_http(gate, io, info, Arc::new(slot), stop)).await;
     };
     let _guards = guards;
     // Bounded like the request head: a client stalling mid-handshake is a slowloris too.
