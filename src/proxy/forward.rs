@@ -182,14 +182,59 @@ impl hyper::body::Body for UpstreamRequestBody {
 type Sender = hyper::client::conn::http1::SendRequest<UpstreamRequestBody>;
 
 /// Idle keep-alive connections to the backend, most recently used last.
-struct IdlePool {
-    idle: Mutex<Vec<(Sender, Instant)>>,
+struct IdlePool<T> {
+    idle: Mutex<Vec<(T, Instant)>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
 
-impl IdlePool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
+/// A backend connection the idle pool can hold: hyper's sender, or a raw stream the HTTP/1.1
+/// fast path speaks on itself.
+trait Pooled {
+    /// The backend closed it (or it can no longer carry a request).
+    fn is_closed(&self) -> bool;
+    /// It can take a request now (not still finishing an earlier exchange).
+    fn is_ready(&self) -> bool;
+}
+
+impl Pooled for Sender {
+    fn is_closed(&self) -> bool {
+        Sender::is_closed(self)
+    }
+
+    fn is_ready(&self) -> bool {
+        Sender::is_ready(self)
+    }
+}
+
+impl Pooled for UpstreamStream {
+    /// An idle connection has nothing to read: end-of-stream or stray bytes both rule it out.
+    /// tokio answers from the readiness it tracks, without a syscall, while the socket is quiet.
+    fn is_closed(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(tcp) => {
+                !matches!(tcp.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            // Not checked without a read through rustls; a dead one is retried on a new one.
+            UpstreamStream::Tls(_) => false,
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+impl<T: Pooled> IdlePool<T> {
+    fn new(max_idle: usize, idle_timeout: Duration) -> IdlePool<T> {
+        IdlePool {
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+            idle_timeout,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(T, Instant)>> {
         // Plain pushes and pops: a panic elsewhere cannot leave the list inconsistent.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -199,34 +244,39 @@ impl IdlePool {
     /// is not ready yet (its previous exchange still finishing, e.g. a request body still being
     /// sent after the response ended) stays in the list for later rather than making this
     /// request wait on it.
-    fn take(&self) -> Option<Sender> {
+    fn take(&self) -> Option<T> {
         let mut idle = self.lock();
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
-            let (sender, since) = &idle[i];
-            if sender.is_closed() || since.elapsed() >= self.idle_timeout {
+            let (conn, since) = &idle[i];
+            if conn.is_closed() || since.elapsed() >= self.idle_timeout {
                 idle.remove(i);
-            } else if sender.is_ready() {
+            } else if conn.is_ready() {
                 return Some(idle.remove(i).0);
             }
         }
         None
     }
 
-    fn put(&self, sender: Sender) {
-        if sender.is_closed() {
+    /// Keeps a connection for reuse; when the pool is full the oldest idle one makes room
+    /// (the newest is the warmest, and LIFO order would reach it first anyway).
+    fn put(&self, conn: T) {
+        if self.max_idle == 0 || conn.is_closed() {
             return;
         }
-        let mut idle = self.lock();
-        if idle.len() < self.max_idle {
-            idle.push((sender, Instant::now()));
-        }
+        let evicted = {
+            let mut idle = self.lock();
+            let evicted = (idle.len() >= self.max_idle).then(|| idle.remove(0));
+            idle.push((conn, Instant::now()));
+            evicted
+        };
+        drop(evicted);
     }
 
     /// Drops connections idle for longer than the idle timeout (closing them).
     fn sweep(&self) {
-        let expired: Vec<(Sender, Instant)> = {
+        let expired: Vec<(T, Instant)> = {
             let mut idle = self.lock();
             // Oldest first: everything before the first fresh entry has expired.
             let fresh = idle
@@ -243,7 +293,7 @@ impl IdlePool {
 /// response was read to its end: a half-read connection cannot carry another request.
 pub struct Lease {
     sender: Sender,
-    pool: Arc<IdlePool>,
+    pool: Arc<IdlePool<Sender>>,
 }
 
 impl Lease {
@@ -259,7 +309,9 @@ impl Lease {
 /// from a LIFO list, with no per-request task: the connection's own task drives its socket.
 pub struct Upstream {
     connector: Connector,
-    pool: Arc<IdlePool>,
+    pool: Arc<IdlePool<Sender>>,
+    /// Idle raw connections of the HTTP/1.1 fast path (same limits as `pool`).
+    raw: IdlePool<UpstreamStream>,
     /// `Host` for requests that came without one (HTTP/1.0).
     authority: HeaderValue,
     response_timeout: Duration,
@@ -295,11 +347,8 @@ impl Upstream {
                 max_pending: cfg.max_pending_connects,
                 tls,
             },
-            pool: Arc::new(IdlePool {
-                idle: Mutex::new(Vec::new()),
-                max_idle: cfg.pool_max_idle,
-                idle_timeout: cfg.pool_idle_timeout,
-            }),
+            pool: Arc::new(IdlePool::new(cfg.pool_max_idle, cfg.pool_idle_timeout)),
+            raw: IdlePool::new(cfg.pool_max_idle, cfg.pool_idle_timeout),
             authority,
             response_timeout: cfg.response_timeout,
         })
@@ -321,9 +370,20 @@ impl Upstream {
         self.response_timeout
     }
 
+    /// An idle fast-path connection, most recently used first.
+    pub fn take_raw(&self) -> Option<UpstreamStream> {
+        self.raw.take()
+    }
+
+    /// Keeps a fast-path connection whose last response was read to its end.
+    pub fn put_raw(&self, conn: UpstreamStream) {
+        self.raw.put(conn);
+    }
+
     /// Closes pooled connections idle for longer than `pool_idle_timeout`.
     pub fn sweep_idle(&self) {
         self.pool.sweep();
+        self.raw.sweep();
     }
 
     /// Sends a prepared request on a pooled connection (or a new one; always a new one for an

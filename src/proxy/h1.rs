@@ -73,11 +73,13 @@ enum Step {
         close: bool,
     },
     /// Forward an admitted upgrade.
-    Upgrade(Box<UpgradePlan>),
+    Upgrade(Box<ForwardPlan>),
+    /// Forward an admitted plain request (no body).
+    Request(Box<ForwardPlan>),
 }
 
-/// An admitted upgrade, ready to go to the backend.
-struct UpgradePlan {
+/// An admitted request, ready to go to the backend.
+struct ForwardPlan {
     /// Length of the request head in the read buffer.
     consumed: usize,
     /// The request head as the backend gets it.
@@ -147,6 +149,13 @@ pub(super) async fn serve(
                         (consumed, close)
                     }
                     Forwarded::Ended => return,
+                }
+            }
+            Step::Request(plan) => {
+                let consumed = plan.consumed;
+                match Box::pin(forward_request(&gate, &mut stream, *plan)).await {
+                    Some(close) => (consumed, close),
+                    None => return,
                 }
             }
         };
@@ -277,9 +286,7 @@ fn prepare(
     let Some(shape) = RequestShape::of(headers) else {
         return Step::Fallback;
     };
-    let Some(upgrade) = shape.upgrade.filter(|_| shape.connection_upgrade) else {
-        return Step::Fallback;
-    };
+    let upgrade = shape.upgrade.filter(|_| shape.connection_upgrade);
     let close = shape.close || draining;
     let head = RequestHead {
         headers,
@@ -307,14 +314,18 @@ fn prepare(
         gate.upstream.authority(),
         info,
     );
-    Step::Upgrade(Box::new(UpgradePlan {
+    let plan = Box::new(ForwardPlan {
         consumed,
         upstream_head,
         admitted,
         method,
         path: Arc::from(target.path()),
         close,
-    }))
+    });
+    match upgrade {
+        Some(_) => Step::Upgrade(plan),
+        None => Step::Request(plan),
+    }
 }
 
 /// The request headers this path cares about, found in one pass.
@@ -415,7 +426,7 @@ fn upstream_request_head(
     target: &str,
     headers: &[httparse::Header<'_>],
     shape: &RequestShape<'_>,
-    upgrade: &[u8],
+    upgrade: Option<&[u8]>,
     authority: &[u8],
     info: &ConnInfo,
 ) -> Vec<u8> {
@@ -454,8 +465,10 @@ fn upstream_request_head(
     if !shape.has_host {
         push_header(&mut out, b"host", authority);
     }
-    push_header(&mut out, b"upgrade", upgrade);
-    push_header(&mut out, b"connection", b"upgrade");
+    if let Some(upgrade) = upgrade {
+        push_header(&mut out, b"upgrade", upgrade);
+        push_header(&mut out, b"connection", b"upgrade");
+    }
     let (xff, forwarded) = forwarding_values(
         headers.values(&XFF).into_iter(),
         headers.values(&FORWARDED).into_iter(),
@@ -494,9 +507,9 @@ async fn forward_upgrade(
     gate: &Arc<Gate>,
     mut client: TcpStream,
     early: &[u8],
-    plan: UpgradePlan,
+    plan: ForwardPlan,
 ) -> Forwarded<impl std::future::Future<Output = ()> + Send + 'static> {
-    let UpgradePlan {
+    let ForwardPlan {
         upstream_head,
         admitted,
         method,
@@ -511,10 +524,10 @@ async fn forward_upgrade(
             .write_all(&upstream_head)
             .await
             .map_err(|_| ProxyFailure::UpstreamBroken)?;
-        let head = read_response_head(&mut upstream, true, false).await?;
+        let head = read_response_head(&mut upstream, true, false, true).await?;
         Ok::<_, ProxyFailure>((upstream, head))
     };
-    let (upstream, head) =
+    let (mut upstream, head) =
         match tokio::time::timeout(gate.upstream.response_timeout(), exchange).await {
             Ok(Ok(r)) => r,
             failed => {
@@ -550,7 +563,7 @@ async fn forward_upgrade(
             started,
             backend_time,
         );
-        let (bytes, complete) = relay_response(upstream, &mut client, head).await;
+        let (bytes, complete, _) = relay_response(&mut upstream, &mut client, head).await;
         Box::new(exchange).done(bytes, complete);
         let _ = client.shutdown().await;
         return Forwarded::Ended;
@@ -575,6 +588,108 @@ async fn forward_upgrade(
     }))
 }
 
+/// Forwards an admitted plain request (no body) on a pooled or new backend connection and
+/// relays the response. Some(close) when the client connection can go on (close: it should
+/// close now), None when it is broken (a response cut short).
+async fn forward_request(
+    gate: &Arc<Gate>,
+    client: &mut TcpStream,
+    plan: ForwardPlan,
+) -> Option<bool> {
+    let ForwardPlan {
+        upstream_head,
+        admitted,
+        method,
+        path,
+        close,
+        ..
+    } = plan;
+    // Tracked while open, so that a rule change or kill-switch entry with close_existing also
+    // ends long requests it now refuses.
+    let (registration, policy_close) = gate.registry.register(
+        crate::registry::TrackedKind::Request,
+        admitted.presented.version,
+        path.clone(),
+        admitted.rule.clone(),
+    );
+    let started = Instant::now();
+    let head_request = method == http::Method::HEAD;
+    // A pooled connection the backend closed meanwhile is noticed when it answers nothing;
+    // the request (idempotent: it has no body here) is then sent once more on a new one.
+    let exchange = async {
+        if let Some(mut upstream) = gate.upstream.take_raw() {
+            match send_on(&mut upstream, &upstream_head, head_request, close).await {
+                Ok(head) => return Ok((upstream, head)),
+                Err(HeadError::Silent) if method.is_idempotent() => {}
+                Err(e) => return Err(ProxyFailure::from(e)),
+            }
+        }
+        let mut upstream = gate.upstream.connect().await?;
+        let head = send_on(&mut upstream, &upstream_head, head_request, close).await?;
+        Ok((upstream, head))
+    };
+    let timed = tokio::time::timeout(gate.upstream.response_timeout(), exchange);
+    let sent = tokio::select! {
+        r = timed => r.unwrap_or(Err(ProxyFailure::UpstreamResponseTimeout)),
+        _ = policy_close.notified() => Err(ProxyFailure::ClosedByPolicy),
+    };
+    let (mut upstream, head) = match sent {
+        Ok(r) => r,
+        Err(failure) => {
+            let resp = service::backend_failed(
+                gate,
+                &admitted.presented,
+                &admitted.rule,
+                failure,
+                method.as_str(),
+                &path,
+                started,
+            );
+            drop(admitted);
+            drop(registration);
+            return match client.write_all(&encode_response(&resp, close)).await {
+                Ok(()) => Some(close),
+                Err(_) => None,
+            };
+        }
+    };
+    gate.metrics.upstream(UpstreamOutcome::ok).inc();
+    let backend_time = started.elapsed();
+    let exchange = Exchange::relayed_by_caller(
+        gate,
+        admitted,
+        method.as_str(),
+        path,
+        head.status,
+        started,
+        backend_time,
+    );
+    let (backend_keep_alive, client_close) = (head.backend_keep_alive, head.client_close);
+    let (bytes, complete, clean) = tokio::select! {
+        r = relay_response(&mut upstream, client, head) => r,
+        _ = policy_close.notified() => (0, false, false),
+    };
+    Box::new(exchange).done(bytes, complete);
+    drop(registration);
+    if complete && clean && backend_keep_alive {
+        gate.upstream.put_raw(upstream);
+    }
+    complete.then_some(client_close)
+}
+
+/// Writes a request head on a backend connection and reads the response head.
+async fn send_on(
+    upstream: &mut UpstreamStream,
+    request_head: &[u8],
+    head_request: bool,
+    client_close: bool,
+) -> Result<BackendHead, HeadError> {
+    if upstream.write_all(request_head).await.is_err() {
+        return Err(HeadError::Silent);
+    }
+    read_response_head(upstream, false, head_request, client_close).await
+}
+
 /// A backend response head, rewritten for the client.
 struct BackendHead {
     status: u16,
@@ -583,6 +698,11 @@ struct BackendHead {
     framing: Framing,
     /// Bytes the backend sent after its head.
     rest: Vec<u8>,
+    /// The backend keeps the connection open after this response.
+    backend_keep_alive: bool,
+    /// The client connection closes after this response (it said `Connection: close`, or
+    /// the body ends only when the backend closes).
+    client_close: bool,
 }
 
 /// How a response body ends (RFC 9112 §6.3).
@@ -604,37 +724,66 @@ async fn read_response_head(
     upstream: &mut UpstreamStream,
     upgrade: bool,
     head_request: bool,
-) -> Result<BackendHead, ProxyFailure> {
+    client_close: bool,
+) -> Result<BackendHead, HeadError> {
     let mut buf = vec![0u8; 1024];
     let mut filled = 0;
+    let mut received = false;
     loop {
         if filled > 0 {
-            match parse_response_head(&buf[..filled], upgrade, head_request)? {
+            match parse_response_head(&buf[..filled], upgrade, head_request, client_close)
+                .map_err(HeadError::Failed)?
+            {
                 ResponseParse::Partial => {}
                 ResponseParse::Informational(n) => {
                     buf.copy_within(n..filled, 0);
                     filled -= n;
                     continue;
                 }
-                ResponseParse::Complete(n, status, client_head, framing) => {
+                ResponseParse::Complete(n, status, client_head, framing, keep_alive) => {
                     return Ok(BackendHead {
                         status,
                         client_head,
                         framing,
                         rest: buf[n..filled].to_vec(),
+                        backend_keep_alive: keep_alive,
+                        client_close: status != 101
+                            && (client_close || framing == Framing::UntilClose),
                     })
                 }
             }
             if filled == buf.len() {
                 if buf.len() >= MAX_RESPONSE_HEAD {
-                    return Err(ProxyFailure::UpstreamBroken);
+                    return Err(HeadError::Failed(ProxyFailure::UpstreamBroken));
                 }
                 buf.resize(buf.len() * 2, 0);
             }
         }
         match upstream.read(&mut buf[filled..]).await {
-            Ok(0) | Err(_) => return Err(ProxyFailure::UpstreamBroken),
-            Ok(n) => filled += n,
+            Ok(0) | Err(_) if !received => return Err(HeadError::Silent),
+            Ok(0) | Err(_) => return Err(HeadError::Failed(ProxyFailure::UpstreamBroken)),
+            Ok(n) => {
+                filled += n;
+                received = true;
+            }
+        }
+    }
+}
+
+/// Why no response head arrived.
+enum HeadError {
+    /// The connection ended before any byte of a response: a pooled connection the backend
+    /// had closed, safe to retry elsewhere for an idempotent request.
+    Silent,
+    /// Anything else.
+    Failed(ProxyFailure),
+}
+
+impl From<HeadError> for ProxyFailure {
+    fn from(e: HeadError) -> ProxyFailure {
+        match e {
+            HeadError::Silent => ProxyFailure::UpstreamBroken,
+            HeadError::Failed(f) => f,
         }
     }
 }
@@ -643,8 +792,9 @@ enum ResponseParse {
     Partial,
     /// An informational head of this length, to skip.
     Informational(usize),
-    /// Head length, status, the head for the client, the body's framing.
-    Complete(usize, u16, Vec<u8>, Framing),
+    /// Head length, status, the head for the client, the body's framing, and whether the
+    /// backend keeps the connection open after it.
+    Complete(usize, u16, Vec<u8>, Framing, bool),
 }
 
 /// Parses a response head and rewrites it for the client: hop-by-hop headers removed (the
@@ -654,6 +804,7 @@ fn parse_response_head(
     bytes: &[u8],
     upgrade: bool,
     head_request: bool,
+    client_close: bool,
 ) -> Result<ResponseParse, ProxyFailure> {
     let mut slots = [MaybeUninit::<httparse::Header<'_>>::uninit(); RESPONSE_HEADER_SLOTS];
     let mut resp = httparse::Response::new(&mut []);
@@ -664,7 +815,7 @@ fn parse_response_head(
         Ok(httparse::Status::Partial) => return Ok(ResponseParse::Partial),
         Err(_) => return Err(ProxyFailure::UpstreamBroken),
     };
-    let (Some(status), Some(_)) = (resp.code, resp.version) else {
+    let (Some(status), Some(version)) = (resp.code, resp.version) else {
         return Err(ProxyFailure::UpstreamBroken);
     };
     if status == 101 && !upgrade {
@@ -677,6 +828,7 @@ fn parse_response_head(
     let mut transfer_encoding: Option<&[u8]> = None;
     let mut content_length: Option<u64> = None;
     let mut has_date = false;
+    let mut backend_close = version == 0;
     for h in headers {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             // The last coding decides; several headers read as one list.
@@ -694,6 +846,8 @@ fn parse_response_head(
             }
         } else if h.name.eq_ignore_ascii_case("date") {
             has_date = true;
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            backend_close |= tokens(h.value).any(|t| t.eq_ignore_ascii_case("close"));
         }
     }
     let framing = if status == 101 || head_request || status == 204 || status == 304 {
@@ -751,21 +905,22 @@ fn parse_response_head(
             push_header(&mut out, b"upgrade", u);
         }
         push_header(&mut out, b"connection", b"upgrade");
-    } else {
-        // This path closes after answering an upgrade request it could not complete.
+    } else if client_close || framing == Framing::UntilClose {
         push_header(&mut out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
-    Ok(ResponseParse::Complete(n, status, out, framing))
+    let keep_alive = !backend_close && framing != Framing::UntilClose;
+    Ok(ResponseParse::Complete(n, status, out, framing, keep_alive))
 }
 
 /// Relays a backend response (head already rewritten) to the client, as its framing says;
-/// returns the body bytes that reached the client and whether the body was complete.
+/// returns the body bytes that reached the client, whether the body was complete, and whether
+/// the backend sent nothing past it (so its connection can carry another request).
 async fn relay_response(
-    mut upstream: UpstreamStream,
+    upstream: &mut UpstreamStream,
     client: &mut TcpStream,
     head: BackendHead,
-) -> (u64, bool) {
+) -> (u64, bool, bool) {
     let BackendHead {
         client_head,
         framing,
@@ -797,35 +952,38 @@ async fn relay_response(
     };
     let mut sent = 0u64;
     let Ok((n, mut done)) = take(&rest, &mut remaining) else {
-        return (0, false);
+        return (0, false, false);
     };
+    // Bytes past the end of the response: the backend broke framing, never reuse it.
+    let mut clean = n == rest.len();
     let mut first = client_head;
     first.extend_from_slice(&rest[..n]);
     if client.write_all(&first).await.is_err() {
-        return (0, false);
+        return (0, false, false);
     }
     sent += n as u64;
     drop(first);
     if done {
-        return (sent, true);
+        return (sent, true, clean);
     }
     let mut buf = vec![0u8; BODY_BUFFER];
     while !done {
         let read = match upstream.read(&mut buf).await {
-            Ok(0) => return (sent, framing == Framing::UntilClose),
+            Ok(0) => return (sent, framing == Framing::UntilClose, false),
             Ok(n) => n,
-            Err(_) => return (sent, false),
+            Err(_) => return (sent, false, false),
         };
         let Ok((n, end)) = take(&buf[..read], &mut remaining) else {
-            return (sent, false);
+            return (sent, false, false);
         };
         if client.write_all(&buf[..n]).await.is_err() {
-            return (sent, false);
+            return (sent, false, false);
         }
         sent += n as u64;
+        clean = n == read;
         done = end;
     }
-    (sent, true)
+    (sent, true, clean)
 }
 
 /// Serialises a response fwgate itself made (a refusal or a backend failure; always a fixed
@@ -1135,8 +1293,8 @@ mod tests {
     }
 
     fn complete(bytes: &[u8], upgrade: bool, head: bool) -> (usize, u16, String, Framing) {
-        match parse_response_head(bytes, upgrade, head) {
-            Ok(ResponseParse::Complete(n, s, h, f)) => (n, s, String::from_utf8(h).unwrap(), f),
+        match parse_response_head(bytes, upgrade, head, true) {
+            Ok(ResponseParse::Complete(n, s, h, f, _)) => (n, s, String::from_utf8(h).unwrap(), f),
             other => panic!("not complete: {:?}", other.is_ok()),
         }
     }
@@ -1195,24 +1353,25 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    parse_response_head(bad, true, false),
+                    parse_response_head(bad, true, false, true),
                     Err(ProxyFailure::UpstreamBroken)
                 ),
                 "{bad:?}"
             );
         }
         // A 101 nobody asked for.
-        assert!(parse_response_head(b"HTTP/1.1 101 S\r\n\r\n", false, false).is_err());
+        assert!(parse_response_head(b"HTTP/1.1 101 S\r\n\r\n", false, false, true).is_err());
         assert!(matches!(
             parse_response_head(
                 b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\nHTTP/1.1",
                 true,
-                false
+                false,
+                true
             ),
             Ok(ResponseParse::Informational(37))
         ));
         assert!(matches!(
-            parse_response_head(b"HTTP/1.1 200 OK\r\nA: b", true, false),
+            parse_response_head(b"HTTP/1.1 200 OK\r\nA: b", true, false, true),
             Ok(ResponseParse::Partial)
         ));
     }

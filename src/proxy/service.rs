@@ -32,10 +32,10 @@ const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwa
 
 /// Who is asking and what they presented, kept for the access log.
 pub(super) struct Presented {
-    client: SocketAddr,
-    device: Option<String>,
-    raw_version: Option<String>,
-    version: VersionInput,
+    pub client: SocketAddr,
+    pub device: Option<String>,
+    pub raw_version: Option<String>,
+    pub version: VersionInput,
 }
 
 impl Presented {
