@@ -134,7 +134,7 @@ async fn backend_sees_the_same_rewritten_upgrade_as_through_hyper() {
 }
 
 #[tokio::test]
-async fn a_refusal_keeps_the_connection_and_hands_a_plain_request_to_hyper() {
+async fn a_refusal_keeps_the_connection_for_the_next_request() {
     let backend = http_backend().await;
     let mut answers = Vec::new();
     for extra in ["", HYPER_ONLY] {
@@ -162,7 +162,7 @@ async fn a_refusal_keeps_the_connection_and_hands_a_plain_request_to_hyper() {
                 .collect::<Vec<_>>(),
             body,
         ));
-        // Same connection: a plain request, served by hyper from here on.
+        // Same connection: the next request is served.
         c.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Firmware-Version: 3.7.0\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
@@ -292,5 +292,102 @@ async fn malformed_and_oversize_heads_get_hypers_answers() {
     let resp = raw_exchange(proxy.addr, big.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 431"), "{resp:?}");
     assert_eq!(backend.connections(), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn plain_requests_reach_the_backend_as_through_hyper_and_reuse_its_connection() {
+    let backend = http_backend().await;
+    let request = b"GET /headers?x=1 HTTP/1.1\r\nHost: devices.test\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nTE: trailers\r\nX-Forwarded-For: 10.0.0.1\r\nX-Firmware-Version: 3.7.0\r\n\r\n";
+    let mut seen = Vec::new();
+    for extra in ["", HYPER_ONLY] {
+        let proxy = start_proxy(RULES, backend.addr, extra).await;
+        let before = backend.connections();
+        let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+        let mut bodies = Vec::new();
+        for _ in 0..3 {
+            c.write_all(request).await.unwrap();
+            let head = read_head(&mut c).await;
+            let (status, lower, _) = split_response(&head);
+            assert_eq!(status, 200, "{head:?}");
+            assert!(header(&lower, "connection").is_none(), "{head:?}");
+            let len: usize = header(&lower, "content-length").unwrap().parse().unwrap();
+            let mut body = vec![0u8; len];
+            c.read_exact(&mut body).await.unwrap();
+            bodies.push(String::from_utf8(body).unwrap());
+        }
+        assert_eq!(
+            backend.connections() - before,
+            1,
+            "backend connection not reused"
+        );
+        let mut lines: Vec<String> = bodies[0].lines().map(str::to_string).collect();
+        lines.sort();
+        seen.push(lines);
+        proxy.stop().await;
+    }
+    assert_eq!(seen[0], seen[1], "backend saw different headers");
+    assert!(
+        seen[0].contains(&"x-forwarded-for: 10.0.0.1, 127.0.0.1".to_string()),
+        "{:?}",
+        seen[0]
+    );
+    assert!(
+        !seen[0]
+            .iter()
+            .any(|l| l.starts_with("x-hop") || l.starts_with("te:")),
+        "{:?}",
+        seen[0]
+    );
+}
+
+#[tokio::test]
+async fn head_answers_and_bodies_that_end_at_close_keep_their_framing() {
+    // HEAD: a length but no body; the connection goes on. Then a body delimited by the
+    // backend closing: relayed whole, and the client connection closes after it.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let head = read_head(&mut s).await;
+                    if head.is_empty() {
+                        return;
+                    }
+                    if head.starts_with("HEAD") {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n")
+                            .await;
+                    } else {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil close").await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = start_proxy(RULES, addr, "").await;
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(b"HEAD / HTTP/1.1\r\nHost: x\r\nX-Firmware-Version: 3.7.0\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut c).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: 5000"),
+        "{head:?}"
+    );
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Firmware-Version: 3.7.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = String::new();
+    tokio::time::timeout(DEADLINE, c.read_to_string(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    let (status, lower, body) = split_response(&rest);
+    assert_eq!((status, body.as_str()), (200, "until close"), "{rest:?}");
+    assert_eq!(header(&lower, "connection"), Some("close"));
     proxy.stop().await;
 }
