@@ -1,20 +1,22 @@
-//! The HTTP/1.1 fast path for plain-TCP device connections: the device handshake (an upgrade
-//! request) decided, forwarded and joined to its backend without hyper.
+//! The HTTP/1.1 fast path for plain-TCP device connections: WebSocket handshakes and bodiless
+//! requests decided, forwarded and relayed without hyper.
 //!
-//! Through hyper, one admitted handshake runs two HTTP state machines (server and client), a
-//! task and a dispatch channel for the backend connection, and hyper's upgrade hand-over on
-//! both legs: about two thirds of fwgate's instructions per handshake (bench/README.md). Here
-//! the head is read into one buffer and parsed with httparse (the parser hyper uses), decided
-//! by the same [`service::admit`] as hyper's path, rewritten into one write to a new backend
-//! connection, and the backend's head is parsed the same way; on 101 both sockets are joined
-//! in this task.
+//! Through hyper, one exchange runs two HTTP state machines (server and client), a task and a
+//! dispatch channel per backend connection and, for a handshake, hyper's upgrade hand-over on
+//! both legs: over half of fwgate's instructions per request (bench/README.md). Here the head
+//! is read into one buffer and parsed with httparse (the parser hyper uses), decided by the
+//! same [`service::admit`] as hyper's path, rewritten into one write to a backend connection
+//! (pooled, or new for an upgrade), and the backend's head is parsed the same way. The body is
+//! relayed as the backend framed it (length, chunked or until close), byte for byte; on 101
+//! both sockets are joined in a tunnel task.
 //!
-//! The path takes only what it fully understands: an HTTP/1.1 upgrade request in origin form
-//! with no body and no `Expect`. From the first request that is anything else (a plain
-//! request, a malformed or oversize head, HTTP/1.0, a body) hyper serves the connection, with
-//! the bytes already read handed to it first ([`Prefixed`]), so it answers exactly as it would
-//! have from the start (400, 431, keep-alive, bodies). Nothing is decided twice: the hand-over
-//! happens before any decision on that request.
+//! The path takes only what it fully understands: an HTTP/1.1 request in origin form with no
+//! body and no `Expect`. From the first request that is anything else (a body, HTTP/1.0, a
+//! malformed or oversize head, an absolute URI) hyper serves the connection, with the bytes
+//! already read handed to it first ([`Prefixed`]), so it answers exactly as it would have from
+//! the start (400, 431, bodies, keep-alive). Nothing is decided twice: the hand-over happens
+//! before any decision on that request. `[listen] fast_path = false` sends everything through
+//! hyper.
 
 use std::io;
 use std::mem::MaybeUninit;
