@@ -391,3 +391,42 @@ async fn head_answers_and_bodies_that_end_at_close_keep_their_framing() {
     assert_eq!(header(&lower, "connection"), Some("close"));
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let backend = http_backend().await;
+    let proxy = start_proxy(RULES, backend.addr, "").await;
+    let resp = raw_exchange(
+        proxy.addr,
+        b"GET /status/201 HTTP/1.1\r\nHost: x\r\nX-Firmware-Version: 3.7.0\r\n\r\nGET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX-Firmware-Version: 3.8.0\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\nX-Firmware-Version: 3.7.0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let statuses: Vec<&str> = resp
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &resp[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["201", "503", "200"], "{resp:?}");
+    assert!(resp.ends_with("backend ok"), "{resp:?}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_an_idle_keep_alive_connection() {
+    let backend = http_backend().await;
+    let proxy = start_proxy(RULES, backend.addr, "").await;
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Firmware-Version: 3.7.0\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut c).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    let mut body = [0u8; 10];
+    c.read_exact(&mut body).await.unwrap();
+    proxy.stop().await;
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(DEADLINE, c.read_to_end(&mut rest))
+        .await
+        .expect("idle connection still open after shutdown")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{rest:?}");
+}
