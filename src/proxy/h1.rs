@@ -1430,4 +1430,105 @@ mod tests {
         assert_eq!(rest, b"lo world");
         assert!(p.prefix.capacity() == 0, "the prefix is freed once read");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A chunked body from chunk sizes, extensions and trailers, as a backend would send it.
+        fn chunked_body(chunks: &[(usize, bool)], trailers: &[String], bare_lf: bool) -> Vec<u8> {
+            let eol: &[u8] = if bare_lf { b"\n" } else { b"\r\n" };
+            let mut out = Vec::new();
+            for (i, (len, ext)) in chunks.iter().enumerate() {
+                out.extend_from_slice(format!("{len:X}").as_bytes());
+                if *ext {
+                    out.extend_from_slice(b";k=v");
+                }
+                out.extend_from_slice(eol);
+                out.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, *len));
+                out.extend_from_slice(eol);
+            }
+            out.extend_from_slice(b"0");
+            out.extend_from_slice(eol);
+            for t in trailers {
+                out.extend_from_slice(format!("X-{t}: {t}").as_bytes());
+                out.extend_from_slice(eol);
+            }
+            out.extend_from_slice(eol);
+            out
+        }
+
+        proptest! {
+            #[test]
+            fn chunked_end_is_exact_however_the_body_is_cut(
+                chunks in proptest::collection::vec((1usize..300, any::<bool>()), 0..6),
+                trailers in proptest::collection::vec("[a-z]{1,8}", 0..3),
+                bare_lf in any::<bool>(),
+                cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
+                tail in proptest::collection::vec(any::<u8>(), 0..20),
+            ) {
+                let body = chunked_body(&chunks, &trailers, bare_lf);
+                let mut stream = body.clone();
+                stream.extend_from_slice(&tail);
+                let mut points: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+                points.push(stream.len());
+                points.sort_unstable();
+                let mut end = ChunkedEnd::default();
+                let (mut at, mut found) = (0, None);
+                for p in points {
+                    if found.is_some() || p < at {
+                        continue;
+                    }
+                    if let Some(n) = end.feed(&stream[at..p]).unwrap() {
+                        found = Some(at + n);
+                    }
+                    at = p;
+                }
+                prop_assert_eq!(found, Some(body.len()));
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic_the_parsers(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+                let _ = ChunkedEnd::default().feed(&bytes);
+                for (upgrade, head, close) in [(true, false, true), (false, true, false)] {
+                    let _ = parse_response_head(&bytes, upgrade, head, close);
+                }
+                let mut prefixed = b"HTTP/1.1 200 OK\r\n".to_vec();
+                prefixed.extend_from_slice(&bytes);
+                let _ = parse_response_head(&prefixed, false, false, false);
+            }
+
+            #[test]
+            fn a_forwarded_response_head_reparses_with_the_same_status_and_framing(
+                status in 200u16..600,
+                length in proptest::option::of(0u64..100_000),
+                chunked in any::<bool>(),
+                extra in proptest::collection::vec(("[A-Za-z][A-Za-z0-9-]{0,12}", "[ -~]{0,20}"), 0..6),
+            ) {
+                let mut head = format!("HTTP/1.1 {status} X\r\n");
+                if let Some(l) = length {
+                    head.push_str(&format!("Content-Length: {l}\r\n"));
+                }
+                if chunked {
+                    head.push_str("Transfer-Encoding: chunked\r\n");
+                }
+                for (k, v) in &extra {
+                    head.push_str(&format!("{k}: {}\r\n", v.trim()));
+                }
+                head.push_str("\r\n");
+                let first = parse_response_head(head.as_bytes(), false, false, false);
+                let Ok(ResponseParse::Complete(_, s1, out, f1, _)) = first else {
+                    // Only a random header colliding with framing can make it unusable.
+                    return Ok(());
+                };
+                let Ok(ResponseParse::Complete(n2, s2, _, f2, _)) =
+                    parse_response_head(&out, false, false, false)
+                else {
+                    return Err(TestCaseError::fail(format!("rewritten head does not parse: {:?}", String::from_utf8_lossy(&out))));
+                };
+                prop_assert_eq!(n2, out.len());
+                prop_assert_eq!((s1, f1), (s2, f2));
+            }
+        }
+    }
 }
