@@ -405,4 +405,72 @@ mod tests {
         };
         assert_eq!(f.display(5), "abc\u{FFFD}d");
     }
+
+    mod parity {
+        use super::*;
+        use proptest::prelude::*;
+
+        const NAMES: [&str; 7] = [
+            "X-Firmware-Version",
+            "x-firmware-version",
+            "X-FIRMWARE-VERSION",
+            "User-Agent",
+            "user-agent",
+            "Host",
+            "X-Other",
+        ];
+
+        fn value() -> impl Strategy<Value = Vec<u8>> {
+            proptest::collection::vec(
+                prop_oneof![
+                    8 => (0x20u8..0x7f),
+                    1 => Just(b'\t'),
+                    1 => (0x80u8..=0xff),
+                ],
+                0..24,
+            )
+            .prop_map(|mut v| {
+                if v.len() > 3 {
+                    v.splice(0..0, b"Airtame/".iter().copied());
+                }
+                v
+            })
+        }
+
+        proptest! {
+            /// The fast path reads headers from httparse's slice, hyper's path from the
+            /// `HeaderMap` hyper builds from that same slice: both must find the same value.
+            #[test]
+            fn httparse_headers_and_header_map_extract_the_same_value(
+                pairs in proptest::collection::vec((0..NAMES.len(), value()), 0..8),
+            ) {
+                let mut raw = b"GET /?fw=1.2.3 HTTP/1.1\r\n".to_vec();
+                for (n, v) in &pairs {
+                    raw.extend_from_slice(NAMES[*n].as_bytes());
+                    raw.extend_from_slice(b": ");
+                    raw.extend_from_slice(v);
+                    raw.extend_from_slice(b"\r\n");
+                }
+                raw.extend_from_slice(b"\r\n");
+                let mut slots = [httparse::EMPTY_HEADER; 16];
+                let mut req = httparse::Request::new(&mut slots);
+                let Ok(httparse::Status::Complete(_)) = req.parse(&raw) else {
+                    // hyper would answer 400: neither path extracts anything.
+                    return Ok(());
+                };
+                let parsed: &[httparse::Header<'_>] = req.headers;
+                let mut map = HeaderMap::new();
+                for h in parsed {
+                    map.append(
+                        HeaderName::from_bytes(h.name.as_bytes()).unwrap(),
+                        HeaderValue::from_bytes(h.value).unwrap(),
+                    );
+                }
+                let e = airtame();
+                prop_assert_eq!(e.extract(&map, Some("fw=1.2.3")), e.extract(parsed, Some("fw=1.2.3")));
+                let no_query = Extractor::new(e.sources()[..2].to_vec());
+                prop_assert_eq!(no_query.extract(&map, None), no_query.extract(parsed, None));
+            }
+        }
+    }
 }
