@@ -423,9 +423,9 @@ mod tests {
         fn value() -> impl Strategy<Value = Vec<u8>> {
             proptest::collection::vec(
                 prop_oneof![
-                    8 => (0x20u8..0x7f),
+                    8 => 0x20u8..0x7f,
                     1 => Just(b'\t'),
-                    1 => (0x80u8..=0xff),
+                    1 => 0x80u8..=0xff,
                 ],
                 0..24,
             )
