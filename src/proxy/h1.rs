@@ -47,8 +47,9 @@ const REQUEST_HEADER_SLOTS: usize = 64;
 const RESPONSE_HEADER_SLOTS: usize = 100;
 /// First read buffer: a device's handshake head is a few hundred bytes.
 const HEAD_BUFFER: usize = 2048;
-/// Longest backend response head accepted before answering 502.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Longest backend response head accepted before answering 502: hyper's client limit, so a
+/// backend's head is accepted by both paths alike.
+const MAX_RESPONSE_HEAD: usize = 8192 + 4096 * 100;
 /// Buffer for relaying a (non-101) response body to an upgrade request.
 const BODY_BUFFER: usize = 8 * 1024;
 
@@ -758,7 +759,7 @@ async fn read_response_head(
                 if buf.len() >= MAX_RESPONSE_HEAD {
                     return Err(HeadError::Failed(ProxyFailure::UpstreamBroken));
                 }
-                buf.resize(buf.len() * 2, 0);
+                buf.resize((buf.len() * 2).min(MAX_RESPONSE_HEAD), 0);
             }
         }
         match upstream.read(&mut buf[filled..]).await {

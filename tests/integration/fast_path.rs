@@ -430,3 +430,30 @@ async fn shutdown_closes_an_idle_keep_alive_connection() {
         .unwrap_or(0);
     assert_eq!(n, 0, "{rest:?}");
 }
+
+#[tokio::test]
+async fn backend_heads_up_to_hypers_limit_pass_and_larger_ones_are_502() {
+    for (headers, size, status) in [(60usize, 4096usize, 200u16), (99, 4300, 502)] {
+        // 60 headers of 4 KiB (240 KiB) fit hyper's limit (408 KiB); 99 of 4.2 KiB do not.
+        let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n".to_vec();
+        for i in 0..headers {
+            answer.extend_from_slice(format!("X-Big-{i}: {}\r\n", "v".repeat(size)).as_bytes());
+        }
+        answer.extend_from_slice(b"\r\nok");
+        let (addr, _heads) = scripted_backend(Box::leak(answer.into_boxed_slice())).await;
+        for extra in ["", HYPER_ONLY] {
+            let proxy = start_proxy(RULES, addr, extra).await;
+            let resp = raw_exchange(
+                proxy.addr,
+                b"GET / HTTP/1.1\r\nHost: x\r\nX-Firmware-Version: 3.7.0\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            let (got, _, body) = split_response(&resp);
+            assert_eq!(got, status, "{headers} headers, config {extra:?}");
+            if status == 200 {
+                assert_eq!(body, "ok");
+            }
+            proxy.stop().await;
+        }
+    }
+}
