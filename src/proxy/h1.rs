@@ -538,19 +538,12 @@ async fn forward_upgrade(
                     Ok(Err(f)) => f,
                     _ => ProxyFailure::UpstreamResponseTimeout,
                 };
-                let resp = service::backend_failed(
-                    gate,
-                    &admitted.presented,
-                    &admitted.rule,
-                    failure,
-                    method.as_str(),
-                    &path,
-                    started,
-                );
-                drop(admitted);
-                return match client.write_all(&encode_response(&resp, close)).await {
-                    Ok(()) => Forwarded::Answered(client),
-                    Err(_) => Forwarded::Ended,
+                let exchange = (&method, &*path, started);
+                return match answer_failure(gate, &mut client, admitted, failure, exchange, close)
+                    .await
+                {
+                    true => Forwarded::Answered(client),
+                    false => Forwarded::Ended,
                 };
             }
         };
@@ -639,21 +632,10 @@ async fn forward_request(
     let (mut upstream, head) = match sent {
         Ok(r) => r,
         Err(failure) => {
-            let resp = service::backend_failed(
-                gate,
-                &admitted.presented,
-                &admitted.rule,
-                failure,
-                method.as_str(),
-                &path,
-                started,
-            );
-            drop(admitted);
             drop(registration);
-            return match client.write_all(&encode_response(&resp, close)).await {
-                Ok(()) => Some(close),
-                Err(_) => None,
-            };
+            let exchange = (&method, &*path, started);
+            let answered = answer_failure(gate, client, admitted, failure, exchange, close).await;
+            return answered.then_some(close);
         }
     };
     gate.metrics.upstream(UpstreamOutcome::ok).inc();
@@ -678,6 +660,33 @@ async fn forward_request(
         gate.upstream.put_raw(upstream);
     }
     complete.then_some(client_close)
+}
+
+/// Answers a failed backend exchange (method, path, start) with fwgate's own response,
+/// counted and logged as hyper's path does, releasing the request's slots first; false when
+/// the client is gone.
+async fn answer_failure(
+    gate: &Gate,
+    client: &mut TcpStream,
+    admitted: Admitted,
+    failure: ProxyFailure,
+    (method, path, started): (&http::Method, &str, Instant),
+    close: bool,
+) -> bool {
+    let resp = service::backend_failed(
+        gate,
+        &admitted.presented,
+        &admitted.rule,
+        failure,
+        method.as_str(),
+        path,
+        started,
+    );
+    drop(admitted);
+    client
+        .write_all(&encode_response(&resp, close))
+        .await
+        .is_ok()
 }
 
 /// Writes a request head on a backend connection and reads the response head.

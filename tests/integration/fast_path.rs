@@ -63,6 +63,23 @@ async fn read_head(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
+/// One response with a `Content-Length` body, read without reading past it (the connection
+/// stays usable): (head, body).
+async fn read_sized_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let head = read_head(s).await;
+    let (_, lower, _) = split_response(&head);
+    let len: usize = header(&lower, "content-length")
+        .unwrap_or_else(|| panic!("no content-length: {head:?}"))
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut body))
+        .await
+        .expect("body not complete in time")
+        .unwrap();
+    (head, body)
+}
+
 /// The head's header lines, names lower-cased, sorted: the comparison ignores case and order.
 fn header_set(head: &str) -> Vec<(String, String)> {
     let mut set: Vec<(String, String)> = head
@@ -143,15 +160,9 @@ async fn a_refusal_keeps_the_connection_for_the_next_request() {
         c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX-Firmware-Version: 3.8.0\r\n\r\n")
             .await
             .unwrap();
-        let head = read_head(&mut c).await;
+        let (head, body) = read_sized_response(&mut c).await;
         let (status, lower, _) = split_response(&head);
         assert_eq!(status, 503, "{head:?}");
-        let len: usize = header(&lower, "content-length").unwrap().parse().unwrap();
-        let mut body = vec![0u8; len];
-        tokio::time::timeout(DEADLINE, c.read_exact(&mut body))
-            .await
-            .unwrap()
-            .unwrap();
         assert!(header(&lower, "date").is_some(), "{head:?}");
         let retry: u64 = header(&lower, "retry-after").unwrap().parse().unwrap();
         assert!((1..=60).contains(&retry), "{retry}");
@@ -258,12 +269,8 @@ async fn a_backend_failure_answers_502_and_the_connection_goes_on() {
         c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX-Firmware-Version: 3.7.0\r\n\r\n")
             .await
             .unwrap();
-        let head = read_head(&mut c).await;
-        let (status, lower, _) = split_response(&head);
-        assert_eq!(status, 502, "{head:?}");
-        let len: usize = header(&lower, "content-length").unwrap().parse().unwrap();
-        let mut body = vec![0u8; len];
-        c.read_exact(&mut body).await.unwrap();
+        let (head, body) = read_sized_response(&mut c).await;
+        assert_eq!(split_response(&head).0, 502, "{head:?}");
         assert_eq!(body, b"backend unreachable\n");
     }
     let failed = metric(
@@ -307,13 +314,10 @@ async fn plain_requests_reach_the_backend_as_through_hyper_and_reuse_its_connect
         let mut bodies = Vec::new();
         for _ in 0..3 {
             c.write_all(request).await.unwrap();
-            let head = read_head(&mut c).await;
+            let (head, body) = read_sized_response(&mut c).await;
             let (status, lower, _) = split_response(&head);
             assert_eq!(status, 200, "{head:?}");
             assert!(header(&lower, "connection").is_none(), "{head:?}");
-            let len: usize = header(&lower, "content-length").unwrap().parse().unwrap();
-            let mut body = vec![0u8; len];
-            c.read_exact(&mut body).await.unwrap();
             bodies.push(String::from_utf8(body).unwrap());
         }
         assert_eq!(
