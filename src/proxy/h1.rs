@@ -122,6 +122,7 @@ pub(super) async fn serve(
             None => return,
         };
         let (consumed, close) = match step {
+            // next_step returns only complete decisions.
             Step::Partial => return,
             Step::Fallback => break,
             Step::Respond {
@@ -193,11 +194,17 @@ async fn next_step(
 ) -> Option<Step> {
     let listen = &gate.config.listen;
     let deadline = tokio::time::Instant::now() + listen.header_read_timeout;
+    // Bytes left from the previous request (pipelining) may hold a whole head.
+    let mut line_ended = *filled > 0;
     loop {
         if *filled > 0 {
-            match prepare(gate, info, slot, &buf[..*filled], *stop.borrow()) {
-                Step::Partial => {}
-                step => return Some(step),
+            // Parsed again only once a line has ended: a head trickling in byte by byte costs
+            // one parse per line, not one per byte.
+            if line_ended {
+                match prepare(gate, info, slot, &buf[..*filled], *stop.borrow()) {
+                    Step::Partial => {}
+                    step => return Some(step),
+                }
             }
             if *filled == buf.len() {
                 // Grows up to the limit; a head that does not fit by then goes to hyper (431).
@@ -223,7 +230,10 @@ async fn next_step(
                 }
                 return None;
             }
-            Ok(Ok(n)) => *filled += n,
+            Ok(Ok(n)) => {
+                line_ended = buf[*filled..*filled + n].contains(&b'\n');
+                *filled += n;
+            }
             Ok(Err(_)) => {
                 gate.metrics.connection_closed(CloseReason::io);
                 return None;
