@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,7 +109,11 @@ pub async fn relay_tcp(
     let run = async {
         write_all(upstream, client_early, &up).await?;
         write_all(client, upstream_early, &down).await?;
-        tokio::try_join!(pump(client, upstream, &up), pump(upstream, client, &down))
+        let ended = AtomicBool::new(false);
+        tokio::try_join!(
+            pump(client, upstream, &up, &ended),
+            pump(upstream, client, &down, &ended)
+        )
     };
     let end = tokio::select! {
         r = run => if r.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error },
@@ -142,7 +146,15 @@ async fn idle(timeout: Duration, up: &AtomicU64, down: &AtomicU64) {
 }
 
 /// One direction: wait for readability without a buffer, then borrow one for the copy.
-async fn pump(from: &TcpStream, to: &TcpStream, count: &AtomicU64) -> io::Result<()> {
+/// `other_ended` is shared by the two directions: the first to reach end-of-stream passes the
+/// half-close on; the second does not need to, because both sockets close right after it
+/// (fully read, so the close is an orderly FIN), which saves a `shutdown` per tunnel.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    count: &AtomicU64,
+    other_ended: &AtomicBool,
+) -> io::Result<()> {
     loop {
         // poll_read_ready (not readable()) takes over the socket's single reader waker slot, so
         // the waker hyper left there while reading the HTTP head is released: otherwise it pins
@@ -153,7 +165,9 @@ async fn pump(from: &TcpStream, to: &TcpStream, count: &AtomicU64) -> io::Result
             Ok(0) => {
                 // The sender is done: pass the half-close on, keep the other direction open.
                 // An error here means the peer is already gone; the other pump will notice.
-                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                if !other_ended.swap(true, Ordering::Relaxed) {
+                    let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                }
                 return Ok(());
             }
             Ok(n) => n,
