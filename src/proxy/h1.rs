@@ -533,11 +533,7 @@ async fn forward_upgrade(
     let started = Instant::now();
     let exchange = async {
         let mut upstream = gate.upstream.connect().await?;
-        upstream
-            .write_all(&upstream_head)
-            .await
-            .map_err(|_| ProxyFailure::UpstreamBroken)?;
-        let head = read_response_head(&mut upstream, true, false, true).await?;
+        let head = send_on(&mut upstream, &upstream_head, Sent::Upgrade).await?;
         Ok::<_, ProxyFailure>((upstream, head))
     };
     let (mut upstream, head) =
@@ -619,19 +615,22 @@ async fn forward_request(
         admitted.rule.clone(),
     );
     let started = Instant::now();
-    let head_request = method == http::Method::HEAD;
+    let sent_as = Sent::Request {
+        head: method == http::Method::HEAD,
+        client_close: close,
+    };
     // A pooled connection the backend closed meanwhile is noticed when it answers nothing;
     // the request (idempotent: it has no body here) is then sent once more on a new one.
     let exchange = async {
         if let Some(mut upstream) = gate.upstream.take_raw() {
-            match send_on(&mut upstream, &upstream_head, head_request, close).await {
+            match send_on(&mut upstream, &upstream_head, sent_as).await {
                 Ok(head) => return Ok((upstream, head)),
                 Err(HeadError::Silent) if method.is_idempotent() => {}
                 Err(e) => return Err(ProxyFailure::from(e)),
             }
         }
         let mut upstream = gate.upstream.connect().await?;
-        let head = send_on(&mut upstream, &upstream_head, head_request, close).await?;
+        let head = send_on(&mut upstream, &upstream_head, sent_as).await?;
         Ok((upstream, head))
     };
     let timed = tokio::time::timeout(gate.upstream.response_timeout(), exchange);
@@ -699,17 +698,30 @@ async fn answer_failure(
         .is_ok()
 }
 
+/// What was sent to the backend, which decides how its answer is read.
+#[derive(Clone, Copy)]
+enum Sent {
+    /// An upgrade: a 101 is expected; anything else is relayed and the client then closed.
+    Upgrade,
+    /// A plain request (`HEAD` has no response body; the client may have asked to close).
+    Request { head: bool, client_close: bool },
+}
+
 /// Writes a request head on a backend connection and reads the response head.
 async fn send_on(
     upstream: &mut UpstreamStream,
     request_head: &[u8],
-    head_request: bool,
-    client_close: bool,
+    sent: Sent,
 ) -> Result<BackendHead, HeadError> {
     if upstream.write_all(request_head).await.is_err() {
         return Err(HeadError::Silent);
     }
-    read_response_head(upstream, false, head_request, client_close).await
+    match sent {
+        Sent::Upgrade => read_response_head(upstream, true, false, true).await,
+        Sent::Request { head, client_close } => {
+            read_response_head(upstream, false, head, client_close).await
+        }
+    }
 }
 
 /// A backend response head, rewritten for the client.
