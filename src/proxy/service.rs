@@ -534,8 +534,23 @@ async fn relay(
     close: Arc<Notify>,
     idle: Duration,
 ) -> TunnelStats {
-    let (client_io, client_early) = match client.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => (parts.io.into_inner(), parts.read_buf.to_vec()),
+    let plain = client
+        .downcast::<TokioIo<TcpStream>>()
+        .map(|parts| (parts.io.into_inner(), parts.read_buf.to_vec()))
+        .or_else(|client| {
+            // A plain connection the fast path handed to hyper: what hyper read past the head,
+            // then what the fast path had read and hyper had not reached yet.
+            client
+                .downcast::<TokioIo<super::h1::Prefixed<TcpStream>>>()
+                .map(|parts| {
+                    let (io, unread) = parts.io.into_inner().into_parts();
+                    let mut early = parts.read_buf.to_vec();
+                    early.extend_from_slice(&unread);
+                    (io, early)
+                })
+        });
+    let (client_io, client_early) = match plain {
+        Ok(plain) => plain,
         Err(client) => {
             return tunnel::relay_generic(
                 TokioIo::new(client),

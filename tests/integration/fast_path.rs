@@ -461,3 +461,32 @@ async fn backend_heads_up_to_hypers_limit_pass_and_larger_ones_are_502() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_upgrade_after_hyper_took_the_connection_still_tunnels_with_its_early_bytes() {
+    // A request with a body goes to hyper, and hyper serves the rest of the connection: the
+    // upgrade behind it, sent in the same write with bytes for the tunnel.
+    let (addr, mut heads) = scripted_backend(UPGRADE_101).await;
+    let proxy = start_proxy(RULES, addr, "").await;
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\nContent-Length: 3\r\nX-Firmware-Version: 3.7.0\r\n\r\nabcearly bytes")
+        .await
+        .unwrap();
+    let head = read_head(&mut c).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head:?}");
+    let to_backend = heads.recv().await.unwrap();
+    assert!(
+        to_backend
+            .to_ascii_lowercase()
+            .contains("content-length: 3"),
+        "{to_backend:?}"
+    );
+    // The backend echoes everything after its head: the body, then the early bytes.
+    let mut echoed = [0u8; 14];
+    tokio::time::timeout(DEADLINE, c.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"abcearly bytes");
+    proxy.stop().await;
+}
