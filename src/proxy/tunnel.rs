@@ -115,10 +115,22 @@ pub async fn relay_tcp(
             pump(upstream, client, &down, &ended)
         )
     };
+    supervise(run, close, idle_timeout, &up, &down).await
+}
+
+/// Runs a relay until it ends, `close` is notified, or it idles out, and reports how it ended
+/// with the bytes each way (`up`/`down`, which the relay counts). Both relays end this way.
+async fn supervise(
+    run: impl std::future::Future<Output = io::Result<impl Sized>>,
+    close: &Notify,
+    idle_timeout: Duration,
+    up: &AtomicU64,
+    down: &AtomicU64,
+) -> TunnelStats {
     let end = tokio::select! {
         r = run => if r.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error },
         _ = close.notified() => TunnelEnd::ClosedByPolicy,
-        _ = idle(idle_timeout, &up, &down) => TunnelEnd::IdleTimeout,
+        _ = idle(idle_timeout, up, down) => TunnelEnd::IdleTimeout,
     };
     TunnelStats {
         client_to_upstream: up.load(Ordering::Relaxed),
@@ -293,16 +305,7 @@ where
         a.write_all(b_early).await?;
         tokio::io::copy_bidirectional(&mut a, &mut b).await
     };
-    let end = tokio::select! {
-        r = run => if r.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error },
-        _ = close.notified() => TunnelEnd::ClosedByPolicy,
-        _ = idle(idle_timeout, &up, &down) => TunnelEnd::IdleTimeout,
-    };
-    TunnelStats {
-        client_to_upstream: up.load(Ordering::Relaxed),
-        upstream_to_client: down.load(Ordering::Relaxed),
-        end,
-    }
+    supervise(run, &close, idle_timeout, &up, &down).await
 }
 
 #[cfg(test)]
