@@ -63,10 +63,8 @@ pub(super) struct ConnGuards {
     pub _socket: OwnedSemaphorePermit,
 }
 
-/// What to do with the bytes read so far.
+/// What to do with a complete request head.
 enum Step {
-    /// The head is not complete yet.
-    Partial,
     /// hyper serves the connection from this request on.
     Fallback,
     /// Answer with these bytes (a refusal) and go on with the next request unless `close`.
@@ -94,7 +92,8 @@ struct ForwardPlan {
     close: bool,
 }
 
-/// Serves one plain-TCP device connection: upgrades here, everything else through hyper.
+/// Serves one plain-TCP device connection: handshakes and bodiless requests here, and from the
+/// first request this path does not take, everything through hyper.
 pub(super) async fn serve(
     gate: Arc<Gate>,
     mut stream: TcpStream,
@@ -122,8 +121,6 @@ pub(super) async fn serve(
             None => return,
         };
         let (consumed, close) = match step {
-            // next_step returns only complete decisions.
-            Step::Partial => return,
             Step::Fallback => break,
             Step::Respond {
                 consumed,
@@ -175,7 +172,7 @@ pub(super) async fn serve(
     buf.truncate(filled);
     let io = TokioIo::new(Prefixed::new(buf, stream));
     // Boxed when reached: inline, hyper's connection would size every fast-path connection's
-    // future (and so every tunnel's memory) by its own.
+    // future (held by each idle keep-alive connection) by its own.
     Box::pin(super::serve_http(gate, io, info, slot, stop)).await;
     drop(guards);
 }
@@ -201,9 +198,8 @@ async fn next_step(
             // Parsed again only once a line has ended: a head trickling in byte by byte costs
             // one parse per line, not one per byte.
             if line_ended {
-                match prepare(gate, info, slot, &buf[..*filled], *stop.borrow()) {
-                    Step::Partial => {}
-                    step => return Some(step),
+                if let Some(step) = prepare(gate, info, slot, &buf[..*filled], *stop.borrow()) {
+                    return Some(step);
                 }
             }
             if *filled == buf.len() {
@@ -257,15 +253,16 @@ async fn read_some(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Parses the buffered head and, when it is one this path takes, decides it. Synchronous:
-/// the parsed headers borrow the buffer and live on the stack, never in the task's future.
+/// Parses the buffered head and, when it is one this path takes, decides it; None while the
+/// head is incomplete. Synchronous: the parsed headers borrow the buffer and live on the
+/// stack, never in the task's future.
 fn prepare(
     gate: &Gate,
     info: &ConnInfo,
     slot: &Arc<ConnPermit>,
     bytes: &[u8],
     draining: bool,
-) -> Step {
+) -> Option<Step> {
     let listen = &gate.config.listen;
     let mut slots = [MaybeUninit::<httparse::Header<'_>>::uninit(); REQUEST_HEADER_SLOTS];
     let mut req = httparse::Request::new(&mut []);
@@ -276,28 +273,26 @@ fn prepare(
         &mut slots[..limit],
     ) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if bytes.len() < listen.max_header_bytes => {
-            return Step::Partial
-        }
+        Ok(httparse::Status::Partial) if bytes.len() < listen.max_header_bytes => return None,
         // Malformed, too many headers or too large: hyper answers it as it always has.
-        _ => return Step::Fallback,
+        _ => return Some(Step::Fallback),
     };
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
-        return Step::Fallback;
+        return Some(Step::Fallback);
     };
     // Origin form only; the same URI parser as hyper, so rules see the same path.
     if !target.starts_with('/') {
-        return Step::Fallback;
+        return Some(Step::Fallback);
     }
     let Ok(target) = http::uri::PathAndQuery::try_from(target) else {
-        return Step::Fallback;
+        return Some(Step::Fallback);
     };
     let Ok(method) = http::Method::from_bytes(method.as_bytes()) else {
-        return Step::Fallback;
+        return Some(Step::Fallback);
     };
     let headers: &[httparse::Header<'_>] = req.headers;
     let Some(shape) = RequestShape::of(headers) else {
-        return Step::Fallback;
+        return Some(Step::Fallback);
     };
     let upgrade = shape.upgrade.filter(|_| shape.connection_upgrade);
     let close = shape.close || draining;
@@ -311,11 +306,11 @@ fn prepare(
     let admitted = match service::admit(gate, info, slot, &head) {
         service::Admission::Admit(admitted) => admitted,
         service::Admission::Refuse(refusal) => {
-            return Step::Respond {
+            return Some(Step::Respond {
                 consumed,
                 bytes: encode_response(&refusal, close),
                 close,
-            }
+            })
         }
     };
     let upstream_head = upstream_request_head(
@@ -335,10 +330,10 @@ fn prepare(
         path: Arc::from(target.path()),
         close,
     });
-    match upgrade {
+    Some(match upgrade {
         Some(_) => Step::Upgrade(plan),
         None => Step::Request(plan),
-    }
+    })
 }
 
 /// The request headers this path cares about, found in one pass.
