@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE,
-};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -28,8 +26,6 @@ use crate::config::UpstreamConfig;
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// A backend connection: plain TCP (the common case, eligible for the buffer-free tunnel) or TLS.
 pub enum UpstreamStream {
@@ -477,17 +473,35 @@ fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
     })
 }
 
+/// Hop-by-hop header names (RFC 9110 §7.6.1), lower case; both HTTP paths drop them.
+pub(super) const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether a `Connection` token is a connection option rather than the name of a header to
+/// drop as hop-by-hop.
+pub(super) fn is_connection_option(token: &str) -> bool {
+    ["close", "keep-alive", "upgrade"]
+        .iter()
+        .any(|o| token.eq_ignore_ascii_case(o))
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): the fixed list plus every name listed in
 /// `Connection`. When `keep_upgrade` is set, `Upgrade` survives and `Connection: upgrade` is
 /// restored, so the backend sees a well-formed upgrade request (or the client a 101).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    static FIXED: [HeaderName; 6] = [
-        CONNECTION,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        TE,
-        TRANSFER_ENCODING,
-        UPGRADE,
+    static FIXED: [HeaderName; HOP_BY_HOP.len()] = [
+        HeaderName::from_static(HOP_BY_HOP[0]),
+        HeaderName::from_static(HOP_BY_HOP[1]),
+        HeaderName::from_static(HOP_BY_HOP[2]),
+        HeaderName::from_static(HOP_BY_HOP[3]),
+        HeaderName::from_static(HOP_BY_HOP[4]),
+        HeaderName::from_static(HOP_BY_HOP[5]),
     ];
     // One pass over the names (cheap comparisons) finds which of the fixed names are present:
     // most messages carry none or one, and each removal is a hashed lookup.
@@ -512,12 +526,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|s| s.split(','))
             .map(str::trim)
-            .filter(|t| {
-                !t.is_empty()
-                    && !["close", "keep-alive", "upgrade"]
-                        .iter()
-                        .any(|k| t.eq_ignore_ascii_case(k))
-            })
+            .filter(|t| !t.is_empty() && !is_connection_option(t))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in listed {

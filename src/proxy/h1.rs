@@ -31,7 +31,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Re
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
-use super::forward::{forwarding_values, UpstreamStream};
+use super::forward::{forwarding_values, is_connection_option, UpstreamStream, HOP_BY_HOP};
 use super::response::{BodyDone, ProxyFailure, ResponseBody};
 use super::service::{self, Admitted, Exchange, OpenTunnel, RequestHead};
 use super::{tunnel, ConnInfo};
@@ -396,33 +396,27 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), dropped on both legs; the forwarding headers are
-/// rewritten, so the client's copies are dropped too.
+/// Hop-by-hop headers (RFC 9110 §7.6.1), dropped on both legs.
 fn is_hop_by_hop(name: &str) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "transfer-encoding",
-        "upgrade",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
-/// Whether `name` is listed in a `Connection` header (and so hop-by-hop), as hyper's path
-/// treats it: `close`, `keep-alive` and `upgrade` are options, not header names.
+/// Whether some `Connection` header names other headers (to drop as hop-by-hop); usually
+/// none does, and then no header needs checking against the list.
+fn connection_lists_names(headers: &[httparse::Header<'_>]) -> bool {
+    headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("connection")
+            && tokens(h.value).any(|t| !is_connection_option(t))
+    })
+}
+
+/// Whether `name` is listed in a `Connection` header, as hyper's path treats it.
 fn listed_in_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
     headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
         .flat_map(|h| tokens(h.value))
-        .filter(|t| {
-            !["close", "keep-alive", "upgrade"]
-                .iter()
-                .any(|o| t.eq_ignore_ascii_case(o))
-        })
+        .filter(|t| !is_connection_option(t))
         .any(|t| t.eq_ignore_ascii_case(name))
 }
 
@@ -440,14 +434,7 @@ fn upstream_request_head(
 ) -> Vec<u8> {
     const XFF: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
     const FORWARDED: http::HeaderName = http::HeaderName::from_static("forwarded");
-    let lists_names = headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("connection")
-            && tokens(h.value).any(|t| {
-                !["close", "keep-alive", "upgrade"]
-                    .iter()
-                    .any(|o| t.eq_ignore_ascii_case(o))
-            })
-    });
+    let lists_names = connection_lists_names(headers);
     let mut out = Vec::with_capacity(
         256 + headers
             .iter()
@@ -902,14 +889,7 @@ fn parse_response_head(
     });
     out.extend_from_slice(reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let lists_names = headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("connection")
-            && tokens(h.value).any(|t| {
-                !["close", "keep-alive", "upgrade"]
-                    .iter()
-                    .any(|o| t.eq_ignore_ascii_case(o))
-            })
-    });
+    let lists_names = connection_lists_names(headers);
     let mut upgrade_value = None;
     for h in headers {
         let name = h.name;
