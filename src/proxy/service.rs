@@ -403,7 +403,7 @@ async fn forward(
         _held: held,
         lease: Some(lease),
         _registration: registration,
-        bytes_in,
+        bytes_in: Some(bytes_in),
         presented,
         rule,
         method,
@@ -613,7 +613,8 @@ pub(super) struct Exchange {
     /// The backend connection, reused only if the response was read to its end.
     lease: Option<Lease>,
     _registration: Option<crate::registry::Registration>,
-    bytes_in: Arc<std::sync::atomic::AtomicU64>,
+    /// Request body bytes sent on (None: the request had no body).
+    bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
     presented: Presented,
     rule: Arc<str>,
     method: http::Method,
@@ -642,7 +643,7 @@ impl Exchange {
             _held: admitted.held,
             lease: None,
             _registration: None,
-            bytes_in: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            bytes_in: None,
             presented: admitted.presented,
             rule: admitted.rule,
             method: http::Method::from_bytes(method.as_bytes()).unwrap_or_default(),
@@ -664,7 +665,7 @@ impl BodyDone for Exchange {
         }
         if self.log {
             let p = &self.presented;
-            tracing::info!(target: "fwgate::access", client = %p.client, device = p.device.as_deref().unwrap_or("-"), raw_version = p.raw_version.as_deref().unwrap_or("-"), version = %p.version_str(), rule = %self.rule, decision = "allow", status = self.status, method = %self.method, path = &*self.path, backend_ms = self.backend_time.as_secs_f64() * 1000.0, bytes_in = self.bytes_in.load(std::sync::atomic::Ordering::Relaxed), bytes_out = bytes, complete, duration_ms = self.started.elapsed().as_secs_f64() * 1000.0, "forwarded");
+            tracing::info!(target: "fwgate::access", client = %p.client, device = p.device.as_deref().unwrap_or("-"), raw_version = p.raw_version.as_deref().unwrap_or("-"), version = %p.version_str(), rule = %self.rule, decision = "allow", status = self.status, method = %self.method, path = &*self.path, backend_ms = self.backend_time.as_secs_f64() * 1000.0, bytes_in = self.bytes_in.as_ref().map_or(0, |b| b.load(std::sync::atomic::Ordering::Relaxed)), bytes_out = bytes, complete, duration_ms = self.started.elapsed().as_secs_f64() * 1000.0, "forwarded");
         }
     }
 }
