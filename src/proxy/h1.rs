@@ -101,7 +101,7 @@ pub(super) async fn serve(
     slot: ConnPermit,
     mut stop: watch::Receiver<bool>,
     guards: ConnGuards,
-) {
+) -> Option<super::Tunnel> {
     let slot = Arc::new(slot);
     let mut buf = vec![0u8; HEAD_BUFFER];
     let mut filled = 0;
@@ -118,7 +118,7 @@ pub(super) async fn serve(
         .await
         {
             Some(step) => step,
-            None => return,
+            None => return None,
         };
         let (consumed, close) = match step {
             Step::Fallback => break,
@@ -129,7 +129,7 @@ pub(super) async fn serve(
             } => {
                 if stream.write_all(&bytes).await.is_err() {
                     gate.metrics.connection_closed(CloseReason::io);
-                    return;
+                    return None;
                 }
                 (consumed, close)
             }
@@ -139,30 +139,29 @@ pub(super) async fn serve(
                 let early = &buf[consumed..filled];
                 match Box::pin(forward_upgrade(&gate, stream, early, *plan)).await {
                     Forwarded::Tunnel(tunnel) => {
-                        // The connection is a tunnel now, in a task of its own sized for a
-                        // tunnel alone: this connection's HTTP state is freed.
+                        // The connection is a tunnel now: the task goes on with the tunnel
+                        // alone, and this connection's HTTP state is freed.
                         drop(guards);
-                        tokio::spawn(tunnel);
-                        return;
+                        return Some(Box::pin(tunnel));
                     }
                     Forwarded::Answered(kept) => {
                         stream = kept;
                         (consumed, close)
                     }
-                    Forwarded::Ended => return,
+                    Forwarded::Ended => return None,
                 }
             }
             Step::Request(plan) => {
                 let consumed = plan.consumed;
                 match Box::pin(forward_request(&gate, &mut stream, *plan)).await {
                     Some(close) => (consumed, close),
-                    None => return,
+                    None => return None,
                 }
             }
         };
         if close {
             let _ = stream.shutdown().await;
-            return;
+            return None;
         }
         // Keep what the client sent after this request (pipelining) for the next round.
         buf.copy_within(consumed..filled, 0);
@@ -175,6 +174,7 @@ pub(super) async fn serve(
     // future (held by each idle keep-alive connection) by its own.
     Box::pin(super::serve_http(gate, io, info, slot, stop)).await;
     drop(guards);
+    None
 }
 
 /// Reads until the buffer holds a complete head (or a reason to stop), bounded by
@@ -559,17 +559,23 @@ async fn forward_upgrade(
     let upstream_early = head.rest;
     let tunnel = OpenTunnel::open(gate.clone(), admitted, path, started, backend_time);
     let idle = gate.config.listen.tunnel_idle_timeout;
-    Forwarded::Tunnel(tunnel.run(move |close| async move {
-        match upstream {
+    let close = tunnel.close_signal();
+    // The relay is awaited right here (not passed into another async fn, which would hold a
+    // second copy of its state), and the rare TLS relay is boxed: what an idle tunnel holds
+    // is this block's captures and the plain relay's state.
+    Forwarded::Tunnel(async move {
+        let stats = match upstream {
             UpstreamStream::Plain(tcp) => {
                 tunnel::relay_tcp(&client, &client_early, &tcp, &upstream_early, &close, idle).await
             }
             tls => {
-                tunnel::relay_generic(client, &client_early, tls, &upstream_early, close, idle)
-                    .await
+                let relay =
+                    tunnel::relay_generic(client, &client_early, tls, &upstream_early, close, idle);
+                Box::pin(relay).await
             }
-        }
-    }))
+        };
+        tunnel.finish(stats);
+    })
 }
 
 /// Forwards an admitted plain request (no body) on a pooled or new backend connection and

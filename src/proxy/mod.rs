@@ -140,14 +140,14 @@ pub async fn serve(
         let alive = alive_tx.clone();
         let tls = tls.clone();
         // Boxed: a task's allocation is sized by its future and outlives it while any waker
-        // remains; the box is freed when the connection ends, leaving only a small task cell.
+        // remains; the box is freed when the connection ends or becomes a tunnel.
         let guards = h1::ConnGuards {
             _alive: alive,
             _socket: socket_permit,
         };
-        tokio::spawn(Box::pin(serve_connection(
+        tokio::spawn(ConnectionTask::Http(Box::pin(serve_connection(
             gate, tls, stream, peer, slot, stop, guards,
-        )));
+        ))));
     }
     let _ = stop_tx.send(true);
     drop(alive_tx);
@@ -169,6 +169,42 @@ async fn accept(
     Ok((stream, peer, permit))
 }
 
+/// A tunnel that a connection became, run by the connection's own task.
+pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A device connection's task: its HTTP phase, then the tunnel it may become. One task for
+/// both spares a spawn per handshake; the HTTP phase's box is freed when the tunnel starts, so
+/// an idle tunnel holds only the tunnel's own state and this small enum.
+enum ConnectionTask<H> {
+    Http(Pin<Box<H>>),
+    Tunnel(Tunnel),
+    Done,
+}
+
+impl<H: Future<Output = Option<Tunnel>>> Future for ConnectionTask<H> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        use std::task::Poll;
+        loop {
+            let next = match &mut *self {
+                ConnectionTask::Http(http) => match http.as_mut().poll(cx) {
+                    Poll::Ready(Some(tunnel)) => ConnectionTask::Tunnel(tunnel),
+                    Poll::Ready(None) => ConnectionTask::Done,
+                    Poll::Pending => return Poll::Pending,
+                },
+                ConnectionTask::Tunnel(tunnel) => match tunnel.as_mut().poll(cx) {
+                    Poll::Ready(()) => ConnectionTask::Done,
+                    Poll::Pending => return Poll::Pending,
+                },
+                ConnectionTask::Done => return Poll::Ready(()),
+            };
+            // Replacing the HTTP phase drops it (its buffers, hyper state) before the tunnel runs.
+            *self = next;
+        }
+    }
+}
+
 /// One device connection: PROXY header (from trusted networks only), TLS if configured, then
 /// HTTP/1.1 or (when ALPN chose it) HTTP/2.
 async fn serve_connection(
@@ -179,13 +215,13 @@ async fn serve_connection(
     slot: ConnPermit,
     stop: watch::Receiver<bool>,
     guards: h1::ConnGuards,
-) {
+) -> Option<Tunnel> {
     let listen = &gate.config.listen;
     let client = if listen.proxy_protocol {
         if !in_networks(peer.ip(), &listen.trusted_proxies) {
             gate.metrics.connection_closed(CloseReason::untrusted_proxy);
             tracing::debug!(peer = %peer, "PROXY protocol expected but peer is not a trusted proxy; closed");
-            return;
+            return None;
         }
         match tokio::time::timeout(
             listen.header_read_timeout,
@@ -199,11 +235,11 @@ async fn serve_connection(
                 gate.metrics
                     .connection_closed(CloseReason::bad_proxy_header);
                 tracing::debug!(peer = %peer, error = %e, "bad PROXY header; closed");
-                return;
+                return None;
             }
             Err(_) => {
                 gate.metrics.connection_closed(CloseReason::header_timeout);
-                return;
+                return None;
             }
         }
     } else {
@@ -220,7 +256,8 @@ async fn serve_connection(
         }
         let _guards = guards;
         let io = TokioIo::new(stream);
-        return Box::pin(serve_http(gate, io, info, Arc::new(slot), stop)).await;
+        Box::pin(serve_http(gate, io, info, Arc::new(slot), stop)).await;
+        return None;
     };
     let _guards = guards;
     // Bounded like the request head: a client stalling mid-handshake is a slowloris too.
@@ -234,11 +271,11 @@ async fn serve_connection(
         Ok(Err(e)) => {
             gate.metrics.connection_closed(CloseReason::tls_handshake);
             tracing::debug!(client = %client, error = %e, "TLS handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             gate.metrics.connection_closed(CloseReason::tls_handshake);
-            return;
+            return None;
         }
     };
     let session = stream.get_ref().1;
@@ -261,6 +298,7 @@ async fn serve_connection(
     } else {
         Box::pin(serve_http(gate, TokioIo::new(stream), info, slot, stop)).await;
     }
+    None
 }
 
 /// A hyper server connection that can be asked to finish its current exchanges and stop.

@@ -376,17 +376,18 @@ async fn forward(
             backoff_key,
             held,
         };
+        let idle = gate.config.listen.tunnel_idle_timeout;
         let tunnel = OpenTunnel::open(gate, admitted, path, started, backend_time);
-        let idle = tunnel.gate.config.listen.tunnel_idle_timeout;
-        tokio::spawn(tunnel.run(move |close| async move {
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((c, u)) => relay(c, u, close, idle).await,
+        tokio::spawn(async move {
+            let stats = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((c, u)) => relay(c, u, tunnel.close_signal(), idle).await,
                 Err(e) => {
                     tracing::debug!(error = %e, "upgrade did not complete");
                     TunnelStats::default()
                 }
-            }
-        }));
+            };
+            tunnel.finish(stats);
+        });
         let (mut parts, _) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, true);
         return Response::from_parts(parts, ResponseBody::empty());
@@ -421,7 +422,7 @@ async fn forward(
 }
 
 /// An admitted upgrade whose backend said 101: registered (so policy can close it) and
-/// counted as active until [`OpenTunnel::run`] ends.
+/// counted as active until [`OpenTunnel::finish`].
 pub(super) struct OpenTunnel {
     pub gate: Arc<Gate>,
     admitted: Admitted,
@@ -459,12 +460,15 @@ impl OpenTunnel {
         }
     }
 
-    /// Runs `relay` (given the policy close handle) to the tunnel's end, then un-counts it,
-    /// feeds the reconnect backoff (a storm is many disconnects) and writes the access log.
-    pub async fn run<F>(self, relay: impl FnOnce(Arc<Notify>) -> F)
-    where
-        F: std::future::Future<Output = TunnelStats>,
-    {
+    /// The handle the registry notifies to close this tunnel by policy; the relay watches it.
+    pub fn close_signal(&self) -> Arc<Notify> {
+        self.close.clone()
+    }
+
+    /// Ends the tunnel once its relay has: un-counts it, feeds the reconnect backoff (a storm
+    /// is many disconnects) and writes the access log. Synchronous, so that the caller's
+    /// future holds the relay's state once, not also a copy moved into this one.
+    pub fn finish(self, stats: TunnelStats) {
         let OpenTunnel {
             gate,
             admitted,
@@ -472,9 +476,8 @@ impl OpenTunnel {
             started,
             backend_time,
             registration,
-            close,
+            close: _,
         } = self;
-        let stats = relay(close).await;
         drop(registration);
         let Admitted {
             presented,
@@ -552,14 +555,14 @@ async fn relay(
     let (client_io, client_early) = match plain {
         Ok(plain) => plain,
         Err(client) => {
-            return tunnel::relay_generic(
+            return Box::pin(tunnel::relay_generic(
                 TokioIo::new(client),
                 &[],
                 TokioIo::new(upstream),
                 &[],
                 close,
                 idle,
-            )
+            ))
             .await
         }
     };
@@ -581,27 +584,27 @@ async fn relay(
                     .await
                 }
                 tls => {
-                    tunnel::relay_generic(
+                    Box::pin(tunnel::relay_generic(
                         client_io,
                         &client_early,
                         tls,
                         &upstream_early,
                         close,
                         idle,
-                    )
+                    ))
                     .await
                 }
             }
         }
         Err(upstream) => {
-            tunnel::relay_generic(
+            Box::pin(tunnel::relay_generic(
                 client_io,
                 &client_early,
                 TokioIo::new(upstream),
                 &[],
                 close,
                 idle,
-            )
+            ))
             .await
         }
     }

@@ -106,10 +106,10 @@ pub async fn relay_tcp(
 ) -> TunnelStats {
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
-    let run = async {
+    let ended = AtomicBool::new(false);
+    let run = || async {
         write_all(upstream, client_early, &up).await?;
         write_all(client, upstream_early, &down).await?;
-        let ended = AtomicBool::new(false);
         tokio::try_join!(
             pump(client, upstream, &up, &ended),
             pump(upstream, client, &down, &ended)
@@ -120,15 +120,17 @@ pub async fn relay_tcp(
 
 /// Runs a relay until it ends, `close` is notified, or it idles out, and reports how it ended
 /// with the bytes each way (`up`/`down`, which the relay counts). Both relays end this way.
-async fn supervise(
-    run: impl std::future::Future<Output = io::Result<impl Sized>>,
+/// `run` makes the relay's future here, so that it is held once: a future passed in by value
+/// would also keep a slot in the caller's state, doubling what every idle tunnel holds.
+async fn supervise<F: std::future::Future<Output = io::Result<impl Sized>>>(
+    run: impl FnOnce() -> F,
     close: &Notify,
     idle_timeout: Duration,
     up: &AtomicU64,
     down: &AtomicU64,
 ) -> TunnelStats {
     let end = tokio::select! {
-        r = run => if r.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error },
+        r = run() => if r.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error },
         _ = close.notified() => TunnelEnd::ClosedByPolicy,
         _ = idle(idle_timeout, up, down) => TunnelEnd::IdleTimeout,
     };
@@ -300,7 +302,7 @@ where
         inner: b,
         read: &down,
     };
-    let run = async {
+    let run = move || async move {
         b.write_all(a_early).await?;
         a.write_all(b_early).await?;
         tokio::io::copy_bidirectional(&mut a, &mut b).await
