@@ -55,6 +55,7 @@ cleanup() {
 trap cleanup EXIT
 
 cat >"$TMP/fwgate.toml" <<EOF
+workers = 1
 rules = "$BENCH_DIR/rules-100.toml"
 [listen]
 addr = "$PROXY"
@@ -86,7 +87,7 @@ H='X-Firmware-Version: 3.7.0'
 for bin in "${BINS[@]}"; do
     out="$TMP/cg.out"
     rm -f "$out"*
-    TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no \
+    valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no \
         --compress-strings=no --compress-pos=no "$bin" run --config "$TMP/fwgate.toml" >"$TMP/fwgate.log" 2>&1 &
     pid=$!
     PIDS+=($pid)

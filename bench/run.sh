@@ -180,6 +180,8 @@ cp "$BENCH_DIR/rules-100.toml" "$TMP/fwgate/rules.toml" 2>/dev/null || {
 cat >"$TMP/fwgate/fwgate.toml" <<EOF
 rules = "rules.toml"
 state_dir = "state"
+# One worker thread, like nginx's worker_processes 1 and HAProxy's nbthread 1.
+workers = 1
 
 [listen]
 addr = "$FWGATE_ADDR"
@@ -195,8 +197,8 @@ access = false
 EOF
 FWGATE_CHECKED=""
 start_fwgate() {
-    # One tokio worker thread (TOKIO_WORKER_THREADS=1), pinned with the rest of the process.
-    TOKIO_WORKER_THREADS=1 FWGATE_ADMIN_TOKEN="$TOKEN" \
+    # One worker thread (workers = 1 in its config), pinned with the rest of the process.
+    FWGATE_ADMIN_TOKEN="$TOKEN" \
         taskset -c "$PROXY_CPU" "$FWGATE_BIN" run --config "$TMP/fwgate/fwgate.toml" >>"$TMP/fwgate/fwgate.log" 2>&1 &
     local pid=$!
     started "$pid"
@@ -586,7 +588,7 @@ machine() {
     echo "- proxy pinned to CPU $PROXY_CPU (one worker process/thread each); wrk, loadtool and the backend pinned to CPU $LOAD_CPU"
     echo "- runs: $RUNS (medians); wrk ${WRK_SECS}s × $WRK_CONNS conns; $HS_COUNT handshakes; $ECHO_CONNS × $ECHO_MSGS echoes of $ECHO_SIZE B; $IDLE_CONNS idle WebSockets$( ((IDLE_CONNS < IDLE_REQUESTED)) && echo " (lowered from $IDLE_REQUESTED: open-file limit)"); $REFUSED_COUNT refused handshakes"
     echo "- other processes' CPU during the measurements: ${FOREIGN_PCT}% of all cores$( ((FOREIGN_PCT > 10)) && echo ' (**noisy run**: rates and p99 suffer most; CPU per operation least)')"
-    echo "- fwgate: bench/rules-100.toml ($(grep -c '^\[\[rule\]\]' "$TMP/fwgate/rules.toml") rules$(grep -q 'action = "limit"' "$TMP/fwgate/rules.toml" && echo ', one of them a limit rule (3.9.*: 50/s per device), which the measured traffic (3.7.0) is not in' || echo '; no limit rule (TODO(rate limit))')) + 1 kill-switch entry (=0.0.1); access log off; TOKIO_WORKER_THREADS=1; every WebSocket with its own X-Device-Id"
+    echo "- fwgate: bench/rules-100.toml ($(grep -c '^\[\[rule\]\]' "$TMP/fwgate/rules.toml") rules$(grep -q 'action = "limit"' "$TMP/fwgate/rules.toml" && echo ', one of them a limit rule (3.9.*: 50/s per device), which the measured traffic (3.7.0) is not in' || echo '; no limit rule (TODO(rate limit))')) + 1 kill-switch entry (=0.0.1); access log off; workers = 1; every WebSocket with its own X-Device-Id"
 }
 [[ -n "${FWGATE_BIN:-}" && "$FWGATE_BIN" != "${CARGO_TARGET_DIR:-$REPO/target}/release/fwgate" ]] && FWGATE_BIN_SET=1
 T_END=$(date +%s)

@@ -51,6 +51,8 @@ pub const DEFAULT_BACKLOG: u32 = 1024;
 pub const DEFAULT_MAX_OPEN_CONNECTIONS: usize = 100_000;
 /// Shutdown: time for in-flight requests, and the spread of tunnel closures.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// More worker threads than this is a typo, not a machine.
+pub const MAX_WORKERS: usize = 1024;
 
 /// Backend connects in progress at once before new handshakes get 503 (a dead backend must not
 /// pile up sockets).
@@ -111,6 +113,9 @@ pub struct RawConfig {
     /// On SIGTERM/SIGINT: how long in-flight requests may finish and over how long open tunnels
     /// are closed, e.g. `"30s"`. Default 30s.
     pub shutdown_grace: Option<Spanned<String>>,
+    /// Worker threads; 0 or absent: one per CPU (or `TOKIO_WORKER_THREADS`). 1 runs
+    /// everything on one thread with tokio's single-threaded scheduler.
+    pub workers: Option<Spanned<i64>>,
 }
 
 /// `[tls]` as written.
@@ -275,6 +280,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Graceful shutdown period.
     pub shutdown_grace: Duration,
+    /// Worker threads as configured (0: automatic, see [`Config::worker_threads`]).
+    pub workers: usize,
     /// TLS on the device listener, if configured.
     pub tls: Option<crate::tls::TlsFiles>,
 }
@@ -369,6 +376,17 @@ pub struct LogConfig {
 }
 
 impl Config {
+    /// How many worker threads to run: `workers` when set, else `TOKIO_WORKER_THREADS` (tokio's
+    /// own convention), else one per CPU. `env` is that variable's value.
+    pub fn worker_threads(&self, env: Option<&str>) -> usize {
+        if self.workers > 0 {
+            return self.workers;
+        }
+        env.and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|n| (1..=MAX_WORKERS).contains(n))
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
     /// The embedded default configuration.
     pub fn embedded() -> Config {
         // The embedded text is a constant checked by a unit test, so this cannot fail at runtime;
@@ -392,6 +410,7 @@ impl Config {
                 trusted_forwarders: Vec::new(),
             },
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            workers: 0,
             tls: None,
             upstream: UpstreamConfig {
                 addr: DEFAULT_UPSTREAM_ADDR.to_string(),
@@ -475,6 +494,7 @@ impl Config {
             v.error(0, "[listen] proxy_protocol = true needs trusted_proxies (the load balancers' networks, e.g. [\"10.0.0.0/8\"])");
         }
         let shutdown_grace = v.duration(&raw.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        let workers = v.bounded_int(&raw.workers, 0, 0, MAX_WORKERS);
         let tls = raw.tls.as_ref().map(|t| {
             let require = t.require_client_cert.unwrap_or(false);
             if require && t.client_ca.is_none() {
@@ -617,6 +637,7 @@ impl Config {
                 log,
                 limits,
                 shutdown_grace,
+                workers,
                 tls,
             })
         } else {
@@ -802,6 +823,21 @@ mod tests {
         let shown = errs.to_string();
         assert!(shown.starts_with("f.toml:2:1:"), "{shown}");
         assert!(shown.contains("adress"), "{shown}");
+    }
+
+    #[test]
+    fn workers_come_from_the_file_then_the_environment_then_the_cpus() {
+        let set = Config::from_toml("workers = 3\n", None).unwrap();
+        assert_eq!(set.worker_threads(Some("7")), 3);
+        let auto = Config::from_toml("workers = 0\n", None).unwrap();
+        assert_eq!(auto.worker_threads(Some("7")), 7);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(auto.worker_threads(None), cpus);
+        assert_eq!(auto.worker_threads(Some("lots")), cpus);
+        assert_eq!(auto.worker_threads(Some("0")), cpus);
+        let errs = Config::from_toml("workers = -1\n", Some(Path::new("f.toml"))).unwrap_err();
+        assert!(errs.to_string().contains("f.toml:1:11:"), "{errs}");
+        assert!(Config::from_toml("workers = 5000\n", None).is_err());
     }
 
     #[test]

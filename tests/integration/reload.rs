@@ -257,6 +257,16 @@ impl Drop for KillOnDrop {
 /// longer than the deadline. Only SIGHUP can apply it in time.
 #[tokio::test]
 async fn sighup_reloads_the_binary() {
+    sighup_reloads_the_binary_with(0).await;
+}
+
+/// The same with one worker: the single-threaded scheduler serves, reloads and stops too.
+#[tokio::test]
+async fn sighup_reloads_the_binary_with_one_worker() {
+    sighup_reloads_the_binary_with(1).await;
+}
+
+async fn sighup_reloads_the_binary_with(workers: usize) {
     let backend = http_backend().await;
     let dir = tempfile::tempdir().unwrap();
     let free = |_: ()| {
@@ -272,7 +282,7 @@ async fn sighup_reloads_the_binary() {
     symlink("real/rules.toml", dir.path().join("rules.toml")).unwrap();
     std::fs::write(
         dir.path().join("fwgate.toml"),
-        format!("rules = \"rules.toml\"\n[listen]\naddr = \"{listen}\"\n[upstream]\naddr = \"{}\"\n[admin]\naddr = \"{admin}\"\n[log]\naccess = false\n", backend.addr),
+        format!("workers = {workers}\nrules = \"rules.toml\"\n[listen]\naddr = \"{listen}\"\n[upstream]\naddr = \"{}\"\n[admin]\naddr = \"{admin}\"\n[log]\naccess = false\n", backend.addr),
     )
     .unwrap();
     let mut child = KillOnDrop(
