@@ -7,10 +7,12 @@
 //! shut down and the other direction keeps flowing until it finishes too.
 
 use std::cell::RefCell;
+use std::future::Future as _;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -107,37 +109,169 @@ pub async fn relay_tcp(
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
     let ended = AtomicBool::new(false);
-    let run = || async {
-        write_all(upstream, client_early, &up).await?;
-        write_all(client, upstream_early, &down).await?;
-        tokio::try_join!(
-            pump(client, upstream, &up, &ended),
-            pump(upstream, client, &down, &ended)
-        )
-    };
-    supervise(run, close, idle_timeout, &up, &down).await
+    let client_to_upstream = || pump(client, client_early, upstream, &up, &ended);
+    let upstream_to_client = || pump(upstream, upstream_early, client, &down, &ended);
+    supervise(
+        client_to_upstream,
+        upstream_to_client,
+        close,
+        idle_timeout,
+        &up,
+        &down,
+    )
+    .await
 }
 
-/// Runs a relay until it ends, `close` is notified, or it idles out, and reports how it ended
-/// with the bytes each way (`up`/`down`, which the relay counts). Both relays end this way.
-/// `run` makes the relay's future here, so that it is held once: a future passed in by value
-/// would also keep a slot in the caller's state, doubling what every idle tunnel holds.
-async fn supervise<F: std::future::Future<Output = io::Result<impl Sized>>>(
-    run: impl FnOnce() -> F,
+/// Runs a relay's two directions until both end (or one fails), `close` is notified, or the
+/// tunnel idles out, and reports how it ended with the bytes each way (`up`/`down`, which the
+/// directions count). Both relays end this way.
+///
+/// Each part is polled only when its own wake-up came: a relayed message wakes one direction,
+/// and polling the other direction, the close signal and the idle timer as well would cost
+/// more than relaying the message (callgrind). The directions' futures are made here, so that
+/// they are held once: futures passed in by value would also keep a slot in the caller's
+/// state, doubling what every idle tunnel holds.
+async fn supervise<A, B>(
+    first: impl FnOnce() -> A,
+    second: impl FnOnce() -> B,
     close: &Notify,
     idle_timeout: Duration,
     up: &AtomicU64,
     down: &AtomicU64,
-) -> TunnelStats {
-    let end = tokio::select! {
-        r = run() => if r.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error },
-        _ = close.notified() => TunnelEnd::ClosedByPolicy,
-        _ = idle(idle_timeout, up, down) => TunnelEnd::IdleTimeout,
-    };
+) -> TunnelStats
+where
+    A: std::future::Future<Output = io::Result<()>>,
+    B: std::future::Future<Output = io::Result<()>>,
+{
+    let mut first = std::pin::pin!(Some(first()));
+    let mut second = std::pin::pin!(Some(second()));
+    let mut closed = std::pin::pin!(close.notified());
+    let mut idled = std::pin::pin!(idle(idle_timeout, up, down));
+    let parts = Parts::new();
+    let end = std::future::poll_fn(|cx| {
+        let woken = parts.woken(cx.waker());
+        if woken & Parts::CONTROL != 0 {
+            if closed
+                .as_mut()
+                .poll(&mut parts.context(Parts::CONTROL))
+                .is_ready()
+            {
+                return Poll::Ready(TunnelEnd::ClosedByPolicy);
+            }
+            if idled
+                .as_mut()
+                .poll(&mut parts.context(Parts::CONTROL))
+                .is_ready()
+            {
+                return Poll::Ready(TunnelEnd::IdleTimeout);
+            }
+        }
+        let failed = (woken & Parts::FIRST != 0
+            && poll_direction(&mut first, &mut parts.context(Parts::FIRST)).is_err())
+            || (woken & Parts::SECOND != 0
+                && poll_direction(&mut second, &mut parts.context(Parts::SECOND)).is_err());
+        if failed {
+            Poll::Ready(TunnelEnd::Error)
+        } else if first.is_none() && second.is_none() {
+            Poll::Ready(TunnelEnd::Closed)
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
     TunnelStats {
         client_to_upstream: up.load(Ordering::Relaxed),
         upstream_to_client: down.load(Ordering::Relaxed),
         end,
+    }
+}
+
+/// Polls one direction of a relay unless it has finished; an error ends the tunnel.
+fn poll_direction<F: std::future::Future<Output = io::Result<()>>>(
+    direction: &mut std::pin::Pin<&mut Option<F>>,
+    cx: &mut Context<'_>,
+) -> io::Result<()> {
+    if let Some(running) = direction.as_mut().as_pin_mut() {
+        if let Poll::Ready(done) = running.poll(cx) {
+            direction.set(None);
+            done?;
+        }
+    }
+    Ok(())
+}
+
+/// Per-part wake-ups for [`supervise`]: each part is polled with a waker of its own that marks
+/// it woken and wakes the task. Made once per tunnel (four small allocations).
+struct Parts {
+    shared: Arc<Woken>,
+    wakers: [Waker; 3],
+}
+
+/// What the parts' wakers share.
+struct Woken {
+    /// Parts woken since they were last polled, one bit each.
+    bits: AtomicU8,
+    /// The task running the tunnel.
+    task: atomic_waker::AtomicWaker,
+}
+
+/// The waker handed to one part.
+struct PartWaker {
+    shared: Arc<Woken>,
+    bit: u8,
+}
+
+impl Wake for PartWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.shared.bits.fetch_or(self.bit, Ordering::AcqRel);
+        self.shared.task.wake();
+    }
+}
+
+impl Parts {
+    const FIRST: u8 = 1;
+    const SECOND: u8 = 2;
+    /// The close signal and the idle timer share one bit: both are rare.
+    const CONTROL: u8 = 4;
+
+    fn new() -> Parts {
+        let shared = Arc::new(Woken {
+            // Everything is polled the first time.
+            bits: AtomicU8::new(Self::FIRST | Self::SECOND | Self::CONTROL),
+            task: atomic_waker::AtomicWaker::new(),
+        });
+        let waker = |bit| {
+            Waker::from(Arc::new(PartWaker {
+                shared: shared.clone(),
+                bit,
+            }))
+        };
+        let wakers = [
+            waker(Self::FIRST),
+            waker(Self::SECOND),
+            waker(Self::CONTROL),
+        ];
+        Parts { shared, wakers }
+    }
+
+    /// Registers the task's waker, then takes the parts woken since the last call. Taken
+    /// before the parts are polled, so a wake-up during their poll is kept for the next one.
+    fn woken(&self, task: &Waker) -> u8 {
+        self.shared.task.register(task);
+        self.shared.bits.swap(0, Ordering::AcqRel)
+    }
+
+    fn context(&self, bit: u8) -> Context<'_> {
+        let index = match bit {
+            Self::FIRST => 0,
+            Self::SECOND => 1,
+            _ => 2,
+        };
+        Context::from_waker(&self.wakers[index])
     }
 }
 
@@ -159,16 +293,19 @@ async fn idle(timeout: Duration, up: &AtomicU64, down: &AtomicU64) {
     }
 }
 
-/// One direction: wait for readability without a buffer, then borrow one for the copy.
+/// One direction: first the bytes HTTP parsing had already read from `from` (`early`), then
+/// wait for readability without a buffer and borrow one only for the copy.
 /// `other_ended` is shared by the two directions: the first to reach end-of-stream passes the
 /// half-close on; the second does not need to, because both sockets close right after it
 /// (fully read, so the close is an orderly FIN), which saves a `shutdown` per tunnel.
 async fn pump(
     from: &TcpStream,
+    early: &[u8],
     to: &TcpStream,
     count: &AtomicU64,
     other_ended: &AtomicBool,
 ) -> io::Result<()> {
+    write_all(to, early, count).await?;
     loop {
         // poll_read_ready (not readable()) takes over the socket's single reader waker slot, so
         // the waker hyper left there while reading the HTTP head is released: otherwise it pins
@@ -302,12 +439,15 @@ where
         inner: b,
         read: &down,
     };
-    let run = move || async move {
+    let both_ways = move || async move {
         b.write_all(a_early).await?;
         a.write_all(b_early).await?;
-        tokio::io::copy_bidirectional(&mut a, &mut b).await
+        tokio::io::copy_bidirectional(&mut a, &mut b)
+            .await
+            .map(drop)
     };
-    supervise(run, &close, idle_timeout, &up, &down).await
+    let nothing_more = || std::future::ready(Ok(()));
+    supervise(both_ways, nothing_more, &close, idle_timeout, &up, &down).await
 }
 
 #[cfg(test)]
@@ -483,6 +623,55 @@ mod tests {
             started.elapsed()
         );
         assert_eq!(stats.client_to_upstream, 9);
+    }
+
+    /// Both directions busy at once, on two threads: each direction is polled only on its own
+    /// wake-ups, so a wake-up lost between them would stall one side here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_directions_at_once_lose_no_wake_up() {
+        let (client, client_side) = pair().await;
+        let (upstream_side, backend) = pair().await;
+        let relay = tokio::spawn(async move {
+            let close = Notify::new();
+            let idle = Duration::from_secs(30);
+            relay_tcp(&client_side, b"", &upstream_side, b"", &close, idle).await
+        });
+        const EACH_WAY: usize = 2_000_000;
+        let exchange = |mut socket: TcpStream, seed: u8| async move {
+            let data: Vec<u8> = (0..EACH_WAY).map(|i| (i % 253) as u8 ^ seed).collect();
+            let (mut reader, mut writer) = socket.split();
+            let send = async {
+                for piece in data.chunks(1000) {
+                    writer.write_all(piece).await.unwrap();
+                }
+                writer.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let receive = reader.read_to_end(&mut got);
+            let (_, received) = tokio::join!(send, receive);
+            received.unwrap();
+            got
+        };
+        let both = async { tokio::join!(exchange(client, 1), exchange(backend, 2)) };
+        let (at_client, at_backend) = tokio::time::timeout(Duration::from_secs(20), both)
+            .await
+            .expect("a direction stalled");
+        let expected = |seed: u8| (0..EACH_WAY).map(move |i| (i % 253) as u8 ^ seed);
+        assert!(
+            at_backend.iter().copied().eq(expected(1)),
+            "client to backend"
+        );
+        assert!(
+            at_client.iter().copied().eq(expected(2)),
+            "backend to client"
+        );
+        let stats = tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .expect("relay did not end")
+            .unwrap();
+        assert_eq!(stats.end, TunnelEnd::Closed);
+        assert_eq!(stats.client_to_upstream, EACH_WAY as u64);
+        assert_eq!(stats.upstream_to_client, EACH_WAY as u64);
     }
 
     #[tokio::test]
