@@ -246,7 +246,7 @@ async fn next_step(
 async fn read_some(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await?;
-        match tunnel::read_drained(stream, buf) {
+        match tunnel::read_drained(stream, || &mut *buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             r => return r,
         }

@@ -307,12 +307,14 @@ async fn pump(
 ) -> io::Result<()> {
     write_all(to, early, count).await?;
     loop {
-        // poll_read_ready (not readable()) takes over the socket's single reader waker slot, so
-        // the waker hyper left there while reading the HTTP head is released: otherwise it pins
-        // the finished connection task's memory for the tunnel's whole life.
+        // Waiting before each read costs less than trying first: a short read below clears the
+        // socket's readiness, so a read tried after it would always fail. poll_read_ready (not
+        // readable()) also takes over the socket's single reader waker slot, so the waker hyper
+        // left there while reading the HTTP head is released: otherwise it pins the finished
+        // connection task's memory for the tunnel's whole life.
         std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
-        let mut buf = PooledBuffer::take();
-        let n = match read_drained(from, buf.as_mut()) {
+        let mut loan = None;
+        let n = match read_drained(from, || loan.insert(PooledBuffer::take()).as_mut()) {
             Ok(0) => {
                 // The sender is done: pass the half-close on, keep the other direction open.
                 // An error here means the peer is already gone; the other pump will notice.
@@ -325,7 +327,9 @@ async fn pump(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
-        write_all(to, &buf.as_mut()[..n], count).await?;
+        if let Some(mut buf) = loan {
+            write_all(to, &buf.as_mut()[..n], count).await?;
+        }
     }
 }
 
@@ -334,10 +338,15 @@ async fn pump(
 /// epoll instead of first costing a `recv` that fails with `EAGAIN`, one syscall in three per
 /// relayed message. Clearing is tick-checked by tokio, so data or a FIN that arrives meanwhile
 /// raises a new event and is not missed; a reported end-of-stream stays ready.
-pub(super) fn read_drained(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+/// `buf` is asked for only when the socket is ready, so a read that would block borrows none.
+pub(super) fn read_drained<'b>(
+    from: &TcpStream,
+    buf: impl FnOnce() -> &'b mut [u8],
+) -> io::Result<usize> {
     use std::io::Read as _;
     let mut short_read = None;
     let polled = from.try_io(tokio::io::Interest::READABLE, || {
+        let buf = buf();
         let n = (&*socket2::SockRef::from(from)).read(buf)?;
         if n > 0 && n < buf.len() {
             short_read = Some(n);
@@ -354,13 +363,16 @@ pub(super) fn read_drained(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize
 
 async fn write_all(to: &TcpStream, mut bytes: &[u8], count: &AtomicU64) -> io::Result<()> {
     while !bytes.is_empty() {
-        std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
+        // Tried first: a socket with room takes the bytes without a readiness poll; when full,
+        // tokio clears its readiness and the wait below lasts until it has room again.
         match to.try_write(bytes) {
             Ok(n) => {
                 count.fetch_add(n as u64, Ordering::Relaxed);
                 bytes = &bytes[n..];
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
+            }
             Err(e) => return Err(e),
         }
     }
