@@ -3,11 +3,10 @@
 //! admin census can show what the fleet is running right now.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-
-use tokio::sync::Notify;
 
 use crate::rules::VersionInput;
 
@@ -31,10 +30,47 @@ pub struct Tracked {
     pub path: Arc<str>,
     /// The rule that admitted it.
     pub rule: Arc<str>,
-    /// Notified to close it.
-    pub close: Arc<Notify>,
+    /// Signalled to close it.
+    pub close: Arc<CloseSignal>,
     /// When it was admitted.
     pub opened: Instant,
+}
+
+/// Tells one tracked connection to close. Latched: a signal sent before the connection waits
+/// for it is seen when it does. Each signal has a single waiter (the task serving that
+/// connection), so a flag and one waker slot do the work of a `Notify`'s waiter list without
+/// its lock: every forwarded request and every tunnel waits on one.
+#[derive(Debug, Default)]
+pub struct CloseSignal {
+    closed: AtomicBool,
+    waker: atomic_waker::AtomicWaker,
+}
+
+impl CloseSignal {
+    /// Asks the connection to close.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready once [`CloseSignal::close`] was called; otherwise wakes `cx` when it is.
+    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // Checked again: a close between the first check and the registration woke nothing.
+        if self.closed.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Resolves once the connection is asked to close.
+    pub async fn closed(&self) {
+        std::future::poll_fn(|cx| self.poll_closed(cx)).await
+    }
 }
 
 /// Hashes the registry's ids: sequential numbers fwgate picks itself (never attacker-chosen),
@@ -85,7 +121,7 @@ impl Drop for Registration {
 #[derive(Debug, Default)]
 pub struct ClosePlan {
     /// (close handle, delay from now) for each connection.
-    pub targets: Vec<(Arc<Notify>, Duration)>,
+    pub targets: Vec<(Arc<CloseSignal>, Duration)>,
 }
 
 impl ClosePlan {
@@ -108,7 +144,7 @@ impl ClosePlan {
             let start = tokio::time::Instant::now();
             for (close, delay) in self.targets {
                 tokio::time::sleep_until(start + delay).await;
-                close.notify_one();
+                close.close();
                 on_close();
             }
         });
@@ -129,9 +165,9 @@ impl Registry {
         version: VersionInput,
         path: Arc<str>,
         rule: Arc<str>,
-    ) -> (Registration, Arc<Notify>) {
+    ) -> (Registration, Arc<CloseSignal>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let close = Arc::new(Notify::new());
+        let close = Arc::new(CloseSignal::default());
         self.lock().insert(
             id,
             Tracked {
@@ -166,7 +202,7 @@ impl Registry {
     /// are spread evenly over the longest drain so a fleet does not reconnect in one wave.
     pub fn plan_close(&self, mut refuses: impl FnMut(&Tracked) -> Option<Duration>) -> ClosePlan {
         let open = self.lock();
-        let mut picked: Vec<(Arc<Notify>, Duration)> = open
+        let mut picked: Vec<(Arc<CloseSignal>, Duration)> = open
             .values()
             .filter_map(|t| refuses(t).map(|drain| (t.close.clone(), drain)))
             .collect();
@@ -210,6 +246,31 @@ mod tests {
         assert_eq!(r.len(), 1);
         drop(b);
         assert!(r.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_close_signal_is_latched_and_wakes_its_waiter() {
+        let early = CloseSignal::default();
+        early.close();
+        tokio::time::timeout(Duration::from_secs(5), early.closed())
+            .await
+            .expect("a close sent before the wait was lost");
+
+        let signal = Arc::new(CloseSignal::default());
+        let waiter = tokio::spawn({
+            let signal = signal.clone();
+            async move { signal.closed().await }
+        });
+        // On this single-threaded runtime, yielding runs the waiter until it waits.
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "finished before any close");
+        signal.close();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter was not woken")
+            .unwrap();
     }
 
     #[test]

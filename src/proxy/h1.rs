@@ -624,7 +624,7 @@ async fn forward_request(
     let timed = tokio::time::timeout(gate.upstream.response_timeout(), exchange);
     let sent = tokio::select! {
         r = timed => r.unwrap_or(Err(ProxyFailure::UpstreamResponseTimeout)),
-        _ = policy_close.notified() => Err(ProxyFailure::ClosedByPolicy),
+        _ = policy_close.closed() => Err(ProxyFailure::ClosedByPolicy),
     };
     let (mut upstream, head) = match sent {
         Ok(r) => r,
@@ -649,7 +649,7 @@ async fn forward_request(
     let (backend_keep_alive, client_close) = (head.backend_keep_alive, head.client_close);
     let (bytes, complete, clean) = tokio::select! {
         r = relay_response(&mut upstream, client, head) => r,
-        _ = policy_close.notified() => (0, false, false),
+        _ = policy_close.closed() => (0, false, false),
     };
     Box::new(exchange).done(bytes, complete);
     drop(registration);

@@ -1,7 +1,6 @@
 //! The one place that turns admission outcomes and backend failures into HTTP responses.
 //! Every refusal is a small static response built without touching the backend.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -101,7 +100,7 @@ enum Inner {
         body: Incoming,
         sent: u64,
         on_done: Option<Box<dyn BodyDone>>,
-        close: Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
+        close: Option<std::sync::Arc<crate::registry::CloseSignal>>,
     },
 }
 
@@ -135,19 +134,19 @@ impl ResponseBody {
     }
 
     /// The backend's body, streamed; `on_done` runs when it ends or is dropped. When `close` is
-    /// notified (a rule change or kill-switch entry refuses this request now), the body ends
+    /// signalled (a rule change or kill-switch entry refuses this request now), the body ends
     /// with an error, which makes the server abort the response and close the connection.
     pub fn upstream(
         body: Incoming,
         on_done: Option<Box<dyn BodyDone>>,
-        close: Option<std::sync::Arc<tokio::sync::Notify>>,
+        close: Option<std::sync::Arc<crate::registry::CloseSignal>>,
     ) -> ResponseBody {
         ResponseBody {
             inner: Inner::Upstream {
                 body,
                 sent: 0,
                 on_done,
-                close: close.map(|n| Box::pin(n.notified_owned())),
+                close,
             },
         }
     }
@@ -173,7 +172,7 @@ impl Body for ResponseBody {
                 close,
             } => {
                 if let Some(c) = close {
-                    if c.as_mut().poll(cx).is_ready() {
+                    if c.poll_closed(cx).is_ready() {
                         if let Some(done) = on_done.take() {
                             done.done(*sent, false);
                         }

@@ -5,13 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::registry::CloseSignal;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 
 use super::forward::{
     add_forwarding_headers, strip_hop_by_hop, wants_upgrade, Lease, UpstreamRequestBody,
@@ -344,7 +344,7 @@ async fn forward(
         match &tracked {
             Some((_, close)) => tokio::select! {
                 r = gate.upstream.send(req, upgrade) => r,
-                _ = close.notified() => Err(ProxyFailure::ClosedByPolicy),
+                _ = close.closed() => Err(ProxyFailure::ClosedByPolicy),
             },
             None => gate.upstream.send(req, upgrade).await,
         }
@@ -430,7 +430,7 @@ pub(super) struct OpenTunnel {
     started: Instant,
     backend_time: Duration,
     registration: crate::registry::Registration,
-    close: Arc<Notify>,
+    close: Arc<CloseSignal>,
 }
 
 impl OpenTunnel {
@@ -461,7 +461,7 @@ impl OpenTunnel {
     }
 
     /// The handle the registry notifies to close this tunnel by policy; the relay watches it.
-    pub fn close_signal(&self) -> Arc<Notify> {
+    pub fn close_signal(&self) -> Arc<CloseSignal> {
         self.close.clone()
     }
 
@@ -534,7 +534,7 @@ fn outcome_of(f: ProxyFailure) -> UpstreamOutcome {
 async fn relay(
     client: Upgraded,
     upstream: Upgraded,
-    close: Arc<Notify>,
+    close: Arc<CloseSignal>,
     idle: Duration,
 ) -> TunnelStats {
     let plain = client

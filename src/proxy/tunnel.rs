@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use crate::registry::CloseSignal;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 
 /// Size of a relay buffer: large enough for a WebSocket frame burst, small enough to pool.
 pub const RELAY_BUFFER_BYTES: usize = 16 * 1024;
@@ -95,7 +95,7 @@ impl TunnelEnd {
 }
 
 /// Relays bytes between two TCP sockets until both directions finish, an error occurs, or
-/// `close` is notified. `client_early`/`upstream_early` are bytes each side already sent that
+/// `close` is signalled. `client_early`/`upstream_early` are bytes each side already sent that
 /// HTTP parsing had buffered; they are delivered first. A tunnel with no byte either way for
 /// `idle_timeout` is closed (zero: never).
 pub async fn relay_tcp(
@@ -103,7 +103,7 @@ pub async fn relay_tcp(
     client_early: &[u8],
     upstream: &TcpStream,
     upstream_early: &[u8],
-    close: &Notify,
+    close: &CloseSignal,
     idle_timeout: Duration,
 ) -> TunnelStats {
     let up = AtomicU64::new(0);
@@ -122,7 +122,7 @@ pub async fn relay_tcp(
     .await
 }
 
-/// Runs a relay's two directions until both end (or one fails), `close` is notified, or the
+/// Runs a relay's two directions until both end (or one fails), `close` is signalled, or the
 /// tunnel idles out, and reports how it ended with the bytes each way (`up`/`down`, which the
 /// directions count). Both relays end this way.
 ///
@@ -134,7 +134,7 @@ pub async fn relay_tcp(
 async fn supervise<A, B>(
     first: impl FnOnce() -> A,
     second: impl FnOnce() -> B,
-    close: &Notify,
+    close: &CloseSignal,
     idle_timeout: Duration,
     up: &AtomicU64,
     down: &AtomicU64,
@@ -145,15 +145,14 @@ where
 {
     let mut first = std::pin::pin!(Some(first()));
     let mut second = std::pin::pin!(Some(second()));
-    let mut closed = std::pin::pin!(close.notified());
+
     let mut idled = std::pin::pin!(idle(idle_timeout, up, down));
     let parts = Parts::new();
     let end = std::future::poll_fn(|cx| {
         let woken = parts.woken(cx.waker());
         if woken & Parts::CONTROL != 0 {
-            if closed
-                .as_mut()
-                .poll(&mut parts.context(Parts::CONTROL))
+            if close
+                .poll_closed(&mut parts.context(Parts::CONTROL))
                 .is_ready()
             {
                 return Poll::Ready(TunnelEnd::ClosedByPolicy);
@@ -434,7 +433,7 @@ pub async fn relay_generic<A, B>(
     a_early: &[u8],
     b: B,
     b_early: &[u8],
-    close: Arc<Notify>,
+    close: Arc<CloseSignal>,
     idle_timeout: Duration,
 ) -> TunnelStats
 where
@@ -482,7 +481,7 @@ mod tests {
         // short reads clear it; either way every byte and the final FIN must get through.
         let (mut client, client_side) = pair().await;
         let (upstream_side, mut backend) = pair().await;
-        let close = Arc::new(Notify::new());
+        let close = Arc::new(CloseSignal::default());
         let c2 = close.clone();
         let relay = tokio::spawn(async move {
             relay_tcp(&client_side, b"", &upstream_side, b"", &c2, Duration::ZERO).await
@@ -533,7 +532,7 @@ mod tests {
     async fn relays_both_ways_with_early_bytes_and_half_close() {
         let (mut client, client_side) = pair().await;
         let (upstream_side, mut backend) = pair().await;
-        let close = Arc::new(Notify::new());
+        let close = Arc::new(CloseSignal::default());
         let c2 = close.clone();
         let relay = tokio::spawn(async move {
             relay_tcp(
@@ -570,12 +569,12 @@ mod tests {
     async fn close_notification_ends_the_tunnel() {
         let (mut client, client_side) = pair().await;
         let (upstream_side, _backend) = pair().await;
-        let close = Arc::new(Notify::new());
+        let close = Arc::new(CloseSignal::default());
         let c2 = close.clone();
         let relay = tokio::spawn(async move {
             relay_tcp(&client_side, b"", &upstream_side, b"", &c2, Duration::ZERO).await
         });
-        close.notify_one();
+        close.close();
         let stats = relay.await.unwrap();
         assert_eq!(stats.end, TunnelEnd::ClosedByPolicy);
         // The client sees the connection end.
@@ -588,7 +587,7 @@ mod tests {
     async fn idle_tunnels_are_closed_and_active_ones_are_not() {
         let (client, client_side) = pair().await;
         let (upstream_side, backend) = pair().await;
-        let close = Notify::new();
+        let close = CloseSignal::default();
         let idle = Duration::from_millis(300);
         // The relay owns the sockets, as in the proxy: they close when it ends.
         let relay =
@@ -600,7 +599,7 @@ mod tests {
     async fn the_buffered_relay_also_closes_only_idle_tunnels() {
         let (client, client_side) = pair().await;
         let (upstream_side, backend) = pair().await;
-        let close = Arc::new(Notify::new());
+        let close = Arc::new(CloseSignal::default());
         let idle = Duration::from_millis(300);
         let relay = relay_generic(client_side, b"", upstream_side, b"", close, idle);
         assert_closed_only_once_idle(relay, client, backend, idle).await;
@@ -644,7 +643,7 @@ mod tests {
         let (client, client_side) = pair().await;
         let (upstream_side, backend) = pair().await;
         let relay = tokio::spawn(async move {
-            let close = Notify::new();
+            let close = CloseSignal::default();
             let idle = Duration::from_secs(30);
             relay_tcp(&client_side, b"", &upstream_side, b"", &close, idle).await
         });
@@ -690,7 +689,7 @@ mod tests {
     async fn large_transfers_are_exact() {
         let (mut client, client_side) = pair().await;
         let (upstream_side, mut backend) = pair().await;
-        let close = Notify::new();
+        let close = CloseSignal::default();
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let expected = data.clone();
         let writer = tokio::spawn(async move {
