@@ -158,13 +158,15 @@ impl Registry {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers an admitted connection; returns its registration and close handle.
+    /// Registers a connection admitted at `opened` (the caller's clock reading, so that a
+    /// request reads the clock once); returns its registration and close handle.
     pub fn register(
         self: &Arc<Self>,
         kind: TrackedKind,
         version: VersionInput,
         path: Arc<str>,
         rule: Arc<str>,
+        opened: Instant,
     ) -> (Registration, Arc<CloseSignal>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let close = Arc::new(CloseSignal::default());
@@ -176,7 +178,7 @@ impl Registry {
                 path,
                 rule,
                 close: close.clone(),
-                opened: Instant::now(),
+                opened,
             },
         );
         (
@@ -234,12 +236,14 @@ mod tests {
             VersionInput::Missing,
             Arc::from("/"),
             Arc::from("x"),
+            Instant::now(),
         );
         let (b, _) = r.register(
             TrackedKind::Tunnel,
             VersionInput::Missing,
             Arc::from("/"),
             Arc::from("x"),
+            Instant::now(),
         );
         assert_eq!(r.len(), 2);
         drop(a);
@@ -283,6 +287,7 @@ mod tests {
                     VersionInput::Missing,
                     Arc::from(if i % 2 == 0 { "/a" } else { "/b" }),
                     Arc::from("x"),
+                    Instant::now(),
                 )
             })
             .collect();

@@ -91,16 +91,19 @@ impl Backoff {
 
     /// Remaining penalty for `key`, if it is being held back.
     pub fn penalty(&self, key: u64) -> Option<Duration> {
-        self.penalty_at(key, now_ms())
+        self.penalty_at(key, now_ms)
     }
 
-    fn penalty_at(&self, key: u64, now: u64) -> Option<Duration> {
+    /// `now` is read only when the key has an entry: most admissions have none and then
+    /// cost no clock reading.
+    fn penalty_at(&self, key: u64, now: impl FnOnce() -> u64) -> Option<Duration> {
         if !self.config.enabled {
             return None;
         }
         let shard = self.shard(key);
-        let e = shard.get(&key)?;
-        (e.penalty_until > now).then(|| Duration::from_millis(e.penalty_until - now))
+        let until = shard.get(&key)?.penalty_until;
+        let now = now();
+        (until > now).then(|| Duration::from_millis(until - now))
     }
 
     /// Records a refusal or a disconnect of `key`; returns the penalty it starts, if any.
@@ -195,8 +198,12 @@ mod tests {
             t += 10;
         }
         assert_eq!(b.record_at(7, t), Some(Duration::from_secs(2)));
-        assert!(b.penalty_at(7, t + 1).is_some());
-        assert_eq!(b.penalty_at(8, t + 1), None, "other keys are not affected");
+        assert!(b.penalty_at(7, || t + 1).is_some());
+        assert_eq!(
+            b.penalty_at(8, || t + 1),
+            None,
+            "other keys are not affected"
+        );
         // Refusals during the penalty do not escalate it.
         assert_eq!(b.record_at(7, t + 5), None);
         let mut penalties = Vec::new();
@@ -234,7 +241,7 @@ mod tests {
         for _ in 0..4 {
             b.record_at(2, t);
         }
-        assert!(b.penalty_at(2, t).is_some());
+        assert!(b.penalty_at(2, || t).is_some());
         t += 120_000;
         for _ in 0..3 {
             assert_eq!(b.record_at(2, t), None);

@@ -119,7 +119,8 @@ impl Connector {
                     .map(|s| UpstreamStream::Tls(Box::new(s))),
             }
         };
-        match tokio::time::timeout(self.timeout, connect).await {
+        let deadline = tokio::time::Instant::from_std(started) + self.timeout;
+        match tokio::time::timeout_at(deadline, connect).await {
             Err(_) => Err(ProxyFailure::UpstreamConnectTimeout),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, backend = %self.addr, "backend connect failed");
@@ -240,13 +241,13 @@ impl<T: Pooled> IdlePool<T> {
     /// is not ready yet (its previous exchange still finishing, e.g. a request body still being
     /// sent after the response ended) stays in the list for later rather than making this
     /// request wait on it.
-    fn take(&self) -> Option<T> {
+    fn take(&self, now: Instant) -> Option<T> {
         let mut idle = self.lock();
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
             let (conn, since) = &idle[i];
-            if conn.is_closed() || since.elapsed() >= self.idle_timeout {
+            if conn.is_closed() || now.saturating_duration_since(*since) >= self.idle_timeout {
                 idle.remove(i);
             } else if conn.is_ready() {
                 return Some(idle.remove(i).0);
@@ -257,14 +258,14 @@ impl<T: Pooled> IdlePool<T> {
 
     /// Keeps a connection for reuse; when the pool is full the oldest idle one makes room
     /// (the newest is the warmest, and LIFO order would reach it first anyway).
-    fn put(&self, conn: T) {
+    fn put(&self, conn: T, since: Instant) {
         if self.max_idle == 0 || conn.is_closed() {
             return;
         }
         let evicted = {
             let mut idle = self.lock();
             let evicted = (idle.len() >= self.max_idle).then(|| idle.remove(0));
-            idle.push((conn, Instant::now()));
+            idle.push((conn, since));
             evicted
         };
         drop(evicted);
@@ -295,7 +296,7 @@ pub struct Lease {
 impl Lease {
     /// Returns the connection for reuse.
     pub fn release(self) {
-        self.pool.put(self.sender);
+        self.pool.put(self.sender, Instant::now());
     }
 }
 
@@ -366,14 +367,15 @@ impl Upstream {
         self.response_timeout
     }
 
-    /// An idle fast-path connection, most recently used first.
-    pub fn take_raw(&self) -> Option<UpstreamStream> {
-        self.raw.take()
+    /// An idle fast-path connection, most recently used first; `now` is the caller's clock.
+    pub fn take_raw(&self, now: Instant) -> Option<UpstreamStream> {
+        self.raw.take(now)
     }
 
-    /// Keeps a fast-path connection whose last response was read to its end.
-    pub fn put_raw(&self, conn: UpstreamStream) {
-        self.raw.put(conn);
+    /// Keeps a fast-path connection whose last response was read to its end, idle since
+    /// `since`.
+    pub fn put_raw(&self, conn: UpstreamStream, since: Instant) {
+        self.raw.put(conn, since);
     }
 
     /// Closes pooled connections idle for longer than `pool_idle_timeout`.
@@ -406,7 +408,11 @@ impl Upstream {
                 .insert(http::header::HOST, self.authority.clone());
         }
         let exchange = async {
-            let pooled = if upgrade { None } else { self.pool.take() };
+            let pooled = if upgrade {
+                None
+            } else {
+                self.pool.take(Instant::now())
+            };
             let req = match pooled {
                 Some(mut sender) => match sender.try_send_request(req).await {
                     Ok(resp) => return Ok((resp, sender)),

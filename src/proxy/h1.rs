@@ -518,23 +518,26 @@ async fn forward_upgrade(
         let head = send_on(&mut upstream, &upstream_head, Sent::Upgrade).await?;
         Ok::<_, ProxyFailure>((upstream, head))
     };
-    let (mut upstream, head) =
-        match tokio::time::timeout(gate.upstream.response_timeout(), exchange).await {
-            Ok(Ok(r)) => r,
-            failed => {
-                let failure = match failed {
-                    Ok(Err(f)) => f,
-                    _ => ProxyFailure::UpstreamResponseTimeout,
-                };
-                let exchange = (&method, &*path, started);
-                return match answer_failure(gate, &mut client, admitted, failure, exchange, close)
-                    .await
-                {
-                    true => Forwarded::Answered(client),
-                    false => Forwarded::Ended,
-                };
-            }
-        };
+    let (mut upstream, head) = match tokio::time::timeout_at(
+        deadline(started, gate.upstream.response_timeout()),
+        exchange,
+    )
+    .await
+    {
+        Ok(Ok(r)) => r,
+        failed => {
+            let failure = match failed {
+                Ok(Err(f)) => f,
+                _ => ProxyFailure::UpstreamResponseTimeout,
+            };
+            let exchange = (&method, &*path, started);
+            return match answer_failure(gate, &mut client, admitted, failure, exchange, close).await
+            {
+                true => Forwarded::Answered(client),
+                false => Forwarded::Ended,
+            };
+        }
+    };
     gate.metrics.upstream(UpstreamOutcome::ok).inc();
     let backend_time = started.elapsed();
     if head.status != 101 {
@@ -596,13 +599,14 @@ async fn forward_request(
     } = plan;
     // Tracked while open, so that a rule change or kill-switch entry with close_existing also
     // ends long requests it now refuses.
+    let started = Instant::now();
     let (registration, policy_close) = gate.registry.register(
         crate::registry::TrackedKind::Request,
         admitted.presented.version,
         path.clone(),
         admitted.rule.clone(),
+        started,
     );
-    let started = Instant::now();
     let sent_as = Sent::Request {
         head: method == http::Method::HEAD,
         client_close: close,
@@ -610,7 +614,7 @@ async fn forward_request(
     // A pooled connection the backend closed meanwhile is noticed when it answers nothing;
     // the request (idempotent: it has no body here) is then sent once more on a new one.
     let exchange = async {
-        if let Some(mut upstream) = gate.upstream.take_raw() {
+        if let Some(mut upstream) = gate.upstream.take_raw(started) {
             match send_on(&mut upstream, &upstream_head, sent_as).await {
                 Ok(head) => return Ok((upstream, head)),
                 Err(HeadError::Silent) if method.is_idempotent() => {}
@@ -621,7 +625,10 @@ async fn forward_request(
         let head = send_on(&mut upstream, &upstream_head, sent_as).await?;
         Ok((upstream, head))
     };
-    let timed = tokio::time::timeout(gate.upstream.response_timeout(), exchange);
+    let timed = tokio::time::timeout_at(
+        deadline(started, gate.upstream.response_timeout()),
+        exchange,
+    );
     let sent = tokio::select! {
         r = timed => r.unwrap_or(Err(ProxyFailure::UpstreamResponseTimeout)),
         _ = policy_close.closed() => Err(ProxyFailure::ClosedByPolicy),
@@ -654,9 +661,17 @@ async fn forward_request(
     Box::new(exchange).done(bytes, complete);
     drop(registration);
     if complete && clean && backend_keep_alive {
-        gate.upstream.put_raw(upstream);
+        // Idle since about when its response arrived: early rather than late, so the pool
+        // gives it up before the backend's own keep-alive timeout does.
+        gate.upstream.put_raw(upstream, started + backend_time);
     }
     complete.then_some(client_close)
+}
+
+/// The response deadline of an exchange that started at `started`: from the clock reading
+/// the exchange already made, not a new one.
+fn deadline(started: Instant, timeout: std::time::Duration) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(started) + timeout
 }
 
 /// Answers a failed backend exchange (method, path, start) with fwgate's own response,

@@ -331,15 +331,16 @@ async fn forward(
     let req = req.map(|body| UpstreamRequestBody::new(body, bytes_in.clone()));
     // Plain requests are tracked too (upgrades register once the tunnel exists), so that a rule
     // change or kill-switch entry with close_existing also ends long requests it now refuses.
+    let started = Instant::now();
     let tracked = (!upgrade).then(|| {
         gate.registry.register(
             TrackedKind::Request,
             presented.version,
             path.clone(),
             rule.clone(),
+            started,
         )
     });
-    let started = Instant::now();
     let sent = async {
         match &tracked {
             Some((_, close)) => tokio::select! {
@@ -447,6 +448,7 @@ impl OpenTunnel {
             admitted.presented.version,
             path.clone(),
             admitted.rule.clone(),
+            started,
         );
         admitted.active.inc();
         OpenTunnel {
