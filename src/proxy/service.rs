@@ -527,7 +527,7 @@ fn outcome_of(f: ProxyFailure) -> UpstreamOutcome {
 }
 
 /// Joins the two upgraded connections. Plain TCP on both sides (the normal case) uses the
-/// buffer-free idle relay; anything else falls back to a buffered copy.
+/// socket-readiness relay; anything else (TLS on a leg) takes the generic relay.
 ///
 /// hyper hands back the bytes it read past the HTTP head as a slice of its own read buffer
 /// (8 KiB or more); holding that slice for the tunnel's lifetime would pin the whole buffer on

@@ -28,6 +28,12 @@ thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Buffers on loan on this thread, so tests can see that idle tunnels hold none.
+    static ON_LOAN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// A relay buffer on loan from the per-thread pool; goes back when dropped.
 struct PooledBuffer(Option<Box<[u8]>>);
 
@@ -36,6 +42,8 @@ impl PooledBuffer {
         let buf = POOL
             .with(|p| p.borrow_mut().pop())
             .unwrap_or_else(|| vec![0u8; RELAY_BUFFER_BYTES].into_boxed_slice());
+        #[cfg(test)]
+        ON_LOAN.with(|n| n.set(n.get() + 1));
         PooledBuffer(Some(buf))
     }
 
@@ -46,6 +54,8 @@ impl PooledBuffer {
 
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
+        #[cfg(test)]
+        ON_LOAN.with(|n| n.set(n.get() - 1));
         if let Some(buf) = self.0.take() {
             POOL.with(|p| {
                 let mut p = p.borrow_mut();
@@ -378,56 +388,12 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8], count: &AtomicU64) -> io::R
     Ok(())
 }
 
-/// A stream that counts the bytes read from it, so the buffered relay can see activity.
-struct Metered<'c, S> {
-    inner: S,
-    read: &'c AtomicU64,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.read.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// Fallback for streams that are not plain TCP (TLS on either leg): a buffered copy both ways
-/// that also respects half-close, with the same idle timeout as [`relay_tcp`] (both sides are
-/// metered, so an active tunnel is never cut). Holds two buffers per tunnel. `a_early`/
-/// `b_early` are bytes each side already sent, delivered first.
+/// For streams that are not plain TCP (TLS on either leg): a copy both ways that respects
+/// half-close, with the same idle timeout as [`relay_tcp`]. Like [`relay_tcp`], an idle
+/// tunnel holds no relay buffer: each direction borrows one from the per-thread pool for a
+/// read and keeps it only while those bytes wait to be written (a buffered copy such as
+/// `copy_bidirectional` would hold two 8 KiB buffers per tunnel for its whole life).
+/// `a_early`/`b_early` are bytes each side already sent, delivered first.
 pub async fn relay_generic<A, B>(
     a: A,
     a_early: &[u8],
@@ -440,25 +406,134 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let up = AtomicU64::new(a_early.len() as u64);
-    let down = AtomicU64::new(b_early.len() as u64);
-    let mut a = Metered {
-        inner: a,
-        read: &up,
-    };
-    let mut b = Metered {
-        inner: b,
-        read: &down,
-    };
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let (up_count, down_count) = (&up, &down);
     let both_ways = move || async move {
+        let (mut a, mut b) = (a, b);
         b.write_all(a_early).await?;
+        up_count.fetch_add(a_early.len() as u64, Ordering::Relaxed);
         a.write_all(b_early).await?;
-        tokio::io::copy_bidirectional(&mut a, &mut b)
-            .await
-            .map(drop)
+        down_count.fetch_add(b_early.len() as u64, Ordering::Relaxed);
+        BothWays {
+            a: &mut a,
+            b: &mut b,
+            // The early bytes are flushed once there is nothing more to read.
+            a_to_b: Flow::Reading { flush: true },
+            b_to_a: Flow::Reading { flush: true },
+            up: up_count,
+            down: down_count,
+        }
+        .await
     };
     let nothing_more = || std::future::ready(Ok(()));
     supervise(both_ways, nothing_more, &close, idle_timeout, &up, &down).await
+}
+
+/// Where one direction of [`relay_generic`] is.
+enum Flow {
+    /// Waiting for bytes, with no buffer; `flush`: written bytes may still sit in the
+    /// destination's own buffer (TLS records), to flush once the source has nothing more.
+    Reading { flush: bool },
+    /// Writing `buf[at..end]`.
+    Writing {
+        buf: PooledBuffer,
+        at: usize,
+        end: usize,
+    },
+    /// The source ended: shutting the destination's write side (TLS: close_notify, then FIN).
+    ShuttingDown,
+    /// Finished.
+    Done,
+}
+
+/// Moves one direction of [`relay_generic`] as far as it can go now; Ready once the source
+/// ended and the destination was shut down.
+fn poll_flow<R, W>(
+    flow: &mut Flow,
+    from: &mut R,
+    to: &mut W,
+    count: &AtomicU64,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use std::pin::Pin;
+    loop {
+        match flow {
+            Flow::Reading { flush } => {
+                // Borrowed for this read only: on Pending it goes straight back to the pool.
+                let mut buf = PooledBuffer::take();
+                let mut read = tokio::io::ReadBuf::new(buf.as_mut());
+                match Pin::new(&mut *from).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => {
+                        let end = read.filled().len();
+                        *flow = if end == 0 {
+                            Flow::ShuttingDown
+                        } else {
+                            Flow::Writing { buf, at: 0, end }
+                        };
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        if *flush {
+                            std::task::ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                            *flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            Flow::Writing { buf, at, end } => {
+                let n =
+                    std::task::ready!(Pin::new(&mut *to).poll_write(cx, &buf.as_mut()[*at..*end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                count.fetch_add(n as u64, Ordering::Relaxed);
+                *at += n;
+                if *at == *end {
+                    *flow = Flow::Reading { flush: true };
+                }
+            }
+            Flow::ShuttingDown => {
+                std::task::ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                *flow = Flow::Done;
+            }
+            Flow::Done => return Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// Both directions of [`relay_generic`] in one future (each needs both streams).
+struct BothWays<'s, A, B> {
+    a: &'s mut A,
+    b: &'s mut B,
+    a_to_b: Flow,
+    b_to_a: Flow,
+    up: &'s AtomicU64,
+    down: &'s AtomicU64,
+}
+
+impl<A, B> std::future::Future for BothWays<'_, A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = io::Result<()>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let forward = poll_flow(&mut this.a_to_b, this.a, this.b, this.up, cx)?;
+        let back = poll_flow(&mut this.b_to_a, this.b, this.a, this.down, cx)?;
+        if forward.is_ready() && back.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 #[cfg(test)]
@@ -603,6 +678,99 @@ mod tests {
         let idle = Duration::from_millis(300);
         let relay = relay_generic(client_side, b"", upstream_side, b"", close, idle);
         assert_closed_only_once_idle(relay, client, backend, idle).await;
+    }
+
+    /// TLS tunnels take the buffered relay: between messages it must hold no buffer, and it
+    /// must still deliver early bytes, both directions and the half-close.
+    #[tokio::test]
+    async fn the_buffered_relay_holds_no_buffer_while_idle() {
+        let (mut client, client_side) = tokio::io::duplex(64 * 1024);
+        let (upstream_side, mut backend) = tokio::io::duplex(64 * 1024);
+        let close = Arc::new(CloseSignal::default());
+        let idle = Duration::ZERO;
+        let relay = tokio::spawn(relay_generic(
+            client_side,
+            b"early ",
+            upstream_side,
+            b"",
+            close,
+            idle,
+        ));
+        let mut got = [0u8; 11];
+        client.write_all(b"hello").await.unwrap();
+        backend.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"early hello");
+        backend.write_all(b"world").await.unwrap();
+        client.read_exact(&mut got[..5]).await.unwrap();
+        assert_eq!(&got[..5], b"world");
+        // This runtime has one thread: yielding lets the relay run until it waits for more.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            ON_LOAN.with(|n| n.get()),
+            0,
+            "an idle tunnel holds a buffer"
+        );
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "half-close passed on as end of stream");
+        backend.write_all(b"late").await.unwrap();
+        backend.shutdown().await.unwrap();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"late", "the other direction kept flowing");
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.end, TunnelEnd::Closed);
+        assert_eq!(
+            (stats.client_to_upstream, stats.upstream_to_client),
+            (11, 9)
+        );
+    }
+
+    /// Small pipes force partial writes and waits on both sides of the buffered relay.
+    #[tokio::test]
+    async fn the_buffered_relay_is_exact_under_backpressure() {
+        let (client, client_side) = tokio::io::duplex(1000);
+        let (upstream_side, backend) = tokio::io::duplex(700);
+        let close = Arc::new(CloseSignal::default());
+        let relay = tokio::spawn(relay_generic(
+            client_side,
+            b"",
+            upstream_side,
+            b"",
+            close,
+            Duration::ZERO,
+        ));
+        const EACH_WAY: usize = 300_000;
+        let exchange = |socket: tokio::io::DuplexStream, seed: u8| async move {
+            let data: Vec<u8> = (0..EACH_WAY).map(|i| (i % 251) as u8 ^ seed).collect();
+            let (mut reader, mut writer) = tokio::io::split(socket);
+            let send = async {
+                writer.write_all(&data).await.unwrap();
+                writer.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let (_, received) = tokio::join!(send, reader.read_to_end(&mut got));
+            received.unwrap();
+            got
+        };
+        let both = async { tokio::join!(exchange(client, 1), exchange(backend, 2)) };
+        let (at_client, at_backend) = tokio::time::timeout(Duration::from_secs(20), both)
+            .await
+            .expect("a direction stalled");
+        let expected = |seed: u8| (0..EACH_WAY).map(move |i| (i % 251) as u8 ^ seed);
+        assert!(
+            at_backend.iter().copied().eq(expected(1)),
+            "client to backend"
+        );
+        assert!(
+            at_client.iter().copied().eq(expected(2)),
+            "backend to client"
+        );
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.end, TunnelEnd::Closed);
+        assert_eq!(stats.client_to_upstream, EACH_WAY as u64);
     }
 
     /// Keeps a tunnel busy for three idle periods (a byte each third of a period), then goes
