@@ -743,31 +743,7 @@ mod tests {
             Duration::ZERO,
         ));
         const EACH_WAY: usize = 300_000;
-        let exchange = |socket: tokio::io::DuplexStream, seed: u8| async move {
-            let data: Vec<u8> = (0..EACH_WAY).map(|i| (i % 251) as u8 ^ seed).collect();
-            let (mut reader, mut writer) = tokio::io::split(socket);
-            let send = async {
-                writer.write_all(&data).await.unwrap();
-                writer.shutdown().await.unwrap();
-            };
-            let mut got = Vec::new();
-            let (_, received) = tokio::join!(send, reader.read_to_end(&mut got));
-            received.unwrap();
-            got
-        };
-        let both = async { tokio::join!(exchange(client, 1), exchange(backend, 2)) };
-        let (at_client, at_backend) = tokio::time::timeout(Duration::from_secs(20), both)
-            .await
-            .expect("a direction stalled");
-        let expected = |seed: u8| (0..EACH_WAY).map(move |i| (i % 251) as u8 ^ seed);
-        assert!(
-            at_backend.iter().copied().eq(expected(1)),
-            "client to backend"
-        );
-        assert!(
-            at_client.iter().copied().eq(expected(2)),
-            "backend to client"
-        );
+        exchange_both_ways(client, backend, EACH_WAY).await;
         let stats = relay.await.unwrap();
         assert_eq!(stats.end, TunnelEnd::Closed);
         assert_eq!(stats.client_to_upstream, EACH_WAY as u64);
@@ -804,6 +780,45 @@ mod tests {
         assert_eq!(stats.client_to_upstream, 9);
     }
 
+    /// Sends `each_way` patterned bytes from both ends at once, in 1000-byte writes, then
+    /// half-closes each; checks that each end got exactly the other's bytes. Fails if a
+    /// direction stalls.
+    async fn exchange_both_ways<C, B>(client: C, backend: B, each_way: usize)
+    where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+        B: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    {
+        let pattern = move |seed: u8| (0..each_way).map(move |i| (i % 251) as u8 ^ seed);
+        let both = async {
+            tokio::join!(
+                send_and_receive(client, pattern(1).collect()),
+                send_and_receive(backend, pattern(2).collect())
+            )
+        };
+        let (at_client, at_backend) = tokio::time::timeout(Duration::from_secs(20), both)
+            .await
+            .expect("a direction stalled");
+        assert!(at_backend.into_iter().eq(pattern(1)), "client to backend");
+        assert!(at_client.into_iter().eq(pattern(2)), "backend to client");
+    }
+
+    async fn send_and_receive<S>(socket: S, data: Vec<u8>) -> Vec<u8>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    {
+        let (mut reader, mut writer) = tokio::io::split(socket);
+        let send = async {
+            for piece in data.chunks(1000) {
+                writer.write_all(piece).await.unwrap();
+            }
+            writer.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let (_, received) = tokio::join!(send, reader.read_to_end(&mut got));
+        received.unwrap();
+        got
+    }
+
     /// Both directions busy at once, on two threads: each direction is polled only on its own
     /// wake-ups, so a wake-up lost between them would stall one side here.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -816,34 +831,7 @@ mod tests {
             relay_tcp(&client_side, b"", &upstream_side, b"", &close, idle).await
         });
         const EACH_WAY: usize = 2_000_000;
-        let exchange = |mut socket: TcpStream, seed: u8| async move {
-            let data: Vec<u8> = (0..EACH_WAY).map(|i| (i % 253) as u8 ^ seed).collect();
-            let (mut reader, mut writer) = socket.split();
-            let send = async {
-                for piece in data.chunks(1000) {
-                    writer.write_all(piece).await.unwrap();
-                }
-                writer.shutdown().await.unwrap();
-            };
-            let mut got = Vec::new();
-            let receive = reader.read_to_end(&mut got);
-            let (_, received) = tokio::join!(send, receive);
-            received.unwrap();
-            got
-        };
-        let both = async { tokio::join!(exchange(client, 1), exchange(backend, 2)) };
-        let (at_client, at_backend) = tokio::time::timeout(Duration::from_secs(20), both)
-            .await
-            .expect("a direction stalled");
-        let expected = |seed: u8| (0..EACH_WAY).map(move |i| (i % 253) as u8 ^ seed);
-        assert!(
-            at_backend.iter().copied().eq(expected(1)),
-            "client to backend"
-        );
-        assert!(
-            at_client.iter().copied().eq(expected(2)),
-            "backend to client"
-        );
+        exchange_both_ways(client, backend, EACH_WAY).await;
         let stats = tokio::time::timeout(Duration::from_secs(10), relay)
             .await
             .expect("relay did not end")
