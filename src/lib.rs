@@ -119,6 +119,7 @@ pub async fn run(
                 tick.tick().await;
                 gate.sweep_limits();
                 gate.upstream.sweep_idle();
+                gate.metrics.prune_rule_series();
             }
         }
     });

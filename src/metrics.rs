@@ -3,7 +3,9 @@
 //! by the files, not by the fleet. Hot-path counters are resolved once per rule at compile time
 //! (see [`RuleCounters`]) so that counting a decision is one atomic add.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Weak};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -29,6 +31,15 @@ pub enum DecisionKind {
 }
 
 impl DecisionKind {
+    /// Every kind, for dropping all of a rule's series.
+    pub const ALL: [DecisionKind; 5] = [
+        DecisionKind::allow,
+        DecisionKind::deny,
+        DecisionKind::shadow_deny,
+        DecisionKind::shadow_allow,
+        DecisionKind::limited,
+    ];
+
     /// The label value, also used as the access log's `decision` field.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -157,6 +168,8 @@ pub struct BuildLabel {
 /// Every metric fwgate exports. Cloning handles is cheap (they are `Arc`s inside).
 pub struct Metrics {
     registry: Registry,
+    /// Every rule name with series, and whether a decider in force still counts into them.
+    rule_series: std::sync::Mutex<HashMap<String, Weak<SeriesInUse>>>,
     /// `fwgate_decisions_total{decision,rule}`.
     pub decisions: Family<DecisionLabels, Counter>,
     /// `fwgate_active_connections{rule}`: open tunnels and in-flight requests per admitting rule.
@@ -322,6 +335,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            rule_series: std::sync::Mutex::default(),
             connections_closed,
             limit_keys,
             backoff_active,
@@ -357,7 +371,20 @@ impl Metrics {
     }
 
     /// The counters and gauge of one decision source, resolved once so counting is one atomic add.
+    /// They keep the name's series exported for as long as they live (see
+    /// [`Metrics::prune_rule_series`]).
     pub fn rule_counters(&self, rule: &str) -> RuleCounters {
+        let in_use = {
+            let mut names = self.rule_series();
+            match names.get(rule).and_then(Weak::upgrade) {
+                Some(in_use) => in_use,
+                None => {
+                    let in_use = Arc::new(SeriesInUse);
+                    names.insert(rule.to_string(), Arc::downgrade(&in_use));
+                    in_use
+                }
+            }
+        };
         let get = |decision| {
             self.decisions
                 .get_or_create(&DecisionLabels {
@@ -378,7 +405,42 @@ impl Metrics {
                     rule: rule.to_string(),
                 })
                 .clone(),
+            _in_use: Some(in_use),
         }
+    }
+
+    fn rule_series(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<SeriesInUse>>> {
+        // Only inserts and removes happen under this lock, so a poisoned one is still sound.
+        self.rule_series.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops exporting the series of rule names that nothing counts into any more: no decider
+    /// in force has them (the rule or kill-switch entry was removed) and no connection it
+    /// admitted is still open. Without this, every renamed or deleted rule would leave six
+    /// series behind for the life of the process. A name that comes back starts from zero,
+    /// which Prometheus reads as a counter reset. Returns how many names were dropped.
+    pub fn prune_rule_series(&self) -> usize {
+        let mut names = self.rule_series();
+        let before = names.len();
+        names.retain(|rule, in_use| {
+            if in_use.strong_count() > 0 {
+                return true;
+            }
+            let label = RuleLabel { rule: rule.clone() };
+            let open = self.active_connections.get(&label).map_or(0, |g| g.get());
+            if open != 0 {
+                return true;
+            }
+            self.active_connections.remove(&label);
+            for decision in DecisionKind::ALL {
+                self.decisions.remove(&DecisionLabels {
+                    decision,
+                    rule: rule.clone(),
+                });
+            }
+            false
+        });
+        before - names.len()
     }
 
     /// Counts a connection-level refusal.
@@ -418,7 +480,13 @@ pub struct RuleCounters {
     pub limited: Counter,
     /// Connections open under this rule.
     pub active: Gauge,
+    /// Keeps the rule's series exported while any decider holds these counters.
+    _in_use: Option<Arc<SeriesInUse>>,
 }
+
+/// Held by every [`RuleCounters`] of one rule name; when none is left, the name's series may go.
+#[derive(Debug)]
+struct SeriesInUse;
 
 #[cfg(test)]
 mod tests {
@@ -441,6 +509,42 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+    }
+
+    #[test]
+    fn series_of_rules_no_longer_in_force_go_once_their_connections_close() {
+        let m = Metrics::new();
+        let kept = m.rule_counters("kept");
+        let removed = m.rule_counters("removed");
+        removed.deny.inc();
+        let open = m.rule_counters("open");
+        open.active.inc();
+        assert_eq!(m.prune_rule_series(), 0, "every name is still in force");
+        drop(removed);
+        drop(open);
+        assert_eq!(m.prune_rule_series(), 1);
+        let text = m.encode();
+        assert!(!text.contains("rule=\"removed\""), "{text}");
+        assert!(
+            text.contains("fwgate_active_connections{rule=\"open\"} 1"),
+            "{text}"
+        );
+        // The connection it admitted closes (admissions hold a clone of the gauge).
+        m.active_connections
+            .get_or_create(&RuleLabel {
+                rule: "open".into(),
+            })
+            .dec();
+        assert_eq!(m.prune_rule_series(), 1);
+        let text = m.encode();
+        assert!(!text.contains("rule=\"open\""), "{text}");
+        assert!(text.contains("rule=\"kept\""), "{text}");
+        // A name that comes back is counted again, from zero.
+        m.rule_counters("removed").allow.inc();
+        assert!(m
+            .encode()
+            .contains("fwgate_decisions_total{decision=\"allow\",rule=\"removed\"} 1"));
+        drop(kept);
     }
 
     #[test]

@@ -65,6 +65,32 @@ async fn metrics_move_with_real_traffic() {
     proxy.stop().await;
 }
 
+/// A rule that is renamed or deleted must not leave its series behind for the life of the
+/// process: they go at the next sweep once nothing counts into them.
+#[tokio::test]
+async fn series_of_a_removed_rule_are_dropped() {
+    let backend = http_backend().await;
+    let proxy = start_proxy(RULES, backend.addr, "").await;
+    get(proxy.addr, "/", &[("X-Firmware-Version", "3.8.0")]).await;
+    let old = "fwgate_decisions_total{decision=\"deny\",rule=\"block\"}";
+    assert_eq!(metric(&proxy, old).await, Some(1.0));
+    let renamed = RULES.replace("\"block\"", "\"block-renamed\"");
+    std::fs::write(proxy.rules_path(), renamed).unwrap();
+    let (status, body) = admin_post(&proxy, "/v1/reload", Some(TEST_TOKEN), "").await;
+    assert_eq!(status, 200, "{body}");
+    get(proxy.addr, "/", &[("X-Firmware-Version", "3.8.0")]).await;
+    let new = "fwgate_decisions_total{decision=\"deny\",rule=\"block-renamed\"}";
+    assert_eq!(metric(&proxy, new).await, Some(1.0));
+    eventually("the removed rule's series are dropped", || async {
+        metric(&proxy, old).await.is_none()
+    })
+    .await;
+    let (_, text) = admin_get(&proxy, "/metrics").await;
+    assert!(!text.contains("rule=\"block\""), "{text}");
+    assert!(text.contains("rule=\"default\""), "{text}");
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn census_reflects_connected_clients() {
     let backend = ws_backend().await;
