@@ -8,7 +8,7 @@
 # release mode, runs every measurement RUNS times (medians reported), prints a Markdown table
 # and writes it to bench/RESULTS.md. See bench/README.md for what is measured and why.
 #
-# Knobs (environment): RUNS (3), WRK_SECS (10), WRK_CONNS (50), HS_COUNT (10000),
+# Knobs (environment): RUNS (5), WRK_SECS (10), WRK_CONNS (50), HS_COUNT (10000),
 # HS_CONC (50), ECHO_CONNS (100), ECHO_MSGS (600 per connection), ECHO_SIZE (64),
 # IDLE_CONNS (10000, lowered if the fd limit cannot hold it), REFUSED_COUNT (20000),
 # BASE_PORT (19000), FWGATE_BIN (use this fwgate binary instead of building the repo's; for
@@ -19,7 +19,7 @@ T_START=$(date +%s)
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$BENCH_DIR")
 
-RUNS=${RUNS:-3}
+RUNS=${RUNS:-5}
 WRK_SECS=${WRK_SECS:-10}
 WRK_CONNS=${WRK_CONNS:-50}
 HS_COUNT=${HS_COUNT:-10000}
@@ -477,24 +477,32 @@ log "targets: ${TARGETS[*]}; proxy on CPU $PROXY_CPU, load side on CPU $LOAD_CPU
 start_backend
 for t in "${TARGETS[@]}"; do [[ $t == direct ]] || start_target "$t"; done
 
+# The machine's speed drifts (other tenants, frequency): each run starts with a different target,
+# so no target is always measured first or last, and each metric is measured for every target
+# back to back, so the targets it compares are measured seconds apart, not a minute.
+in_turn() { # run -> the targets, rotated by run
+    local k=$((($1 - 1) % ${#TARGETS[@]}))
+    ORDER=("${TARGETS[@]:k}" "${TARGETS[@]:0:k}")
+}
+
 log "phase 1/2: resident memory per idle WebSocket ($IDLE_CONNS open, fresh process each run)"
 for run in $(seq "$RUNS"); do
-    for t in "${TARGETS[@]}"; do
+    in_turn "$run"
+    for t in "${ORDER[@]}"; do
         measure_idle "$t" "$run"
         log "  run $run $t: $(tail -n1 "$RAW" | cut -d: -f2-)"
     done
 done
 
-log "phase 2/2: throughput, latency and CPU per operation (runs interleaved across targets)"
+log "phase 2/2: throughput, latency and CPU per operation (each metric for every target in turn)"
 for t in "${TARGETS[@]}"; do warm_up "$t"; done
 for run in $(seq "$RUNS"); do
-    for t in "${TARGETS[@]}"; do
-        if ((HAVE_WRK)); then measure_http "$t" "$run"; fi
-        measure_handshakes "$t" "$run"
-        measure_echo "$t" "$run"
-        [[ $t == fwgate ]] && measure_refused "$run"
-        log "  run $run $t done"
-    done
+    in_turn "$run"
+    if ((HAVE_WRK)); then for t in "${ORDER[@]}"; do measure_http "$t" "$run"; done; fi
+    for t in "${ORDER[@]}"; do measure_handshakes "$t" "$run"; done
+    for t in "${ORDER[@]}"; do measure_echo "$t" "$run"; done
+    measure_refused "$run"
+    log "  run $run done (order: ${ORDER[*]})"
 done
 T_MEASURED=$(date +%s)
 # shellcheck disable=SC2086
