@@ -155,7 +155,6 @@ where
 {
     let mut first = std::pin::pin!(Some(first()));
     let mut second = std::pin::pin!(Some(second()));
-
     let mut idled = std::pin::pin!(idle(idle_timeout, up, down));
     let parts = Parts::new();
     let end = std::future::poll_fn(|cx| {
@@ -259,6 +258,7 @@ impl Parts {
                 bit,
             }))
         };
+        // In bit order: `context` finds a part's waker by its bit's index.
         let wakers = [
             waker(Self::FIRST),
             waker(Self::SECOND),
@@ -274,13 +274,9 @@ impl Parts {
         self.shared.bits.swap(0, Ordering::AcqRel)
     }
 
+    /// The context to poll the part with this bit in: its waker is the bit's index.
     fn context(&self, bit: u8) -> Context<'_> {
-        let index = match bit {
-            Self::FIRST => 0,
-            Self::SECOND => 1,
-            _ => 2,
-        };
-        Context::from_waker(&self.wakers[index])
+        Context::from_waker(&self.wakers[bit.trailing_zeros() as usize])
     }
 }
 
