@@ -541,10 +541,10 @@ async fn forward_upgrade(
     gate.metrics.upstream(UpstreamOutcome::ok).inc();
     let backend_time = started.elapsed();
     if head.status != 101 {
-        let exchange = Exchange::relayed_by_caller(
+        let exchange = Exchange::new(
             gate,
             admitted,
-            method.as_str(),
+            method,
             path,
             head.status,
             started,
@@ -644,10 +644,10 @@ async fn forward_request(
     };
     gate.metrics.upstream(UpstreamOutcome::ok).inc();
     let backend_time = started.elapsed();
-    let exchange = Exchange::relayed_by_caller(
+    let exchange = Exchange::new(
         gate,
         admitted,
-        method.as_str(),
+        method,
         path,
         head.status,
         started,

@@ -300,13 +300,6 @@ async fn forward(
     admitted: Admitted,
     mut req: Request<Incoming>,
 ) -> Response<ResponseBody> {
-    let Admitted {
-        presented,
-        rule,
-        active,
-        backoff_key,
-        held,
-    } = admitted;
     let upgrade = wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let path: Arc<str> = req.uri().path().into();
@@ -335,9 +328,9 @@ async fn forward(
     let tracked = (!upgrade).then(|| {
         gate.registry.register(
             TrackedKind::Request,
-            presented.version,
+            admitted.presented.version,
             path.clone(),
-            rule.clone(),
+            admitted.rule.clone(),
             started,
         )
     });
@@ -355,8 +348,8 @@ async fn forward(
         Err(failure) => {
             return backend_failed(
                 &gate,
-                &presented,
-                &rule,
+                &admitted.presented,
+                &admitted.rule,
                 failure,
                 method.as_str(),
                 &path,
@@ -370,13 +363,6 @@ async fn forward(
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status())
     {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        let admitted = Admitted {
-            presented,
-            rule,
-            active,
-            backoff_key,
-            held,
-        };
         let idle = gate.config.listen.tunnel_idle_timeout;
         let tunnel = OpenTunnel::open(gate, admitted, path, started, backend_time);
         tokio::spawn(async move {
@@ -396,25 +382,16 @@ async fn forward(
 
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    active.inc();
     let (registration, close) = match tracked {
         Some((r, c)) => (Some(r), Some(c)),
         None => (None, None),
     };
+    let status = parts.status.as_u16();
     let done = Exchange {
-        _held: held,
         lease: Some(lease),
         _registration: registration,
         bytes_in: Some(bytes_in),
-        presented,
-        rule,
-        method,
-        path,
-        status: parts.status.as_u16(),
-        started,
-        backend_time,
-        active,
-        log: gate.config.log.access,
+        ..Exchange::new(&gate, admitted, method, path, status, started, backend_time)
     };
     Response::from_parts(
         parts,
@@ -632,12 +609,13 @@ pub(super) struct Exchange {
 }
 
 impl Exchange {
-    /// An exchange whose response the caller relays itself (the fast path); it holds the
-    /// request's slots and counts it active until [`BodyDone::done`].
-    pub(super) fn relayed_by_caller(
+    /// An exchange whose response head arrived: it holds the request's slots and counts it
+    /// active until [`BodyDone::done`]. The fast path relays the body itself; hyper's path
+    /// also gives it the backend lease, the registration and the request-body count.
+    pub(super) fn new(
         gate: &Gate,
         admitted: Admitted,
-        method: &str,
+        method: http::Method,
         path: Arc<str>,
         status: u16,
         started: Instant,
@@ -651,7 +629,7 @@ impl Exchange {
             bytes_in: None,
             presented: admitted.presented,
             rule: admitted.rule,
-            method: http::Method::from_bytes(method.as_bytes()).unwrap_or_default(),
+            method,
             path,
             status,
             started,
