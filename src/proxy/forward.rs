@@ -113,8 +113,9 @@ impl Connector {
             let _ = stream.set_nodelay(true);
             match &self.tls {
                 None => Ok::<_, io::Error>(UpstreamStream::Plain(stream)),
-                Some((connector, name)) => connector
-                    .connect(name.clone(), stream)
+                // Boxed: rustls's handshake state is about a kilobyte, and inline it would
+                // size (and be copied with) every plain connect and the handshake around it.
+                Some((connector, name)) => Box::pin(connector.connect(name.clone(), stream))
                     .await
                     .map(|s| UpstreamStream::Tls(Box::new(s))),
             }
@@ -491,8 +492,8 @@ pub(super) const HOP_BY_HOP: [&str; 6] = [
 
 /// Whether a `Connection` token is a connection option rather than the name of a header to
 /// drop as hop-by-hop.
-pub(super) fn is_connection_option(token: &str) -> bool {
-    ["close", "keep-alive", "upgrade"]
+pub(super) fn is_connection_option(token: &[u8]) -> bool {
+    [&b"close"[..], b"keep-alive", b"upgrade"]
         .iter()
         .any(|o| token.eq_ignore_ascii_case(o))
 }
@@ -532,7 +533,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|s| s.split(','))
             .map(str::trim)
-            .filter(|t| !t.is_empty() && !is_connection_option(t))
+            .filter(|t| !t.is_empty() && !is_connection_option(t.as_bytes()))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in listed {

@@ -142,7 +142,7 @@ pub(super) async fn serve(
                         // The connection is a tunnel now: the task goes on with the tunnel
                         // alone, and this connection's HTTP state is freed.
                         drop(guards);
-                        return Some(Box::pin(tunnel));
+                        return Some(tunnel);
                     }
                     Forwarded::Answered(kept) => {
                         stream = kept;
@@ -373,9 +373,9 @@ impl<'b> RequestShape<'b> {
                 shape.upgrade.get_or_insert(h.value);
             } else if name.eq_ignore_ascii_case("connection") {
                 for token in tokens(h.value) {
-                    if token.eq_ignore_ascii_case("upgrade") {
+                    if token.eq_ignore_ascii_case(b"upgrade") {
                         shape.connection_upgrade = true;
-                    } else if token.eq_ignore_ascii_case("close") {
+                    } else if token.eq_ignore_ascii_case(b"close") {
                         shape.close = true;
                     }
                 }
@@ -387,12 +387,16 @@ impl<'b> RequestShape<'b> {
     }
 }
 
-/// The comma-separated tokens of a header value (none if it is not visible ASCII).
-fn tokens(value: &[u8]) -> impl Iterator<Item = &str> {
-    visible_ascii(value)
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
+/// The comma-separated tokens of a header value (none if it is not visible ASCII). Bytes, not
+/// `str`: every caller compares them with ASCII names, which needs no UTF-8 check.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let visible = value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+    let value = if visible { value } else { &[] };
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
 }
 
@@ -417,7 +421,7 @@ fn listed_in_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
         .flat_map(|h| tokens(h.value))
         .filter(|t| !is_connection_option(t))
-        .any(|t| t.eq_ignore_ascii_case(name))
+        .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// The request head for the backend: the same rewrite as hyper's path (hop-by-hop removed,
@@ -486,9 +490,9 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// How an upgrade exchange ended for the connection.
-enum Forwarded<T> {
+enum Forwarded {
     /// The backend switched protocols: run this to the tunnel's end.
-    Tunnel(T),
+    Tunnel(super::Tunnel),
     /// fwgate answered (a backend failure); the connection can take another request.
     Answered(TcpStream),
     /// The connection is finished (the backend's non-101 answer was relayed, or a write failed).
@@ -503,7 +507,7 @@ async fn forward_upgrade(
     mut client: TcpStream,
     early: &[u8],
     plan: ForwardPlan,
-) -> Forwarded<impl std::future::Future<Output = ()> + Send + 'static> {
+) -> Forwarded {
     let ForwardPlan {
         upstream_head,
         admitted,
@@ -530,11 +534,10 @@ async fn forward_upgrade(
                 Ok(Err(f)) => f,
                 _ => ProxyFailure::UpstreamResponseTimeout,
             };
-            let exchange = (&method, &*path, started);
-            return match answer_failure(gate, &mut client, admitted, failure, exchange, close).await
-            {
-                true => Forwarded::Answered(client),
-                false => Forwarded::Ended,
+            let answer = failure_answer(gate, admitted, failure, (&method, &path, started), close);
+            return match client.write_all(&answer).await {
+                Ok(()) => Forwarded::Answered(client),
+                Err(_) => Forwarded::Ended,
             };
         }
     };
@@ -565,8 +568,9 @@ async fn forward_upgrade(
     let close = tunnel.close_signal();
     // The relay is awaited right here (not passed into another async fn, which would hold a
     // second copy of its state), and the rare TLS relay is boxed: what an idle tunnel holds
-    // is this block's captures and the plain relay's state.
-    Forwarded::Tunnel(async move {
+    // is this block's captures and the plain relay's state. Boxed here, where it is made, so
+    // that its state is copied once (into the box), not again on each return on its way up.
+    Forwarded::Tunnel(Box::pin(async move {
         let stats = match upstream {
             UpstreamStream::Plain(tcp) => {
                 tunnel::relay_tcp(&client, &client_early, &tcp, &upstream_early, &close, idle).await
@@ -578,7 +582,7 @@ async fn forward_upgrade(
             }
         };
         tunnel.finish(stats);
-    })
+    }))
 }
 
 /// Forwards an admitted plain request (no body) on a pooled or new backend connection and
@@ -637,9 +641,8 @@ async fn forward_request(
         Ok(r) => r,
         Err(failure) => {
             drop(registration);
-            let exchange = (&method, &*path, started);
-            let answered = answer_failure(gate, client, admitted, failure, exchange, close).await;
-            return answered.then_some(close);
+            let answer = failure_answer(gate, admitted, failure, (&method, &path, started), close);
+            return client.write_all(&answer).await.ok().map(|()| close);
         }
     };
     gate.metrics.upstream(UpstreamOutcome::ok).inc();
@@ -674,17 +677,16 @@ fn deadline(started: Instant, timeout: std::time::Duration) -> tokio::time::Inst
     tokio::time::Instant::from_std(started) + timeout
 }
 
-/// Answers a failed backend exchange (method, path, start) with fwgate's own response,
-/// counted and logged as hyper's path does, releasing the request's slots first; false when
-/// the client is gone.
-async fn answer_failure(
+/// fwgate's own answer to a failed backend exchange (method, path, start), counted and logged
+/// as hyper's path does, with the request's slots released. Synchronous, so that the callers'
+/// futures hold only the encoded bytes while they write them.
+fn failure_answer(
     gate: &Gate,
-    client: &mut TcpStream,
     admitted: Admitted,
     failure: ProxyFailure,
     (method, path, started): (&http::Method, &str, Instant),
     close: bool,
-) -> bool {
+) -> Vec<u8> {
     let resp = service::backend_failed(
         gate,
         &admitted.presented,
@@ -695,10 +697,7 @@ async fn answer_failure(
         started,
     );
     drop(admitted);
-    client
-        .write_all(&encode_response(&resp, close))
-        .await
-        .is_ok()
+    encode_response(&resp, close)
 }
 
 /// What was sent to the backend, which decides how its answer is read.
@@ -884,14 +883,14 @@ fn parse_response_head(
         } else if h.name.eq_ignore_ascii_case("date") {
             has_date = true;
         } else if h.name.eq_ignore_ascii_case("connection") {
-            backend_close |= tokens(h.value).any(|t| t.eq_ignore_ascii_case("close"));
+            backend_close |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
         }
     }
     let framing = if status == 101 || head_request || status == 204 || status == 304 {
         Framing::Empty
     } else if let Some(te) = transfer_encoding {
         match tokens(te).last() {
-            Some(last) if last.eq_ignore_ascii_case("chunked") => Framing::Chunked,
+            Some(last) if last.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
             _ => Framing::UntilClose,
         }
     } else if let Some(len) = content_length {

@@ -259,25 +259,38 @@ async fn serve_connection(
         Box::pin(serve_http(gate, io, info, Arc::new(slot), stop)).await;
         return None;
     };
+    // Boxed when reached: rustls's state held inline would make every plain connection's
+    // future (copied whole into its box at accept) over a kilobyte larger.
     let _guards = guards;
+    Box::pin(serve_tls(gate, &tls, stream, client, slot, stop)).await;
+    None
+}
+
+/// A TLS device connection: the handshake (bounded like a request head), then HTTP/1.1 or,
+/// when ALPN chose it, HTTP/2.
+async fn serve_tls(
+    gate: Arc<Gate>,
+    tls: &crate::TlsListener,
+    stream: TcpStream,
+    client: SocketAddr,
+    slot: ConnPermit,
+    stop: watch::Receiver<bool>,
+) {
+    let listen = &gate.config.listen;
     // Bounded like the request head: a client stalling mid-handshake is a slowloris too.
-    let stream = match Box::pin(tokio::time::timeout(
-        listen.header_read_timeout,
-        tls.acceptor.accept(stream),
-    ))
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            gate.metrics.connection_closed(CloseReason::tls_handshake);
-            tracing::debug!(client = %client, error = %e, "TLS handshake failed");
-            return None;
-        }
-        Err(_) => {
-            gate.metrics.connection_closed(CloseReason::tls_handshake);
-            return None;
-        }
-    };
+    let stream =
+        match tokio::time::timeout(listen.header_read_timeout, tls.acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                gate.metrics.connection_closed(CloseReason::tls_handshake);
+                tracing::debug!(client = %client, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                gate.metrics.connection_closed(CloseReason::tls_handshake);
+                return;
+            }
+        };
     let session = stream.get_ref().1;
     let h2 = session.alpn_protocol() == Some(b"h2".as_slice());
     let cert_identity = session
@@ -290,15 +303,14 @@ async fn serve_connection(
         scheme: "https",
         cert_identity,
     };
-    // Boxed when reached: inline, these futures would make every plain connection's future
-    // (copied whole on each move) several kilobytes larger.
+    // Boxed when reached: inline, hyper's connection state (kilobytes) would size this future,
+    // and so every TLS connection, from the start of its handshake.
     let slot = Arc::new(slot);
     if h2 {
         Box::pin(serve_h2(gate, TokioIo::new(stream), info, slot, stop)).await;
     } else {
         Box::pin(serve_http(gate, TokioIo::new(stream), info, slot, stop)).await;
     }
-    None
 }
 
 /// A hyper server connection that can be asked to finish its current exchanges and stop.

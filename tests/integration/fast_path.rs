@@ -437,8 +437,10 @@ async fn shutdown_closes_an_idle_keep_alive_connection() {
 
 #[tokio::test]
 async fn backend_heads_up_to_hypers_limit_pass_and_larger_ones_are_502() {
-    for (headers, size, status) in [(60usize, 4096usize, 200u16), (99, 4300, 502)] {
-        // 60 headers of 4 KiB (240 KiB) fit hyper's limit (408 KiB); 99 of 4.2 KiB do not.
+    for (headers, size, status) in [(60usize, 4096usize, 200u16), (160, 4096, 502)] {
+        // 60 headers of 4 KiB (240 KiB) fit hyper's limit (408 KiB); 160 (640 KiB) do not.
+        // hyper checks its limit between reads, so a head just over it can still pass when
+        // one read brings it whole (seen on a loaded machine): the refused one is well over.
         let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n".to_vec();
         for i in 0..headers {
             answer.extend_from_slice(format!("X-Big-{i}: {}\r\n", "v".repeat(size)).as_bytes());
