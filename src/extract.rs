@@ -179,13 +179,18 @@ impl HeaderSource for [httparse::Header<'_>] {
     }
 }
 
+/// Whether a header value is visible ASCII (tab allowed), as `HeaderValue::to_str` accepts
+/// it: for callers that only compare or copy the bytes and need no `str`.
+pub fn is_visible_ascii(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
 /// A header value as text when it is visible ASCII (tab allowed), exactly as
 /// `HeaderValue::to_str` accepts it.
 pub fn visible_ascii(value: &[u8]) -> Option<&str> {
-    if value
-        .iter()
-        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
-    {
+    if is_visible_ascii(value) {
         std::str::from_utf8(value).ok()
     } else {
         None

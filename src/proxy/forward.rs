@@ -553,11 +553,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// (`$proxy_add_x_forwarded_for`), `X-Forwarded-Proto` is set to the scheme the client used,
 /// and an RFC 7239 `Forwarded` element is appended. `Host` is left as the client sent it.
 pub fn add_forwarding_headers(headers: &mut HeaderMap, client: SocketAddr, proto: &'static str) {
-    let (xff, forwarded) = forwarding_values(
+    let mut xff = Vec::with_capacity(48);
+    push_x_forwarded_for(
+        &mut xff,
         headers
             .get_all(X_FORWARDED_FOR)
             .iter()
             .map(|v| v.as_bytes()),
+        client,
+    );
+    let mut forwarded = Vec::with_capacity(96);
+    push_forwarded(
+        &mut forwarded,
         headers.get_all(FORWARDED).iter().map(|v| v.as_bytes()),
         headers.get(http::header::HOST).map(|h| h.as_bytes()),
         client,
@@ -574,68 +581,74 @@ pub fn add_forwarding_headers(headers: &mut HeaderMap, client: SocketAddr, proto
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
 }
 
-/// The new `X-Forwarded-For` and `Forwarded` values: the existing ones (visible ASCII only)
-/// with this hop appended. Shared by hyper's path and the HTTP/1.1 fast path so that both
-/// write the same bytes.
-pub(super) fn forwarding_values<'a>(
-    existing_xff: impl Iterator<Item = &'a [u8]>,
-    existing_forwarded: impl Iterator<Item = &'a [u8]>,
+/// Appends the new `X-Forwarded-For` value: the existing ones (visible ASCII only) with this
+/// hop's address. Shared by hyper's path and the HTTP/1.1 fast path (which writes it straight
+/// into the request head) so that both send the same bytes.
+pub(super) fn push_x_forwarded_for<'a>(
+    out: &mut Vec<u8>,
+    existing: impl Iterator<Item = &'a [u8]>,
+    client: SocketAddr,
+) {
+    for v in existing.filter(|v| crate::extract::is_visible_ascii(v)) {
+        out.extend_from_slice(v);
+        out.extend_from_slice(b", ");
+    }
+    push_ip(out, client.ip());
+}
+
+/// Appends the new `Forwarded` value: the existing elements (visible ASCII only) and this
+/// hop's (`for`, `proto`, and `host` when it is a plain host name). Shared like
+/// [`push_x_forwarded_for`].
+pub(super) fn push_forwarded<'a>(
+    out: &mut Vec<u8>,
+    existing: impl Iterator<Item = &'a [u8]>,
     host: Option<&[u8]>,
     client: SocketAddr,
     proto: &'static str,
-) -> (String, String) {
-    use std::fmt::Write as _;
-    let ip = client.ip();
-    let mut xff = String::with_capacity(48);
-    for v in existing_xff.filter_map(crate::extract::visible_ascii) {
-        xff.push_str(v);
-        xff.push_str(", ");
+) {
+    use std::io::Write as _;
+    for v in existing.filter(|v| crate::extract::is_visible_ascii(v)) {
+        out.extend_from_slice(v);
+        out.extend_from_slice(b", ");
     }
-    push_ip(&mut xff, ip);
-    let mut forwarded = String::with_capacity(96);
-    for v in existing_forwarded.filter_map(crate::extract::visible_ascii) {
-        forwarded.push_str(v);
-        forwarded.push_str(", ");
-    }
-    forwarded.push_str("for=");
-    match ip {
-        std::net::IpAddr::V4(_) => push_ip(&mut forwarded, ip),
+    out.extend_from_slice(b"for=");
+    match client.ip() {
+        ip @ std::net::IpAddr::V4(_) => push_ip(out, ip),
         std::net::IpAddr::V6(v6) => {
-            let _ = write!(forwarded, "\"[{v6}]\"");
+            let _ = write!(out, "\"[{v6}]\"");
         }
     }
-    forwarded.push_str(";proto=");
-    forwarded.push_str(proto);
-    if let Some(host) = host.and_then(crate::extract::visible_ascii) {
+    out.extend_from_slice(b";proto=");
+    out.extend_from_slice(proto.as_bytes());
+    if let Some(host) = host {
         if host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(b))
         {
-            forwarded.push_str(";host=\"");
-            forwarded.push_str(host);
-            forwarded.push('"');
+            out.extend_from_slice(b";host=\"");
+            out.extend_from_slice(host);
+            out.push(b'"');
         }
     }
-    (xff, forwarded)
 }
 
 /// Appends an address in its usual text form; IPv4 (the common case) without the formatting
 /// machinery, which costs more than the rest of the header rewrite.
-fn push_ip(out: &mut String, ip: std::net::IpAddr) {
-    use std::fmt::Write as _;
+fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    use std::io::Write as _;
     match ip {
         std::net::IpAddr::V4(v4) => {
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    out.push(b'.');
                 }
                 if octet >= 100 {
-                    out.push(char::from(b'0' + octet / 100));
+                    out.push(b'0' + octet / 100);
                 }
                 if octet >= 10 {
-                    out.push(char::from(b'0' + octet / 10 % 10));
+                    out.push(b'0' + octet / 10 % 10);
                 }
-                out.push(char::from(b'0' + octet % 10));
+                out.push(b'0' + octet % 10);
             }
         }
         std::net::IpAddr::V6(v6) => {
@@ -713,9 +726,9 @@ mod tests {
             "::ffff:192.0.2.1",
         ] {
             let ip: std::net::IpAddr = ip.parse().unwrap();
-            let mut out = String::new();
+            let mut out = Vec::new();
             push_ip(&mut out, ip);
-            assert_eq!(out, ip.to_string());
+            assert_eq!(out, ip.to_string().as_bytes());
         }
     }
 

@@ -31,11 +31,13 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Re
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
-use super::forward::{forwarding_values, is_connection_option, UpstreamStream, HOP_BY_HOP};
+use super::forward::{
+    is_connection_option, push_forwarded, push_x_forwarded_for, UpstreamStream, HOP_BY_HOP,
+};
 use super::response::{BodyDone, ProxyFailure, ResponseBody};
 use super::service::{self, Admitted, Exchange, OpenTunnel, RequestHead};
 use super::{tunnel, ConnInfo};
-use crate::extract::{visible_ascii, HeaderSource};
+use crate::extract::{is_visible_ascii, visible_ascii};
 use crate::gate::Gate;
 use crate::limits::ConnPermit;
 use crate::metrics::{CloseReason, UpstreamOutcome};
@@ -390,10 +392,7 @@ impl<'b> RequestShape<'b> {
 /// The comma-separated tokens of a header value (none if it is not visible ASCII). Bytes, not
 /// `str`: every caller compares them with ASCII names, which needs no UTF-8 check.
 fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let visible = value
-        .iter()
-        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
-    let value = if visible { value } else { &[] };
+    let value = if is_visible_ascii(value) { value } else { &[] };
     value
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
@@ -436,8 +435,6 @@ fn upstream_request_head(
     authority: &[u8],
     info: &ConnInfo,
 ) -> Vec<u8> {
-    const XFF: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
-    const FORWARDED: http::HeaderName = http::HeaderName::from_static("forwarded");
     let lists_names = connection_lists_names(headers);
     let mut out = Vec::with_capacity(
         256 + headers
@@ -468,15 +465,19 @@ fn upstream_request_head(
         push_header(&mut out, b"upgrade", upgrade);
         push_header(&mut out, b"connection", b"upgrade");
     }
-    let (xff, forwarded) = forwarding_values(
-        headers.values(&XFF).into_iter(),
-        headers.values(&FORWARDED).into_iter(),
-        headers.value(&http::header::HOST),
-        info.client,
-        info.scheme,
-    );
-    push_header(&mut out, b"x-forwarded-for", xff.as_bytes());
-    push_header(&mut out, b"forwarded", forwarded.as_bytes());
+    // Written straight into the head: no intermediate strings.
+    let named = |name: &'static str| {
+        headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    out.extend_from_slice(b"x-forwarded-for: ");
+    push_x_forwarded_for(&mut out, named("x-forwarded-for"), info.client);
+    out.extend_from_slice(b"\r\nforwarded: ");
+    let host = named("host").next();
+    push_forwarded(&mut out, named("forwarded"), host, info.client, info.scheme);
+    out.extend_from_slice(b"\r\n");
     push_header(&mut out, b"x-forwarded-proto", info.scheme.as_bytes());
     out.extend_from_slice(b"\r\n");
     out
