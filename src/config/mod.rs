@@ -318,7 +318,7 @@ pub struct ListenConfig {
 /// Validated `[upstream]`.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    /// Backend address as written (`host:port`); resolved on connect.
+    /// Backend address as written (`host:port`); a name is looked up on each connect.
     pub addr: String,
     /// TCP connect timeout.
     pub connect_timeout: Duration,

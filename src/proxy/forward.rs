@@ -79,6 +79,9 @@ impl tokio::io::AsyncWrite for UpstreamStream {
 /// TLS handshake too, and the connect time recorded.
 struct Connector {
     addr: Arc<str>,
+    /// `addr` when it is an IP address and port: connected without a lookup, and without
+    /// waiting for the reactor when the connection is made during the call (loopback).
+    literal: Option<SocketAddr>,
     timeout: Duration,
     connect_seconds: Histogram,
     pending: Gauge,
@@ -87,6 +90,36 @@ struct Connector {
         tokio_rustls::TlsConnector,
         rustls::pki_types::ServerName<'static>,
     )>,
+}
+
+/// Connects to an address, as tokio's `TcpStream::connect` does, except that a connection
+/// already made when `connect(2)` returns (a loopback or nearby backend: the handshake ran
+/// inside the call) is used at once, without a trip through the reactor for its readiness.
+/// Nagle is off (small device messages must not wait).
+async fn connect_to(addr: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    // Connected: the peer is known. Otherwise the connect is still in progress (or failed):
+    // its outcome comes with writability, as for tokio's own connect.
+    if stream.peer_addr().is_ok() {
+        return Ok(stream);
+    }
+    stream.writable().await?;
+    match stream.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(stream),
+    }
 }
 
 /// Decrements the pending-connect gauge however the connect ends.
@@ -108,9 +141,15 @@ impl Connector {
         let _pending = PendingConnect(self.pending.clone());
         let started = Instant::now();
         let connect = async {
-            let stream = TcpStream::connect(&*self.addr).await?;
-            // Small device messages must not wait for Nagle.
-            let _ = stream.set_nodelay(true);
+            let stream = match self.literal {
+                Some(addr) => connect_to(addr).await?,
+                None => {
+                    let stream = TcpStream::connect(&*self.addr).await?;
+                    // Small device messages must not wait for Nagle.
+                    let _ = stream.set_nodelay(true);
+                    stream
+                }
+            };
             match &self.tls {
                 None => Ok::<_, io::Error>(UpstreamStream::Plain(stream)),
                 // Boxed: rustls's handshake state is about a kilobyte, and inline it would
@@ -339,6 +378,7 @@ impl Upstream {
         Ok(Upstream {
             connector: Connector {
                 addr: Arc::from(cfg.addr.as_str()),
+                literal: cfg.addr.parse().ok(),
                 timeout: cfg.connect_timeout,
                 connect_seconds,
                 pending,
@@ -660,6 +700,64 @@ fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_literal_backend_is_connected_with_nagle_off_and_takes_bytes_written_directly() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = connect_to(addr).await.unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), addr);
+        assert!(stream.nodelay().unwrap(), "Nagle must be off");
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        // Written straight to the socket, as the fast path writes a request head.
+        let sent = socket2::SockRef::from(&stream)
+            .send_with_flags(b"ping", libc::MSG_NOSIGNAL)
+            .unwrap();
+        assert_eq!(sent, 4);
+        let mut got = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(10), accepted.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got, b"ping");
+    }
+
+    #[tokio::test]
+    async fn a_refused_literal_connect_is_an_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let result = tokio::time::timeout(Duration::from_secs(10), connect_to(addr))
+            .await
+            .unwrap();
+        assert_eq!(
+            result.map(|_| ()).unwrap_err().kind(),
+            io::ErrorKind::ConnectionRefused
+        );
+    }
+
+    #[tokio::test]
+    async fn a_named_backend_is_looked_up_and_connected() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let toml = format!("[upstream]\naddr = \"localhost:{port}\"\n");
+        let config = crate::config::Config::from_toml(&toml, None).unwrap();
+        let upstream = Upstream::new(
+            &config.upstream,
+            Histogram::new([1.0].into_iter()),
+            Gauge::default(),
+        )
+        .unwrap();
+        assert!(upstream.connector.literal.is_none());
+        // localhost may resolve to ::1 first, where nothing listens: tokio tries the next.
+        let mut stream = upstream.connect().await.unwrap();
+        stream.write_all(b"x").await.unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        let mut got = [0u8; 1];
+        accepted.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"x");
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

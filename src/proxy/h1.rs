@@ -716,7 +716,7 @@ async fn send_on(
     request_head: &[u8],
     sent: Sent,
 ) -> Result<BackendHead, HeadError> {
-    if upstream.write_all(request_head).await.is_err() {
+    if write_request_head(upstream, request_head).await.is_err() {
         return Err(HeadError::Silent);
     }
     match sent {
@@ -725,6 +725,25 @@ async fn send_on(
             read_response_head(upstream, false, head, client_close).await
         }
     }
+}
+
+/// Writes a request head, straight to the socket first when it is plain TCP: tokio learns
+/// that a new socket is writable only from the reactor, which would cost a round through it
+/// before the first byte of every handshake. Whatever the socket does not take (or a TLS
+/// stream) is written the usual way.
+async fn write_request_head(upstream: &mut UpstreamStream, mut head: &[u8]) -> io::Result<()> {
+    if let UpstreamStream::Plain(tcp) = upstream {
+        match socket2::SockRef::from(&*tcp).send_with_flags(head, libc::MSG_NOSIGNAL) {
+            Ok(n) => head = &head[n..],
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    upstream.write_all(head).await
 }
 
 /// A backend response head, rewritten for the client.
