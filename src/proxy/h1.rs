@@ -139,7 +139,7 @@ pub(super) async fn serve(
                 let consumed = plan.consumed;
                 let close = plan.close;
                 let early = &buf[consumed..filled];
-                match Box::pin(forward_upgrade(&gate, stream, early, *plan)).await {
+                match Box::pin(forward_upgrade(&gate, stream, early, plan)).await {
                     Forwarded::Tunnel(tunnel) => {
                         // The connection is a tunnel now: the task goes on with the tunnel
                         // alone, and this connection's HTTP state is freed.
@@ -155,7 +155,7 @@ pub(super) async fn serve(
             }
             Step::Request(plan) => {
                 let consumed = plan.consumed;
-                match Box::pin(forward_request(&gate, &mut stream, *plan)).await {
+                match Box::pin(forward_request(&gate, &mut stream, plan)).await {
                     Some(close) => (consumed, close),
                     None => return None,
                 }
@@ -346,6 +346,8 @@ struct RequestShape<'b> {
     connection_upgrade: bool,
     /// `Connection` lists `close`.
     close: bool,
+    /// `Connection` names other headers (to drop as hop-by-hop).
+    lists_names: bool,
     has_host: bool,
 }
 
@@ -357,6 +359,7 @@ impl<'b> RequestShape<'b> {
             upgrade: None,
             connection_upgrade: false,
             close: false,
+            lists_names: false,
             has_host: false,
         };
         let mut content_length_seen = false;
@@ -379,6 +382,8 @@ impl<'b> RequestShape<'b> {
                         shape.connection_upgrade = true;
                     } else if token.eq_ignore_ascii_case(b"close") {
                         shape.close = true;
+                    } else if !is_connection_option(token) {
+                        shape.lists_names = true;
                     }
                 }
             } else if name.eq_ignore_ascii_case("host") {
@@ -399,18 +404,22 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|t| !t.is_empty())
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), dropped on both legs.
+/// Hop-by-hop headers (RFC 9110 §7.6.1), dropped on both legs. Most names are ruled out by
+/// their length alone.
 fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+    matches!(name.len(), 2 | 7 | 10 | 16 | 17)
+        && HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
-/// Whether some `Connection` header names other headers (to drop as hop-by-hop); usually
-/// none does, and then no header needs checking against the list.
-fn connection_lists_names(headers: &[httparse::Header<'_>]) -> bool {
-    headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("connection")
-            && tokens(h.value).any(|t| !is_connection_option(t))
-    })
+/// Headers fwgate writes itself for the backend (`X-Forwarded-For`, `Forwarded`,
+/// `X-Forwarded-Proto`): the client's are replaced. Ruled out by length first, as above.
+fn is_forwarding(name: &str) -> bool {
+    match name.len() {
+        9 => name.eq_ignore_ascii_case("forwarded"),
+        15 => name.eq_ignore_ascii_case("x-forwarded-for"),
+        17 => name.eq_ignore_ascii_case("x-forwarded-proto"),
+        _ => false,
+    }
 }
 
 /// Whether `name` is listed in a `Connection` header, as hyper's path treats it.
@@ -435,7 +444,7 @@ fn upstream_request_head(
     authority: &[u8],
     info: &ConnInfo,
 ) -> Vec<u8> {
-    let lists_names = connection_lists_names(headers);
+    let lists_names = shape.lists_names;
     let mut out = Vec::with_capacity(
         256 + headers
             .iter()
@@ -449,9 +458,7 @@ fn upstream_request_head(
     for h in headers {
         let name = h.name;
         if is_hop_by_hop(name)
-            || name.eq_ignore_ascii_case("x-forwarded-for")
-            || name.eq_ignore_ascii_case("forwarded")
-            || name.eq_ignore_ascii_case("x-forwarded-proto")
+            || is_forwarding(name)
             || (lists_names && listed_in_connection(headers, name))
         {
             continue;
@@ -507,7 +514,7 @@ async fn forward_upgrade(
     gate: &Arc<Gate>,
     mut client: TcpStream,
     early: &[u8],
-    plan: ForwardPlan,
+    plan: Box<ForwardPlan>,
 ) -> Forwarded {
     let ForwardPlan {
         upstream_head,
@@ -516,7 +523,7 @@ async fn forward_upgrade(
         path,
         close,
         ..
-    } = plan;
+    } = *plan;
     let started = Instant::now();
     let exchange = async {
         let mut upstream = gate.upstream.connect().await?;
@@ -592,7 +599,7 @@ async fn forward_upgrade(
 async fn forward_request(
     gate: &Arc<Gate>,
     client: &mut TcpStream,
-    plan: ForwardPlan,
+    plan: Box<ForwardPlan>,
 ) -> Option<bool> {
     let ForwardPlan {
         upstream_head,
@@ -601,7 +608,7 @@ async fn forward_request(
         path,
         close,
         ..
-    } = plan;
+    } = *plan;
     // Tracked while open, so that a rule change or kill-switch entry with close_existing also
     // ends long requests it now refuses.
     let started = Instant::now();
@@ -885,6 +892,7 @@ fn parse_response_head(
     let mut content_length: Option<u64> = None;
     let mut has_date = false;
     let mut backend_close = version == 0;
+    let mut lists_names = false;
     for h in headers {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             // The last coding decides; several headers read as one list.
@@ -903,7 +911,13 @@ fn parse_response_head(
         } else if h.name.eq_ignore_ascii_case("date") {
             has_date = true;
         } else if h.name.eq_ignore_ascii_case("connection") {
-            backend_close |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
+            for token in tokens(h.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    backend_close = true;
+                } else if !is_connection_option(token) {
+                    lists_names = true;
+                }
+            }
         }
     }
     let framing = if status == 101 || head_request || status == 204 || status == 304 {
@@ -929,7 +943,6 @@ fn parse_response_head(
     });
     out.extend_from_slice(reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let lists_names = connection_lists_names(headers);
     let mut upgrade_value = None;
     for h in headers {
         let name = h.name;
@@ -1297,6 +1310,29 @@ mod tests {
 
     const CHUNKED: &[u8] =
         b"5;name=v\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\nX-U: 2\r\n\r\n";
+
+    #[test]
+    fn header_name_checks_find_every_listed_name_in_any_case_and_nothing_else() {
+        for name in HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+            assert!(is_hop_by_hop(&name.to_ascii_uppercase()), "{name}");
+            assert!(!is_forwarding(name), "{name}");
+        }
+        for name in ["forwarded", "X-Forwarded-For", "x-forwarded-PROTO"] {
+            assert!(is_forwarding(name), "{name}");
+            assert!(!is_hop_by_hop(name), "{name}");
+        }
+        for name in [
+            "host",
+            "x-device-id",
+            "te2",
+            "upgrades",
+            "connections",
+            "x-forwarded",
+        ] {
+            assert!(!is_hop_by_hop(name) && !is_forwarding(name), "{name}");
+        }
+    }
 
     #[test]
     fn chunked_end_is_found_at_every_split_and_not_before() {
