@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use super::forward::{
     is_connection_option, push_forwarded, push_x_forwarded_for, UpstreamStream, HOP_BY_HOP,
 };
-use super::response::{BodyDone, ProxyFailure, ResponseBody};
+use super::response::{Answer, BodyDone, ProxyFailure, ResponseBody, TEXT_PLAIN};
 use super::service::{self, Admitted, Exchange, OpenTunnel, RequestHead};
 use super::{tunnel, ConnInfo};
 use crate::extract::{is_visible_ascii, visible_ascii};
@@ -310,7 +310,7 @@ fn prepare(
         service::Admission::Refuse(refusal) => {
             return Some(Step::Respond {
                 consumed,
-                bytes: encode_response(&refusal, close),
+                bytes: encode_answer(&refusal, close),
                 close,
             })
         }
@@ -1048,31 +1048,55 @@ async fn relay_response(
     (sent, true, clean)
 }
 
-/// Serialises a response fwgate itself made (a refusal or a backend failure; always a fixed
-/// body) the way hyper's server writes it.
+/// Serialises a response fwgate itself made (a backend failure; always a fixed body) the way
+/// hyper's server writes it.
 fn encode_response(resp: &Response<ResponseBody>, close: bool) -> Vec<u8> {
     let body = resp.body().fixed_bytes().unwrap_or_default();
     let mut out = Vec::with_capacity(160 + body.len());
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(resp.status().as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(resp.status().canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    push_status_line(&mut out, resp.status());
     for (name, value) in resp.headers() {
         push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
+    finish_fixed(&mut out, body, close);
+    out
+}
+
+/// Serialises fwgate's own answer (a refusal) as hyper's path sends it, without building a
+/// `Response`: a refusal storm costs as little as possible.
+fn encode_answer(answer: &Answer, close: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160 + answer.body.len());
+    push_status_line(&mut out, answer.status);
+    push_header(&mut out, b"content-type", TEXT_PLAIN.as_bytes());
+    if let Some(secs) = answer.retry_after {
+        let mut digits = itoa::Buffer::new();
+        push_header(&mut out, b"retry-after", digits.format(secs).as_bytes());
+    }
+    finish_fixed(&mut out, &answer.body, close);
+    out
+}
+
+fn push_status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The end of a fixed-body response: length, `Connection: close` when closing, `Date`, the
+/// blank line and the body.
+fn finish_fixed(out: &mut Vec<u8>, body: &[u8], close: bool) {
     push_header(
-        &mut out,
+        out,
         b"content-length",
         itoa::Buffer::new().format(body.len()).as_bytes(),
     );
     if close {
-        push_header(&mut out, b"connection", b"close");
+        push_header(out, b"connection", b"close");
     }
-    push_date(&mut out);
+    push_date(out);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
-    out
 }
 
 /// Appends `date: <IMF-fixdate>`, formatted once per second per thread (as hyper caches it).

@@ -11,7 +11,8 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::rules::Refusal;
 
-const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+/// The content type of every answer fwgate writes itself.
+pub const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
 /// Why fwgate answered instead of the backend (besides a rule refusing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,16 +57,49 @@ impl ProxyFailure {
     }
 }
 
-/// A refusal response: status, plain-text body, jittered `Retry-After`.
-pub fn refusal(r: &Refusal) -> Response<ResponseBody> {
-    let mut resp = Response::new(ResponseBody::fixed(r.body.clone()));
-    *resp.status_mut() = r.status;
-    resp.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
-    if let Some(secs) = r.retry_after_secs() {
-        resp.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(secs));
+/// fwgate's own small answer (a refusal): status, plain-text body, `Retry-After` if any.
+/// Kept this plain so that the fast path writes it without building a `Response` and its
+/// header map; hyper's path turns it into one.
+pub struct Answer {
+    /// Response status.
+    pub status: StatusCode,
+    /// Plain-text body (shared, never copied).
+    pub body: Bytes,
+    /// `Retry-After`, in seconds (already jittered).
+    pub retry_after: Option<u64>,
+}
+
+impl Answer {
+    /// A rule's refusal. `retry_after` (a wait fwgate computed, such as a backoff's) wins
+    /// over the rule's own, which is otherwise jittered now.
+    pub fn refusal(r: &Refusal, retry_after: Option<u64>) -> Answer {
+        Answer {
+            status: r.status,
+            body: r.body.clone(),
+            retry_after: retry_after.or_else(|| r.retry_after_secs()),
+        }
     }
-    resp
+
+    /// A fixed answer without `Retry-After`.
+    pub fn plain(status: StatusCode, body: &'static str) -> Answer {
+        Answer {
+            status,
+            body: Bytes::from_static(body.as_bytes()),
+            retry_after: None,
+        }
+    }
+
+    /// The answer as hyper sends it.
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let mut resp = Response::new(ResponseBody::fixed(self.body));
+        *resp.status_mut() = self.status;
+        resp.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
 }
 
 /// A response for a backend failure.

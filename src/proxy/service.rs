@@ -91,7 +91,7 @@ pub async fn handle(
     };
     match admitted {
         Admission::Admit(admitted) => Ok(forward(gate.clone(), &conn, admitted, req).await),
-        Admission::Refuse(refusal) => Ok(refusal),
+        Admission::Refuse(answer) => Ok(answer.into_response()),
     }
 }
 
@@ -100,7 +100,7 @@ pub(super) enum Admission {
     /// Forward it, with its slots taken.
     Admit(Admitted),
     /// Answer with this refusal.
-    Refuse(Response<ResponseBody>),
+    Refuse(response::Answer),
 }
 
 /// Decides one request: forward it (with its slots taken) or the response that refuses it. Order (cheapest refusal first): per-IP rate, reconnect backoff, kill switch
@@ -113,7 +113,7 @@ pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
 ) -> Admission {
     let listen = &gate.config.listen;
     if req.target_len > listen.max_uri_bytes {
-        return Admission::Refuse(response::plain(
+        return Admission::Refuse(response::Answer::plain(
             StatusCode::URI_TOO_LONG,
             "request target too long\n",
         ));
@@ -258,7 +258,7 @@ fn version_str(v: &VersionInput) -> String {
     }
 }
 
-/// Builds a refusal response and logs it (sampled).
+/// Builds a refusal answer and logs it (sampled).
 fn refuse<H: ?Sized>(
     gate: &Gate,
     verdict: Verdict<'_>,
@@ -266,14 +266,11 @@ fn refuse<H: ?Sized>(
     presented: Option<Presented>,
     req: &RequestHead<'_, H>,
     client: SocketAddr,
-) -> Response<ResponseBody> {
+) -> response::Answer {
     let Verdict::Refuse(refusal, retry, kind) = verdict else {
-        return response::plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
+        return response::Answer::plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
     };
-    let resp = match retry {
-        Some(secs) => response::refusal(&refusal.with_retry_after_secs(secs)),
-        None => response::refusal(refusal),
-    };
+    let answer = response::Answer::refusal(refusal, retry);
     if gate.config.log.access && gate.refusal_log.allow() {
         let p = presented.as_ref();
         tracing::info!(
@@ -284,13 +281,13 @@ fn refuse<H: ?Sized>(
             version = %p.map(|p| p.version_str()).unwrap_or_else(|| "-".into()),
             rule = %decider.name,
             decision = kind.as_str(),
-            status = resp.status().as_u16(),
+            status = answer.status.as_u16(),
             method = req.method,
             path = req.path,
             "refused"
         );
     }
-    resp
+    answer
 }
 
 /// Forwards an admitted request; for an upgrade, relays the 101 and starts the tunnel.
