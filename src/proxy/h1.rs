@@ -740,15 +740,7 @@ async fn send_on(
 /// stream) is written the usual way.
 async fn write_request_head(upstream: &mut UpstreamStream, mut head: &[u8]) -> io::Result<()> {
     if let UpstreamStream::Plain(tcp) = upstream {
-        match socket2::SockRef::from(&*tcp).send_with_flags(head, libc::MSG_NOSIGNAL) {
-            Ok(n) => head = &head[n..],
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e),
-        }
+        head = &head[tunnel::send_now(tcp, head)?..];
     }
     upstream.write_all(head).await
 }

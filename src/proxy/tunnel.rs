@@ -32,6 +32,8 @@ thread_local! {
 thread_local! {
     /// Buffers on loan on this thread, so tests can see that idle tunnels hold none.
     static ON_LOAN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Times a relay write on this thread found the socket full and waited for room.
+    static WAITED_FOR_ROOM: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// A relay buffer on loan from the per-thread pool; goes back when dropped.
@@ -366,16 +368,39 @@ pub(super) fn read_drained<'b>(
     }
 }
 
+/// Sends what the socket takes now, straight to it: no readiness check, which tokio knows of a
+/// socket only from the reactor (a new socket is not known writable until an event says so).
+/// Ok(0) when it takes nothing now; the caller then goes through tokio, whose own attempt
+/// clears the readiness it observed, so that waiting for room cannot miss a wake-up.
+pub(super) fn send_now(to: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    match socket2::SockRef::from(to).send_with_flags(bytes, libc::MSG_NOSIGNAL) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(0)
+        }
+        sent => sent,
+    }
+}
+
 async fn write_all(to: &TcpStream, mut bytes: &[u8], count: &AtomicU64) -> io::Result<()> {
+    let n = send_now(to, bytes)?;
+    count.fetch_add(n as u64, Ordering::Relaxed);
+    bytes = &bytes[n..];
     while !bytes.is_empty() {
-        // Tried first: a socket with room takes the bytes without a readiness poll; when full,
-        // tokio clears its readiness and the wait below lasts until it has room again.
+        // Through tokio now: when the socket is still full, tokio clears the readiness it
+        // observed and the wait below lasts until it has room again.
         match to.try_write(bytes) {
             Ok(n) => {
                 count.fetch_add(n as u64, Ordering::Relaxed);
                 bytes = &bytes[n..];
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                #[cfg(test)]
+                WAITED_FOR_ROOM.with(|n| n.set(n.get() + 1));
                 std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
             }
             Err(e) => return Err(e),
@@ -835,6 +860,59 @@ mod tests {
         assert_eq!(stats.end, TunnelEnd::Closed);
         assert_eq!(stats.client_to_upstream, EACH_WAY as u64);
         assert_eq!(stats.upstream_to_client, EACH_WAY as u64);
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_is_waited_on_and_nothing_is_lost() {
+        // A small send buffer on the backend leg and a backend that reads little at a time:
+        // the relay's direct sends find the socket full, and the bytes must still arrive exact.
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut backend) = pair().await;
+        let _ = socket2::SockRef::from(&upstream_side).set_send_buffer_size(4096);
+        let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
+        let expected = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&data).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 2048];
+            loop {
+                let n = backend.read(&mut chunk).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&chunk[..n]);
+                tokio::task::yield_now().await;
+            }
+            // Closing the backend ends the other direction, and with it the relay.
+            got
+        });
+        let close = CloseSignal::default();
+        let relay = relay_tcp(
+            &client_side,
+            b"",
+            &upstream_side,
+            b"",
+            &close,
+            Duration::ZERO,
+        );
+        let (stats, read) = tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::join!(relay, reader)
+        })
+        .await
+        .expect("relay stalled");
+        let got = read.unwrap();
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected);
+        assert_eq!(stats.client_to_upstream, expected.len() as u64);
+        assert!(
+            WAITED_FOR_ROOM.with(|n| n.get()) > 0,
+            "the backend socket never filled: the test did not exercise waiting for room"
+        );
+        drop(writer);
     }
 
     #[tokio::test]
