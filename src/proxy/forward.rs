@@ -711,10 +711,7 @@ mod tests {
         assert!(stream.nodelay().unwrap(), "Nagle must be off");
         let (mut accepted, _) = listener.accept().await.unwrap();
         // Written straight to the socket, as the fast path writes a request head.
-        let sent = socket2::SockRef::from(&stream)
-            .send_with_flags(b"ping", libc::MSG_NOSIGNAL)
-            .unwrap();
-        assert_eq!(sent, 4);
+        assert_eq!(super::super::tunnel::send_now(&stream, b"ping").unwrap(), 4);
         let mut got = [0u8; 4];
         tokio::time::timeout(Duration::from_secs(10), accepted.read_exact(&mut got))
             .await
