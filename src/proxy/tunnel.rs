@@ -868,20 +868,31 @@ mod tests {
         assert_eq!(stats.upstream_to_client, EACH_WAY as u64);
     }
 
-    #[tokio::test]
-    async fn a_full_socket_is_waited_on_and_nothing_is_lost() {
-        // A small send buffer on the backend leg and a backend that reads little at a time:
-        // the relay's direct sends find the socket full, and the bytes must still arrive exact.
-        let (mut client, client_side) = pair().await;
-        let (upstream_side, mut backend) = pair().await;
-        let _ = socket2::SockRef::from(&upstream_side).set_send_buffer_size(4096);
-        let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
+    /// Sends `len` bytes of a repeating pattern (mod `modulus`) from `client`, then half-closes;
+    /// returns the bytes to expect and the writer (which keeps the socket).
+    fn send_pattern(
+        mut client: TcpStream,
+        len: u32,
+        modulus: u32,
+    ) -> (Vec<u8>, tokio::task::JoinHandle<TcpStream>) {
+        let data: Vec<u8> = (0..len).map(|i| (i % modulus) as u8).collect();
         let expected = data.clone();
         let writer = tokio::spawn(async move {
             client.write_all(&data).await.unwrap();
             client.shutdown().await.unwrap();
             client
         });
+        (expected, writer)
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_is_waited_on_and_nothing_is_lost() {
+        // A small send buffer on the backend leg and a backend that reads little at a time:
+        // the relay's direct sends find the socket full, and the bytes must still arrive exact.
+        let (client, client_side) = pair().await;
+        let (upstream_side, mut backend) = pair().await;
+        let _ = socket2::SockRef::from(&upstream_side).set_send_buffer_size(4096);
+        let (expected, writer) = send_pattern(client, 2_000_000, 253);
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             let mut chunk = [0u8; 2048];
@@ -923,16 +934,10 @@ mod tests {
 
     #[tokio::test]
     async fn large_transfers_are_exact() {
-        let (mut client, client_side) = pair().await;
+        let (client, client_side) = pair().await;
         let (upstream_side, mut backend) = pair().await;
         let close = CloseSignal::default();
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let expected = data.clone();
-        let writer = tokio::spawn(async move {
-            client.write_all(&data).await.unwrap();
-            client.shutdown().await.unwrap();
-            client
-        });
+        let (expected, writer) = send_pattern(client, 3_000_000, 251);
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             backend.read_to_end(&mut got).await.unwrap();
