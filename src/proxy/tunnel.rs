@@ -577,6 +577,15 @@ mod tests {
         (a.unwrap(), b.unwrap().0)
     }
 
+    /// A plain relay with no early bytes and no idle timeout, as most tests want it.
+    async fn relay_plain(
+        client: &TcpStream,
+        upstream: &TcpStream,
+        close: &CloseSignal,
+    ) -> TunnelStats {
+        relay_tcp(client, b"", upstream, b"", close, Duration::ZERO).await
+    }
+
     #[tokio::test]
     async fn short_and_full_reads_never_lose_bytes_or_the_end_of_stream() {
         // Writes of every size around the relay buffer: full reads keep the socket's readiness,
@@ -585,9 +594,8 @@ mod tests {
         let (upstream_side, mut backend) = pair().await;
         let close = Arc::new(CloseSignal::default());
         let c2 = close.clone();
-        let relay = tokio::spawn(async move {
-            relay_tcp(&client_side, b"", &upstream_side, b"", &c2, Duration::ZERO).await
-        });
+        let relay =
+            tokio::spawn(async move { relay_plain(&client_side, &upstream_side, &c2).await });
         let sizes = [
             1,
             63,
@@ -673,9 +681,8 @@ mod tests {
         let (upstream_side, _backend) = pair().await;
         let close = Arc::new(CloseSignal::default());
         let c2 = close.clone();
-        let relay = tokio::spawn(async move {
-            relay_tcp(&client_side, b"", &upstream_side, b"", &c2, Duration::ZERO).await
-        });
+        let relay =
+            tokio::spawn(async move { relay_plain(&client_side, &upstream_side, &c2).await });
         close.close();
         let stats = relay.await.unwrap();
         assert_eq!(stats.end, TunnelEnd::ClosedByPolicy);
@@ -908,14 +915,7 @@ mod tests {
             got
         });
         let close = CloseSignal::default();
-        let relay = relay_tcp(
-            &client_side,
-            b"",
-            &upstream_side,
-            b"",
-            &close,
-            Duration::ZERO,
-        );
+        let relay = relay_plain(&client_side, &upstream_side, &close);
         let (stats, read) = tokio::time::timeout(Duration::from_secs(30), async {
             tokio::join!(relay, reader)
         })
@@ -946,14 +946,7 @@ mod tests {
         });
         let stats = tokio::time::timeout(
             std::time::Duration::from_secs(20),
-            relay_tcp(
-                &client_side,
-                b"",
-                &upstream_side,
-                b"",
-                &close,
-                Duration::ZERO,
-            ),
+            relay_plain(&client_side, &upstream_side, &close),
         );
         // The backend never closes its side here, so the relay is still running: only check bytes.
         let (got, _backend) = tokio::select! {
