@@ -126,7 +126,7 @@ pub fn explain(rules: &RuleSet, kill: &KillSet, input: &ExplainInput) -> Result<
         let parsed = FirmwareVersion::parse(raw);
         let _ = writeln!(out, "input:    {raw:?} (given directly)");
         match parsed {
-            Ok(v) => VersionInput::Parsed(v),
+            Ok(v) => VersionInput::Parsed(v.canonical(rules.ordering)),
             Err(e) => {
                 let _ = writeln!(out, "parse:    unparseable: {e}");
                 VersionInput::Unparseable
@@ -169,7 +169,7 @@ pub fn explain(rules: &RuleSet, kill: &KillSet, input: &ExplainInput) -> Result<
                 }
             }
         }
-        VersionInput::from_found(found.as_ref())
+        VersionInput::from_found(found.as_ref(), rules.ordering)
     };
     match &version {
         VersionInput::Parsed(v) => {

@@ -493,9 +493,7 @@ impl Gate {
         let _serial = self.kill_lock.lock().await;
         let ordering = self.rules().ordering;
         let entry = killswitch::compile_entry(spec.clone(), ordering, &self.metrics)?;
-        if dry_run {
-            return Ok(self.kill_impact(&entry, true));
-        }
+        // A dry run fails wherever the real add would: checked before it returns.
         let path = self.kill_state_path()?.to_path_buf();
         let now = killswitch::unix_now();
         let current = self.kill_set();
@@ -511,6 +509,9 @@ impl Gate {
                 "at most {} kill-switch entries; remove some first",
                 killswitch::MAX_ENTRIES
             )));
+        }
+        if dry_run {
+            return Ok(self.kill_impact(&entry, true));
         }
         self.kill_commit(&path, specs, ordering, KillSwitchAction::add)?;
         tracing::warn!(target: "fwgate::audit", action = "kill_add", id = %spec.id, versions = %spec.versions, reason = %spec.reason, by = spec.created_by.as_deref().unwrap_or("-"), expires_at = ?spec.expires_at, status = spec.status, "kill-switch entry added");

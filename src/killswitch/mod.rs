@@ -20,7 +20,7 @@ use crate::duration::{format_duration, parse_duration};
 use crate::metrics::Metrics;
 use crate::rules::range::VersionRange;
 use crate::rules::{Action, Decider, Refusal, VersionInput};
-use crate::version::VersionOrdering;
+use crate::version::{FirmwareVersion, VersionOrdering};
 
 /// Status of a kill-switch refusal unless the entry says otherwise.
 pub const DEFAULT_STATUS: u16 = 503;
@@ -241,8 +241,28 @@ pub fn spec_from_request(
             "id {id:?} must be 1-64 characters of letters, digits, '-', '_', '.'"
         ));
     }
-    VersionRange::parse(&req.versions, ordering)
+    let range = VersionRange::parse(&req.versions, ordering)
         .map_err(|e| KillSwitchError::Invalid(format!("versions {:?}: {e}", req.versions)))?;
+    // In a rules file this is a warning; mid-incident, refusing 3.6.0 alone while 3.6.5 keeps
+    // connecting is too easy to miss, so a new entry must say which one it means.
+    if let Some(partial) = range.partial_bare_versions().first() {
+        let exact = match FirmwareVersion::parse(&partial.written) {
+            Ok(v) => v.to_string(),
+            Err(_) => partial.written.clone(),
+        };
+        return invalid(format!(
+            "versions {:?}: a bare {:?} means exactly {exact}, so {} would still connect; write {:?} for the whole line or \"={exact}\" for that one version",
+            req.versions,
+            partial.written,
+            // An example the entry would miss: 3.6.5 for `3.6`, 3.1.0 for `3`.
+            if partial.suggestion.matches('.').count() == 2 {
+                partial.suggestion.replace('*', "5")
+            } else {
+                partial.suggestion.replace('*', "1.0")
+            },
+            partial.suggestion,
+        ));
+    }
     let now = unix_now();
     let expires_at = match (req.ttl, req.expires_at) {
         (Some(_), Some(_)) => return invalid("give ttl or expires_at, not both".into()),
@@ -456,7 +476,6 @@ pub fn load_at_startup(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::version::FirmwareVersion;
 
     fn req(versions: &str) -> NewEntry {
         NewEntry {
@@ -475,6 +494,32 @@ mod tests {
 
     fn parsed(v: &str) -> VersionInput {
         VersionInput::Parsed(FirmwareVersion::parse(v).unwrap())
+    }
+
+    #[test]
+    fn a_bare_partial_version_is_refused_with_both_readings() {
+        for (written, exact, example, line) in [
+            ("3.6", "3.6.0", "3.6.5", "3.6.*"),
+            ("v3", "3.0.0", "3.1.0", "3.*"),
+            (">=2.0.0, 3.6 || 4.0.0", "3.6.0", "3.6.5", "3.6.*"),
+        ] {
+            let e = spec_from_request(req(written), VersionOrdering::Firmware, None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("means exactly {exact}")), "{e}");
+            assert!(
+                e.contains(&format!("so {example} would still connect")),
+                "{e}"
+            );
+            assert!(e.contains(&format!("write {line:?}")), "{e}");
+            assert!(e.contains(&format!("\"={exact}\"")), "{e}");
+        }
+        for fine in ["3.6.*", "=3.6.0", "3.6.0", "=3.6", ">=3.6", "*"] {
+            assert!(
+                spec_from_request(req(fine), VersionOrdering::Firmware, None).is_ok(),
+                "{fine}"
+            );
+        }
     }
 
     #[test]

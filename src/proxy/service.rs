@@ -135,7 +135,7 @@ pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
     let device = rules.device_sources.extract_with_cert(headers, query, cert);
     let device_raw = device.as_ref().map(|d| d.raw);
     let backoff_key = key_hash(device_raw, ip, LimitKey::Device);
-    let version = VersionInput::from_found(found.as_ref());
+    let version = VersionInput::from_found(found.as_ref(), rules.ordering);
     gate.census.record(&version);
 
     if let Some(remaining) = gate.backoff.penalty(backoff_key) {

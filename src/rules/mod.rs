@@ -199,14 +199,24 @@ pub enum VersionInput {
 }
 
 impl VersionInput {
-    /// Parses what extraction found.
-    pub fn from_found(found: Option<&Found<'_>>) -> VersionInput {
+    /// Parses what extraction found, in the spelling decisions use under `ordering`
+    /// ([`FirmwareVersion::canonical`]): every version that reaches a decision goes through here.
+    pub fn from_found(found: Option<&Found<'_>>, ordering: VersionOrdering) -> VersionInput {
         match found {
             None => VersionInput::Missing,
             Some(f) => match f.parse_version() {
-                Ok(v) => VersionInput::Parsed(v),
+                Ok(v) => VersionInput::Parsed(v.canonical(ordering)),
                 Err(_) => VersionInput::Unparseable,
             },
+        }
+    }
+
+    /// A version written as text (an operator's input, a test), as [`VersionInput::from_found`]
+    /// would take it from the wire.
+    pub fn from_text(text: &str, ordering: VersionOrdering) -> VersionInput {
+        match FirmwareVersion::parse(text) {
+            Ok(v) => VersionInput::Parsed(v.canonical(ordering)),
+            Err(_) => VersionInput::Unparseable,
         }
     }
 }
