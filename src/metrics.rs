@@ -158,6 +158,13 @@ pub struct CloseLabel {
     pub reason: CloseReason,
 }
 
+/// Labels of `fwgate_backoff_held_back_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackoffKeyLabel {
+    /// What identified the device: `device` (id + address) or `ip`.
+    pub key: &'static str,
+}
+
 /// Labels of `fwgate_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabel {
@@ -194,6 +201,8 @@ pub struct Metrics {
     pub limit_keys: Gauge,
     /// `fwgate_backoff_active`: devices/IPs currently held back by the reconnect backoff.
     pub backoff_active: Gauge,
+    /// `fwgate_backoff_held_back_total{key}`: requests refused by the reconnect backoff.
+    pub backoff_held_back: Family<BackoffKeyLabel, Counter>,
     /// `fwgate_upstream_pending`: backend TCP connects in progress.
     pub upstream_pending: Gauge,
     /// `fwgate_upstream_active`: backend exchanges (in-flight requests + open tunnels).
@@ -315,6 +324,12 @@ impl Metrics {
             "Devices or IPs currently held back by the reconnect backoff",
             backoff_active.clone(),
         );
+        let backoff_held_back = Family::<BackoffKeyLabel, Counter>::default();
+        registry.register(
+            "backoff_held_back",
+            "Requests refused by the reconnect backoff, by what identified the device",
+            backoff_held_back.clone(),
+        );
         let upstream_pending = Gauge::default();
         registry.register(
             "upstream_pending",
@@ -339,6 +354,7 @@ impl Metrics {
             connections_closed,
             limit_keys,
             backoff_active,
+            backoff_held_back,
             upstream_pending,
             upstream_active,
             killswitch_changes,

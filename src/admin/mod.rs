@@ -3,6 +3,7 @@
 //! endpoints need `Authorization: Bearer <token>`, compared in constant time.
 
 pub mod client;
+pub mod versions;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -193,7 +194,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 ),
             }
         }
-        (&Method::GET, "/v1/versions") => json_response(StatusCode::OK, &gate.census.report(gate)),
+        (&Method::GET, "/v1/versions") => json_response(StatusCode::OK, &versions::report(gate)),
         (&Method::GET, "/v1/killswitch") => json_response(StatusCode::OK, &killswitch_json(gate)),
         (&Method::POST, "/v1/killswitch") => {
             if let Some(refused) = admin.token.authorize(req.headers()) {

@@ -18,15 +18,16 @@ use super::forward::{
     UpstreamStream,
 };
 use super::response::{self, BodyDone, ProxyFailure, ResponseBody};
-use super::tunnel::{self, TunnelStats};
+use super::tunnel::{self, TunnelEnd, TunnelStats};
 use super::{in_networks, ConnInfo};
+use crate::census::Outcome;
 use crate::extract::MAX_DEVICE_ID_LEN;
 use crate::gate::Gate;
 use crate::gate::Verdict;
-use crate::limits::{key_hash, ConnPermit, LimitKey};
-use crate::metrics::UpstreamOutcome;
+use crate::limits::ConnPermit;
+use crate::metrics::{BackoffKeyLabel, DecisionKind, UpstreamOutcome};
 use crate::registry::TrackedKind;
-use crate::rules::{jittered_wait_secs, VersionInput};
+use crate::rules::{jittered_wait_secs, DecidedBy, VersionInput};
 
 const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 
@@ -67,7 +68,8 @@ pub(super) struct Admitted {
     pub presented: Presented,
     pub rule: Arc<str>,
     pub active: Gauge,
-    pub backoff_key: u64,
+    /// The reconnect backoff's key for this device, when it is tracked.
+    pub backoff_key: Option<u64>,
     pub held: Held,
 }
 
@@ -123,7 +125,8 @@ pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
     let deciders = &gate.limit_deciders;
     if !gate.global.per_ip_ok(ip) {
         let verdict = gate.refuse_by(&deciders.per_ip, None);
-        return Admission::Refuse(refuse(gate, verdict, &deciders.per_ip, None, req, client));
+        let refused = Refused::new(verdict, &deciders.per_ip);
+        return Admission::Refuse(refuse(gate, refused, None, req, client));
     }
     let snap = gate.snapshot();
     let rules = &snap.rules;
@@ -134,13 +137,35 @@ pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
         .extract_with_cert(headers, query, cert);
     let device = rules.device_sources.extract_with_cert(headers, query, cert);
     let device_raw = device.as_ref().map(|d| d.raw);
-    let backoff_key = key_hash(device_raw, ip, LimitKey::Device);
     let version = VersionInput::from_found(found.as_ref(), rules.ordering);
-    gate.census.record(&version);
+    // Only the access log reads these: no display strings when it is off.
+    let presented = || {
+        gate.config.log.access.then(|| Presented {
+            client,
+            device: device.map(|d| d.display(MAX_DEVICE_ID_LEN)),
+            raw_version: found.map(|f| f.display(crate::version::MAX_VERSION_LEN)),
+            version,
+        })
+    };
 
-    if let Some(remaining) = gate.backoff.penalty(backoff_key) {
+    let backoff_key = gate.backoff.key(device_raw, ip);
+    if let Some(remaining) = backoff_key.and_then(|key| gate.backoff.penalty(key)) {
+        gate.census.record(&version, Outcome::HeldBack);
+        let key_kind = gate.backoff.config().key.as_str();
+        gate.metrics
+            .backoff_held_back
+            .get_or_create(&BackoffKeyLabel { key: key_kind })
+            .inc();
+        if let Some(held) = gate.backoff.note_held_back() {
+            tracing::warn!(
+                held,
+                key = key_kind,
+                "reconnect backoff is holding back devices that reconnect too often ({held} refused since the last warning; see fwgate_backoff_held_back_total and /v1/versions)"
+            );
+        }
         let verdict = gate.refuse_by(&deciders.backoff, Some(jittered_wait_secs(remaining, 0.25)));
-        return Admission::Refuse(refuse(gate, verdict, &deciders.backoff, None, req, client));
+        let refused = Refused::new(verdict, &deciders.backoff).held_by(key_kind);
+        return Admission::Refuse(refuse(gate, refused, presented(), req, client));
     }
 
     let decision = gate.decide(&snap, &version, req.path);
@@ -153,28 +178,26 @@ pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
     let permit = match verdict {
         Verdict::Forward(permit) => permit,
         refused => {
-            gate.backoff.record(backoff_key);
-            // Only the access log reads these: no display strings when it is off.
-            let presented = gate.config.log.access.then(|| Presented {
-                client,
-                device: device.map(|d| d.display(MAX_DEVICE_ID_LEN)),
-                raw_version: found.map(|f| f.display(crate::version::MAX_VERSION_LEN)),
-                version,
-            });
-            return Admission::Refuse(refuse(gate, refused, decider, presented, req, client));
+            if let Some(key) = backoff_key {
+                gate.backoff.record(key);
+            }
+            let outcome = match refused {
+                _ if decision.by == DecidedBy::KillSwitch => Outcome::KillSwitch,
+                Verdict::Refuse(_, _, DecisionKind::deny) => Outcome::Denied,
+                _ => Outcome::Limited,
+            };
+            gate.census.record(&version, outcome);
+            let refused = Refused::new(refused, decider);
+            return Admission::Refuse(refuse(gate, refused, presented(), req, client));
         }
     };
     let Some(upstream_slot) = gate.upstream_capacity.try_take() else {
+        gate.census.record(&version, Outcome::Limited);
         let verdict = gate.refuse_by(&deciders.upstream_capacity, None);
-        return Admission::Refuse(refuse(
-            gate,
-            verdict,
-            &deciders.upstream_capacity,
-            None,
-            req,
-            client,
-        ));
+        let refused = Refused::new(verdict, &deciders.upstream_capacity);
+        return Admission::Refuse(refuse(gate, refused, presented(), req, client));
     };
+    gate.census.record(&version, Outcome::Admitted);
     if let Some(shadow) = decision.shadow {
         if gate.config.log.access {
             tracing::info!(target: "fwgate::access", client = %client, device = device.map(|d| d.display(MAX_DEVICE_ID_LEN)).as_deref().unwrap_or("-"), version = %version_str(&version), shadow_rule = %shadow.name, would = shadow.action.as_str(), "shadow rule matched; admitted anyway");
@@ -258,16 +281,41 @@ fn version_str(v: &VersionInput) -> String {
     }
 }
 
+/// A refusal on its way to the device: the verdict, who made it and, for the reconnect
+/// backoff, what identified the device.
+struct Refused<'a> {
+    verdict: Verdict<'a>,
+    decider: &'a crate::rules::Decider,
+    held_by: Option<&'static str>,
+}
+
+impl<'a> Refused<'a> {
+    fn new(verdict: Verdict<'a>, decider: &'a crate::rules::Decider) -> Refused<'a> {
+        Refused {
+            verdict,
+            decider,
+            held_by: None,
+        }
+    }
+
+    fn held_by(self, key_kind: &'static str) -> Refused<'a> {
+        Refused {
+            held_by: Some(key_kind),
+            ..self
+        }
+    }
+}
+
 /// Builds a refusal answer and logs it (sampled).
 fn refuse<H: ?Sized>(
     gate: &Gate,
-    verdict: Verdict<'_>,
-    decider: &crate::rules::Decider,
+    refused: Refused<'_>,
     presented: Option<Presented>,
     req: &RequestHead<'_, H>,
     client: SocketAddr,
 ) -> response::Answer {
-    let Verdict::Refuse(refusal, retry, kind) = verdict else {
+    let decider = refused.decider;
+    let Verdict::Refuse(refusal, retry, kind) = refused.verdict else {
         return response::Answer::plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
     };
     let answer = response::Answer::refusal(refusal, retry);
@@ -281,6 +329,7 @@ fn refuse<H: ?Sized>(
             version = %p.map(|p| p.version_str()).unwrap_or_else(|| "-".into()),
             rule = %decider.name,
             decision = kind.as_str(),
+            held_by = refused.held_by.unwrap_or("-"),
             status = answer.status.as_u16(),
             method = req.method,
             path = req.path,
@@ -464,7 +513,18 @@ impl OpenTunnel {
         } = admitted;
         drop(held);
         active.dec();
-        gate.backoff.record(backoff_key);
+        // Churn is a tunnel that ended on its own soon after it opened; a long-lived tunnel
+        // ending is health, and closes fwgate caused never count against the device.
+        if let Some(key) = backoff_key {
+            let on_its_own = matches!(stats.end, TunnelEnd::Closed | TunnelEnd::Error);
+            if on_its_own
+                && gate
+                    .backoff
+                    .is_short(started.elapsed().saturating_sub(backend_time))
+            {
+                gate.backoff.record(key);
+            }
+        }
         if gate.config.log.access {
             tracing::info!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), raw_version = presented.raw_version.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = 101, path = &*path, backend_ms = backend_time.as_secs_f64() * 1000.0, bytes_in = stats.client_to_upstream, bytes_out = stats.upstream_to_client, end = stats.end.as_str(), duration_s = started.elapsed().as_secs_f64(), "tunnel closed");
         }

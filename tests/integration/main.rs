@@ -4,6 +4,7 @@
 mod util;
 
 mod admin;
+mod backoff;
 mod cli;
 mod edge;
 mod fast_path;
