@@ -580,7 +580,7 @@ async fn relay(
             // A plain connection the fast path handed to hyper: what hyper read past the head,
             // then what the fast path had read and hyper had not reached yet.
             client
-                .downcast::<TokioIo<super::h1::Prefixed<TcpStream>>>()
+                .downcast::<TokioIo<super::prefixed::Prefixed<TcpStream>>>()
                 .map(|parts| {
                     let (io, unread) = parts.io.into_inner().into_parts();
                     let mut early = parts.read_buf.to_vec();
