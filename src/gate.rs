@@ -79,6 +79,9 @@ pub struct LimitDeciders {
     pub backoff: Decider,
     /// `upstream:capacity`.
     pub upstream_capacity: Decider,
+    /// `ambiguous`: repeated or conflicting version/device-id values, or a `Connection`
+    /// header naming a header fwgate decides on (400; the body says which).
+    pub ambiguous: Decider,
 }
 
 impl LimitDeciders {
@@ -110,6 +113,18 @@ impl LimitDeciders {
             ),
             backoff: make("backoff", "reconnecting too often, retry later\n"),
             upstream_capacity: make("upstream:capacity", "backend at capacity, retry later\n"),
+            ambiguous: Decider {
+                name: Arc::from("ambiguous"),
+                action: Action::Deny(Refusal {
+                    status: http::StatusCode::BAD_REQUEST,
+                    body: bytes::Bytes::from_static(b"ambiguous request\n"),
+                    retry_after: None,
+                    jitter: 0.0,
+                }),
+                counters: metrics.rule_counters("ambiguous"),
+                close_existing: false,
+                drain: std::time::Duration::ZERO,
+            },
         }
     }
 }

@@ -36,6 +36,7 @@ pub mod kill_cli;
 pub mod killswitch;
 pub mod limits;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod registry;
 pub mod reload;

@@ -21,6 +21,7 @@ use super::response::{self, BodyDone, ProxyFailure, ResponseBody};
 use super::tunnel::{self, TunnelEnd, TunnelStats};
 use super::{in_networks, ConnInfo};
 use crate::census::Outcome;
+use crate::extract::Extracted;
 use crate::extract::MAX_DEVICE_ID_LEN;
 use crate::gate::Gate;
 use crate::gate::Verdict;
@@ -81,19 +82,64 @@ pub async fn handle(
     connection_slot: Arc<ConnPermit>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let admitted = {
+    // Rules decide on the normalised path, and the backend gets that same path.
+    let (admitted, normalized) = {
+        let path = crate::path::normalize(req.uri().path());
         let head = RequestHead {
             headers: req.headers(),
             method: req.method().as_str(),
-            path: req.uri().path(),
+            path: &path,
             query: req.uri().query(),
             target_len: req.uri().path_and_query().map_or(0, |p| p.as_str().len()),
         };
-        admit(&gate, &conn, &connection_slot, &head)
+        let admitted = admit(&gate, &conn, &connection_slot, &head);
+        let normalized = match path {
+            std::borrow::Cow::Owned(p) => Some(p),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        (admitted, normalized)
     };
     match admitted {
-        Admission::Admit(admitted) => Ok(forward(gate.clone(), &conn, admitted, req).await),
+        Admission::Admit(admitted) => {
+            let mut req = req;
+            if let Some(path) = normalized {
+                set_path(&mut req, &path);
+            }
+            Ok(forward(gate.clone(), &conn, admitted, req).await)
+        }
         Admission::Refuse(answer) => Ok(answer.into_response()),
+    }
+}
+
+/// Replaces the request's path (keeping its query): the backend gets the path the rules saw.
+fn set_path(req: &mut Request<Incoming>, path: &str) {
+    let target = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(p) = http::uri::PathAndQuery::try_from(target) {
+        parts.path_and_query = Some(p);
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+/// Removes header names with `_` (as nginx does by default): CGI-style backends fold
+/// `X_Firmware_Version` and `X-Firmware-Version` into one variable, and fwgate reads only the
+/// latter. One pass over the names; most requests have none.
+fn drop_underscored_headers(headers: &mut http::HeaderMap) {
+    if !headers.keys().any(|k| k.as_str().contains('_')) {
+        return;
+    }
+    let names: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(&name);
     }
 }
 
@@ -132,12 +178,30 @@ pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
     let rules = &snap.rules;
     let (headers, query) = (req.headers, req.query);
     let cert = conn.cert_identity.as_deref();
-    let found = rules
+    let ordering = rules.ordering;
+    let found = match rules
         .version_sources
-        .extract_with_cert(headers, query, cert);
-    let device = rules.device_sources.extract_with_cert(headers, query, cert);
+        .extract(headers, query, cert, ordering)
+    {
+        Extracted::Ambiguous(why) => {
+            let what = format!("firmware version: {}", rules.version_sources.explain(why));
+            return Admission::Refuse(refuse_ambiguous(gate, what, req, client));
+        }
+        extracted => extracted.found().copied(),
+    };
+    let device = match rules.device_sources.extract(headers, query, cert, ordering) {
+        Extracted::Ambiguous(why) => {
+            let what = format!("device id: {}", rules.device_sources.explain(why));
+            return Admission::Refuse(refuse_ambiguous(gate, what, req, client));
+        }
+        extracted => extracted.found().copied(),
+    };
+    if let Some(name) = rules.source_header_in_connection(headers) {
+        let what = format!("Connection names {name}, which fwgate decides on: it would be removed before the backend sees it");
+        return Admission::Refuse(refuse_ambiguous(gate, what, req, client));
+    }
     let device_raw = device.as_ref().map(|d| d.raw);
-    let version = VersionInput::from_found(found.as_ref(), rules.ordering);
+    let version = VersionInput::from_found(found.as_ref(), ordering);
     // Only the access log reads these: no display strings when it is off.
     let presented = || {
         gate.config.log.access.then(|| Presented {
@@ -306,6 +370,26 @@ impl<'a> Refused<'a> {
     }
 }
 
+/// Answers 400 to a request whose version or device id is ambiguous, saying why: fwgate
+/// never decides on one value while the backend may read another.
+fn refuse_ambiguous<H: ?Sized>(
+    gate: &Gate,
+    what: String,
+    req: &RequestHead<'_, H>,
+    client: SocketAddr,
+) -> response::Answer {
+    let decider = &gate.limit_deciders.ambiguous;
+    decider.counters.deny.inc();
+    if gate.config.log.access && gate.refusal_log.allow() {
+        tracing::info!(target: "fwgate::access", client = %client, rule = %decider.name, decision = "deny", status = 400, method = req.method, path = req.path, reason = %what, "refused");
+    }
+    response::Answer {
+        status: StatusCode::BAD_REQUEST,
+        body: bytes::Bytes::from(format!("ambiguous request: {what}\n")),
+        retry_after: None,
+    }
+}
+
 /// Builds a refusal answer and logs it (sampled).
 fn refuse<H: ?Sized>(
     gate: &Gate,
@@ -351,6 +435,7 @@ async fn forward(
     let path: Arc<str> = req.uri().path().into();
     let method = req.method().clone();
     strip_hop_by_hop(req.headers_mut(), upgrade);
+    drop_underscored_headers(req.headers_mut());
     // The backend leg is HTTP/1.1 whatever the client spoke; HTTP/2 carries the host in
     // :authority, not Host: keep it for the backend (a request with neither gets the backend's
     // address as Host).

@@ -280,6 +280,14 @@ pub fn compile_with_limits(
                     p.span().start,
                     format!("path_prefix {:?} must start with '/'", p.get_ref()),
                 );
+            } else {
+                let normal = crate::path::normalize(p.get_ref());
+                if normal != p.get_ref().as_str() {
+                    c.error(
+                        p.span().start,
+                        format!("path_prefix {:?} is compared with normalised request paths (no '//', '.' or '..' segments, unreserved characters decoded); write {:?}", p.get_ref(), &*normal),
+                    );
+                }
             }
             p.get_ref().clone().into_boxed_str()
         });
@@ -306,6 +314,18 @@ pub fn compile_with_limits(
     if !c.errors.is_empty() {
         return Err(FileErrors(c.errors));
     }
+    let mut source_headers: Vec<HeaderName> = Vec::new();
+    for source in version_sources
+        .sources()
+        .iter()
+        .chain(device_sources.sources())
+    {
+        if let Source::Header { name, .. } = source {
+            if !source_headers.contains(name) {
+                source_headers.push(name.clone());
+            }
+        }
+    }
     let index = VersionIndex::build(rules.iter().map(|r| (&r.range, r.is_terminal())), ordering)
         .map_err(|e| FileError::whole(shown, format!("rules cannot be indexed: {e}")))?;
     warn_about_rules_that_never_apply(&mut c, &rules, &index, &rule_offsets);
@@ -323,6 +343,7 @@ pub fn compile_with_limits(
             generation,
         },
         warnings: c.warnings,
+        source_headers,
     })
 }
 
@@ -362,6 +383,17 @@ fn warn_about_rules_that_never_apply(
         ));
     }
 }
+
+/// Headers removed on every hop (RFC 9110 §7.6.1): never a source.
+const HOP_BY_HOP_HEADERS: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// Collects errors and warnings while compiling one file.
 struct Compiler<'a> {
@@ -412,6 +444,20 @@ impl Compiler<'_> {
                             continue;
                         }
                     };
+                    if HOP_BY_HOP_HEADERS.contains(&name.as_str()) {
+                        self.error(
+                            h.span().start,
+                            format!("{name} is a hop-by-hop header (RFC 9110 §7.6.1), removed before the backend sees it: a version or device id cannot come from it"),
+                        );
+                        continue;
+                    }
+                    if name.as_str().contains('_') {
+                        self.error(
+                            h.span().start,
+                            format!("{name:?}: header names with '_' are dropped before the backend (as nginx does), so they cannot be a source; use '-'"),
+                        );
+                        continue;
+                    }
                     let Ok(pattern) = self.pattern(pattern, group) else {
                         continue;
                     };

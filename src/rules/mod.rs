@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::StatusCode;
 
-use crate::extract::{Extractor, Found};
+use crate::extract::{Extractor, Found, HeaderSource};
 use crate::limits::LimitState;
 use crate::metrics::RuleCounters;
 use crate::version::{FirmwareVersion, VersionOrdering};
@@ -297,6 +297,9 @@ pub struct RuleSet {
     pub source: RuleSetSource,
     /// Non-fatal findings (e.g. a bare `3.8` that means exactly 3.8.0), shown by `check`.
     pub warnings: Vec<String>,
+    /// Every header a version or device-id source reads: a request whose `Connection` header
+    /// names one is refused, as hop-by-hop removal would take it from the backend.
+    pub source_headers: Vec<http::HeaderName>,
 }
 
 impl RuleSet {
@@ -342,6 +345,27 @@ impl RuleSet {
             by,
             shadow,
         }
+    }
+
+    /// The first header this rule set decides on that the request's `Connection` header
+    /// names, if any. One pass over `Connection`'s tokens; most requests name none.
+    pub fn source_header_in_connection<H: HeaderSource + ?Sized>(
+        &self,
+        headers: &H,
+    ) -> Option<&http::HeaderName> {
+        let mut named = None;
+        headers.each_value(&http::header::CONNECTION, |value| {
+            named = value
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .find_map(|token| {
+                    self.source_headers
+                        .iter()
+                        .find(|h| h.as_str().as_bytes().eq_ignore_ascii_case(token))
+                });
+            named.is_none()
+        });
+        named
     }
 
     /// The rule at `index`, when a decision names one.

@@ -9,6 +9,7 @@ mod cli;
 mod edge;
 mod fast_path;
 mod http_proxy;
+mod integrity;
 mod killswitch;
 mod limits;
 mod reload;

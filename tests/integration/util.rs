@@ -130,6 +130,13 @@ async fn backend_handle(req: Request<Incoming>) -> Result<Response<BackendBody>,
         }
         return Ok(Response::new(Full::new(Bytes::from(out)).boxed()));
     }
+    if path.starts_with("/echo") {
+        // The request target exactly as the backend received it.
+        let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+        return Ok(Response::new(
+            Full::new(Bytes::from(target.to_string())).boxed(),
+        ));
+    }
     if path == "/upload" {
         let mut body = req.into_body();
         let mut n = 0usize;
@@ -259,8 +266,13 @@ pub async fn start_proxy_in(dir: tempfile::TempDir, upstream: SocketAddr, extra:
     } else {
         "shutdown_grace = \"1s\"\n"
     };
-    let config_text =
-        format!("rules = \"rules.toml\"\nstate_dir = \"state\"\n{grace}{top}{upstream_table}\n");
+    // `# no state_dir` in `extra` runs without one (kill-switch entries cannot be created).
+    let state = if extra.contains("# no state_dir") {
+        ""
+    } else {
+        "state_dir = \"state\"\n"
+    };
+    let config_text = format!("rules = \"rules.toml\"\n{state}{grace}{top}{upstream_table}\n");
     std::fs::write(dir.path().join("fwgate.toml"), &config_text).unwrap();
     let config = Config::load(&dir.path().join("fwgate.toml"))
         .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{config_text}"));
