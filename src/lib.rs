@@ -17,7 +17,8 @@
 //! - [`killswitch`]: emergency entries decided before every rule, persisted and audited.
 //! - [`limits`]: rule `limit` actions (GCRA via governor), concurrency caps, global caps, reconnect backoff.
 //! - [`registry`]: open tunnels, so a rule change can close what it no longer admits.
-//! - [`census`]: which versions are connecting, for `/v1/versions`.
+//! - [`census`]: which versions are connecting and what was done with them, for `/v1/versions`.
+//! - [`path`]: the one spelling of a request path that rules see and the backend gets.
 //! - [`metrics`], [`access_log`], [`diag`], [`duration`]: supporting pieces.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
