@@ -513,7 +513,7 @@ impl Gate {
             )));
         }
         self.kill_commit(&path, specs, ordering, KillSwitchAction::add)?;
-        tracing::warn!(target: "fwgate::audit", action = "kill_add", id = %spec.id, versions = %spec.versions, reason = %spec.reason, by = spec.created_by.as_deref().unwrap_or("-"), expires_at = ?spec.expires_at, status = spec.status, "kill-switch entry added");
+        tracing::warn!(target: "fwgate::audit", action = "kill_add", id = %spec.id, versions = %spec.versions, reason = %spec.reason, by = spec.created_by.as_deref(), expires_at = spec.expires_at, status = spec.status, "kill-switch entry added");
         Ok(self.kill_impact(&entry, false))
     }
 
@@ -542,7 +542,7 @@ impl Gate {
             self.rules().ordering,
             KillSwitchAction::remove,
         )?;
-        tracing::warn!(target: "fwgate::audit", action = "kill_remove", id = %id, versions = %removed.spec.versions, by = actor.unwrap_or("-"), "kill-switch entry removed");
+        tracing::warn!(target: "fwgate::audit", action = "kill_remove", id = %id, versions = %removed.spec.versions, by = actor, "kill-switch entry removed");
         Ok(Some(removed.spec.clone()))
     }
 

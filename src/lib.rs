@@ -18,7 +18,7 @@
 //! - [`limits`]: rule `limit` actions (GCRA via governor), concurrency caps, global caps, reconnect backoff.
 //! - [`registry`]: open tunnels, so a rule change can close what it no longer admits.
 //! - [`census`]: which versions are connecting, for `/v1/versions`.
-//! - [`metrics`], [`access_log`], [`diag`], [`duration`]: supporting pieces.
+//! - [`metrics`], [`access_log`], [`logging`], [`diag`], [`duration`]: supporting pieces.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -35,6 +35,7 @@ pub mod gate;
 pub mod kill_cli;
 pub mod killswitch;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;

@@ -37,6 +37,8 @@ pub const STATE_FILE: &str = "killswitch.json";
 pub const EMPTY_STATE: &[u8] = b"{\"entries\":[]}";
 /// Most entries in force at once (each is checked on every handshake).
 pub const MAX_ENTRIES: usize = 256;
+/// Longest `reason` in bytes: it is logged and sent in the body of every refusal it makes.
+pub const MAX_REASON_BYTES: usize = 1024;
 
 /// One entry as persisted and as shown by the API.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -234,6 +236,12 @@ pub fn spec_from_request(
     let invalid = |m: String| Err(KillSwitchError::Invalid(m));
     if req.reason.trim().is_empty() {
         return invalid("reason is required: say why (it is shown in logs and listings)".into());
+    }
+    if req.reason.trim().len() > MAX_REASON_BYTES {
+        return invalid(format!(
+            "reason is {} bytes; at most {MAX_REASON_BYTES}: it is sent to every refused device, so keep it short and link to the incident",
+            req.reason.trim().len()
+        ));
     }
     let id = req.id.unwrap_or_else(generate_id);
     if !valid_id(&id) {
@@ -506,6 +514,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("ttl"));
+        let mut r = req("*");
+        r.reason = "x".repeat(MAX_REASON_BYTES);
+        assert!(spec_from_request(r, VersionOrdering::Firmware, None).is_ok());
+        let mut r = req("*");
+        r.reason = "x".repeat(MAX_REASON_BYTES + 1);
+        let e = spec_from_request(r, VersionOrdering::Firmware, None).unwrap_err();
+        assert!(e.to_string().contains("at most 1024"), "{e}");
         let mut r = req("*");
         r.id = Some("bad id!".into());
         assert!(spec_from_request(r, VersionOrdering::Firmware, None).is_err());

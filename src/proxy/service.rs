@@ -24,6 +24,7 @@ use crate::extract::MAX_DEVICE_ID_LEN;
 use crate::gate::Gate;
 use crate::gate::Verdict;
 use crate::limits::{key_hash, ConnPermit, LimitKey};
+use crate::logging::{millis, seconds};
 use crate::metrics::UpstreamOutcome;
 use crate::registry::TrackedKind;
 use crate::rules::{jittered_wait_secs, VersionInput};
@@ -466,7 +467,7 @@ impl OpenTunnel {
         active.dec();
         gate.backoff.record(backoff_key);
         if gate.config.log.access {
-            tracing::info!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), raw_version = presented.raw_version.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = 101, path = &*path, backend_ms = backend_time.as_secs_f64() * 1000.0, bytes_in = stats.client_to_upstream, bytes_out = stats.upstream_to_client, end = stats.end.as_str(), duration_s = started.elapsed().as_secs_f64(), "tunnel closed");
+            tracing::info!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), raw_version = presented.raw_version.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = 101, path = &*path, backend_ms = millis(backend_time), bytes_in = stats.client_to_upstream, bytes_out = stats.upstream_to_client, end = stats.end.as_str(), duration_s = seconds(started.elapsed()), "tunnel closed");
         }
     }
 }
@@ -484,7 +485,7 @@ pub(super) fn backend_failed(
     gate.metrics.upstream(outcome_of(failure)).inc();
     let (status, _) = failure.status_and_body();
     if gate.config.log.access {
-        tracing::warn!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = status.as_u16(), method = method, path = path, backend_ms = started.elapsed().as_secs_f64() * 1000.0, "backend failed");
+        tracing::warn!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = status.as_u16(), method = method, path = path, backend_ms = millis(started.elapsed()), "backend failed");
     }
     response::failure(failure)
 }
@@ -645,7 +646,7 @@ impl BodyDone for Exchange {
         }
         if self.log {
             let p = &self.presented;
-            tracing::info!(target: "fwgate::access", client = %p.client, device = p.device.as_deref().unwrap_or("-"), raw_version = p.raw_version.as_deref().unwrap_or("-"), version = %p.version_str(), rule = %self.rule, decision = "allow", status = self.status, method = %self.method, path = &*self.path, backend_ms = self.backend_time.as_secs_f64() * 1000.0, bytes_in = self.bytes_in.as_ref().map_or(0, |b| b.load(std::sync::atomic::Ordering::Relaxed)), bytes_out = bytes, complete, duration_ms = self.started.elapsed().as_secs_f64() * 1000.0, "forwarded");
+            tracing::info!(target: "fwgate::access", client = %p.client, device = p.device.as_deref().unwrap_or("-"), raw_version = p.raw_version.as_deref().unwrap_or("-"), version = %p.version_str(), rule = %self.rule, decision = "allow", status = self.status, method = %self.method, path = &*self.path, backend_ms = millis(self.backend_time), bytes_in = self.bytes_in.as_ref().map_or(0, |b| b.load(std::sync::atomic::Ordering::Relaxed)), bytes_out = bytes, complete, duration_ms = millis(self.started.elapsed()), "forwarded");
         }
     }
 }
