@@ -410,3 +410,37 @@ async fn a_reason_with_line_breaks_stays_on_its_audit_line_and_a_huge_one_is_ref
     assert_eq!(status_for(&proxy, Some("1.0.0")).await, 200);
     proxy.stop().await;
 }
+
+/// A rules reload that switches `ordering` also switches the order the kill-switch entries are
+/// decided in: `>=3.8.0-b3` holds `3.8.0-b10` in the firmware ordering, not in SemVer's
+/// (where `b10` sorts before `b3`).
+#[tokio::test]
+async fn entries_follow_a_rules_reload_that_switches_ordering() {
+    let backend = http_backend().await;
+    let proxy = start_proxy(
+        "[version]\nordering = \"firmware\"\n[defaults]\naction = \"allow\"\n",
+        backend.addr,
+        "",
+    )
+    .await;
+    add(
+        &proxy,
+        r#"{"versions": ">=3.8.0-b3", "reason": "ordering probe"}"#,
+    )
+    .await;
+    assert_eq!(status_for(&proxy, Some("3.8.0-b10")).await, 503);
+    std::fs::write(
+        proxy.rules_path(),
+        "[version]\nordering = \"semver\"\n[defaults]\naction = \"allow\"\n",
+    )
+    .unwrap();
+    let (status, body) = admin_post(&proxy, "/v1/reload", Some(TEST_TOKEN), "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        status_for(&proxy, Some("3.8.0-b10")).await,
+        200,
+        "the entry still decides in the firmware ordering"
+    );
+    assert_eq!(status_for(&proxy, Some("3.8.0-b4")).await, 503);
+    proxy.stop().await;
+}

@@ -11,6 +11,7 @@ mod http_proxy;
 mod killswitch;
 mod limits;
 mod reload;
+mod semver_oracle;
 mod tls;
 mod versions;
 mod websocket;
