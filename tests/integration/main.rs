@@ -12,6 +12,7 @@ mod killswitch;
 mod limits;
 mod reload;
 mod semver_oracle;
+mod state_faults;
 mod tls;
 mod versions;
 mod websocket;
