@@ -8,6 +8,7 @@ mod cli;
 mod edge;
 mod fast_path;
 mod http_proxy;
+mod kill_cli;
 mod killswitch;
 mod limits;
 mod reload;
