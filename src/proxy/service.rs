@@ -14,8 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 
 use super::forward::{
-    add_forwarding_headers, strip_hop_by_hop, wants_upgrade, Lease, UpstreamRequestBody,
-    UpstreamStream,
+    add_forwarding_headers, normalize_content_length, strip_hop_by_hop, wants_upgrade, Lease,
+    UpstreamRequestBody, UpstreamStream,
 };
 use super::response::{self, BodyDone, ProxyFailure, ResponseBody};
 use super::tunnel::{self, TunnelStats};
@@ -298,11 +298,13 @@ async fn forward(
     admitted: Admitted,
     mut req: Request<Incoming>,
 ) -> Response<ResponseBody> {
-    let upgrade = wants_upgrade(req.headers());
+    // HTTP/1.0 has no Upgrade (RFC 9110 §7.8): such a request is forwarded as a plain one.
+    let upgrade = req.version() == http::Version::HTTP_11 && wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let path: Arc<str> = req.uri().path().into();
     let method = req.method().clone();
     strip_hop_by_hop(req.headers_mut(), upgrade);
+    normalize_content_length(req.headers_mut());
     // The backend leg is HTTP/1.1 whatever the client spoke; HTTP/2 carries the host in
     // :authority, not Host: keep it for the backend (a request with neither gets the backend's
     // address as Host).
@@ -380,6 +382,14 @@ async fn forward(
 
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    if upgrade {
+        // The request asked to leave HTTP and the backend declined: the connection closes
+        // after this answer, as on the fast path.
+        parts.headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
     let (registration, close) = match tracked {
         Some((r, c)) => (Some(r), Some(c)),
         None => (None, None),

@@ -11,6 +11,7 @@ mod http_proxy;
 mod kill_cli;
 mod killswitch;
 mod limits;
+mod protocol_edges;
 mod reload;
 mod semver_oracle;
 mod state_faults;
