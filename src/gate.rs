@@ -400,9 +400,16 @@ impl Gate {
         let mut status = self.reload_status.lock().unwrap_or_else(|e| e.into_inner());
         status.last_attempt_unix = Some(unix_now());
         match result {
-            Ok(None) => Ok(ReloadOutcome::Unchanged {
-                generation: self.generation.load(Ordering::Relaxed),
-            }),
+            Ok(None) => {
+                // The file is the one in force, so it is valid: an error from an edit since
+                // reverted no longer describes it.
+                if let Some(previous) = status.last_error.take() {
+                    tracing::info!(previous_error = %previous, "rules file is valid again (the rules in force); reload error cleared");
+                }
+                Ok(ReloadOutcome::Unchanged {
+                    generation: self.generation.load(Ordering::Relaxed),
+                })
+            }
             Ok(Some(rules)) => {
                 status.last_error = None;
                 drop(status);
@@ -434,7 +441,11 @@ impl Gate {
             tracing::warn!(warning = %w, "rules warning");
         }
         self.generation.store(generation, Ordering::Relaxed);
-        self.rules.store(Arc::new(rules));
+        let ordering = rules.ordering;
+        let previous = self.rules.swap(Arc::new(rules));
+        if previous.ordering != ordering {
+            self.recompile_kill_entries(ordering);
+        }
         self.metrics
             .rules_reloads
             .get_or_create(&ReloadLabel {
@@ -450,6 +461,34 @@ impl Gate {
         ReloadOutcome::Applied {
             generation,
             closing,
+        }
+    }
+
+    /// Compiles the kill-switch entries in force again in `ordering`, after a rules reload
+    /// switched it: a range is a set on one total order, and the entries must be decided in the
+    /// same order as the rules. An entry that no longer compiles keeps the old set (logged).
+    fn recompile_kill_entries(&self, ordering: crate::version::VersionOrdering) {
+        let current = self.kill_set();
+        if current.entries.is_empty() {
+            return;
+        }
+        let state = StateFile {
+            version: 1,
+            entries: current.specs(),
+        };
+        match killswitch::compile_state(state, ordering, &self.metrics) {
+            Ok(set) => {
+                self.kill.store(Arc::new(set));
+                tracing::info!(
+                    ordering = ordering.as_str(),
+                    entries = current.entries.len(),
+                    "kill-switch entries compiled again in the new ordering"
+                );
+            }
+            Err(e) => {
+                self.metrics.killswitch_state_errors.inc();
+                tracing::error!(error = %e, ordering = ordering.as_str(), "kill-switch entries cannot be compiled in the new ordering; they keep the previous one");
+            }
         }
     }
 
@@ -529,7 +568,7 @@ impl Gate {
             return Ok(self.kill_impact(&entry, true));
         }
         self.kill_commit(&path, specs, ordering, KillSwitchAction::add)?;
-        tracing::warn!(target: "fwgate::audit", action = "kill_add", id = %spec.id, versions = %spec.versions, reason = %spec.reason, by = spec.created_by.as_deref().unwrap_or("-"), expires_at = ?spec.expires_at, status = spec.status, "kill-switch entry added");
+        tracing::warn!(target: "fwgate::audit", action = "kill_add", id = %spec.id, versions = %spec.versions, reason = %spec.reason, by = spec.created_by.as_deref(), expires_at = spec.expires_at, status = spec.status, "kill-switch entry added");
         Ok(self.kill_impact(&entry, false))
     }
 
@@ -558,7 +597,7 @@ impl Gate {
             self.rules().ordering,
             KillSwitchAction::remove,
         )?;
-        tracing::warn!(target: "fwgate::audit", action = "kill_remove", id = %id, versions = %removed.spec.versions, by = actor.unwrap_or("-"), "kill-switch entry removed");
+        tracing::warn!(target: "fwgate::audit", action = "kill_remove", id = %id, versions = %removed.spec.versions, by = actor, "kill-switch entry removed");
         Ok(Some(removed.spec.clone()))
     }
 

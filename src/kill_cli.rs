@@ -51,8 +51,16 @@ pub enum KillAction {
     },
 }
 
+/// What to say when a change is asked for without a token: nothing is sent, since every
+/// instance would refuse it.
+pub const NO_TOKEN: &str = "no admin token: changes need the instance's token. Set FWGATE_ADMIN_TOKEN, pass --token-file PATH, or give --config with [admin] token_file; nothing was sent";
+
 /// Runs `action` against every admin URL in parallel; returns (output, all succeeded).
 pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -> (String, bool) {
+    let mutates = !matches!(action, KillAction::List);
+    if mutates && token.as_deref().is_none_or(str::is_empty) {
+        return (format!("FAIL  {NO_TOKEN}\n"), false);
+    }
     let actor = std::env::var("USER")
         .ok()
         .map(|u| format!("{u} via fwgate kill"));
@@ -73,6 +81,7 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
     let mut out = String::new();
     let mut all_ok = true;
     let mut any_ok = false;
+    let mut any_retryable = false;
     for t in tasks {
         match t.await {
             Ok((admin, Ok(text))) => {
@@ -81,10 +90,12 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
             }
             Ok((admin, Err(e))) => {
                 all_ok = false;
-                let _ = writeln!(out, "FAIL  {admin}  {e}");
+                any_retryable |= e.retryable;
+                let _ = writeln!(out, "FAIL  {admin}  {}", e.message);
             }
             Err(e) => {
                 all_ok = false;
+                any_retryable = true;
                 let _ = writeln!(out, "FAIL  {e}");
             }
         }
@@ -104,12 +115,26 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
         _ => {}
     }
     if !all_ok {
+        let what = if any_retryable {
+            "retry them once the cause shown is fixed (the same command is safe to repeat)"
+        } else {
+            "fix the cause shown for each, then run the command again"
+        };
         let _ = writeln!(
             out,
-            "some instances FAILED: they are not in the state shown above; retry them"
+            "some instances FAILED: they are not in the state shown above; {what}"
         );
     }
     (out, all_ok)
+}
+
+/// Why one instance did not do what was asked, and whether trying again can help.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    /// The instance was unreachable, slow or failed itself: the same command may work later.
+    /// Otherwise (token, input) repeating it changes nothing.
+    retryable: bool,
 }
 
 async fn one(
@@ -117,7 +142,7 @@ async fn one(
     action: &KillAction,
     token: Option<&str>,
     actor: Option<&str>,
-) -> Result<String, String> {
+) -> Result<String, Failure> {
     match action {
         KillAction::Add {
             versions,
@@ -155,6 +180,7 @@ async fn one(
                 )
                 .await,
                 &[200, 201],
+                "",
             )?;
             let e = &v["entry"];
             let matching = v["impact"]["matching_connections"].as_u64().unwrap_or(0);
@@ -186,6 +212,7 @@ async fn one(
             let v = expect(
                 client::call(admin, Method::GET, "/v1/killswitch", token, actor, None).await,
                 &[200],
+                "",
             )?;
             let entries = v["entries"].as_array().cloned().unwrap_or_default();
             if entries.is_empty() {
@@ -226,6 +253,7 @@ async fn one(
                 )
                 .await,
                 &[200],
+                id,
             )?;
             Ok(format!(
                 "removed {id} ({})",
@@ -235,17 +263,31 @@ async fn one(
     }
 }
 
-fn expect(result: Result<(u16, String), String>, ok: &[u16]) -> Result<Value, String> {
-    let (status, body) = result?;
+/// The answer's JSON on an expected status; otherwise what went wrong and what to do about it.
+/// `id` names the entry a removal was for.
+fn expect(result: Result<(u16, String), String>, ok: &[u16], id: &str) -> Result<Value, Failure> {
+    let (status, body) = result.map_err(|e| Failure {
+        message: format!(
+            "unreachable ({e}): is fwgate running there, and is this its [admin] addr?"
+        ),
+        retryable: true,
+    })?;
     let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
     if ok.contains(&status) {
-        Ok(v)
-    } else {
-        Err(format!(
-            "{status}: {}",
-            v["error"].as_str().unwrap_or(body.trim())
-        ))
+        return Ok(v);
     }
+    let said = v["error"].as_str().unwrap_or(body.trim());
+    let (advice, retryable) = match status {
+        401 => ("wrong token: use the instance's token (FWGATE_ADMIN_TOKEN or --token-file must match its [admin] token_file)".to_string(), false),
+        403 => ("the instance has no admin token configured, so it accepts no change: set [admin] token_file (or FWGATE_ADMIN_TOKEN) there and restart it".to_string(), false),
+        404 if !id.is_empty() => (format!("no entry {id:?} there: `fwgate kill list` shows the ids in force"), false),
+        400 | 404 | 405 | 422 => ("fix the command; nothing was changed".to_string(), false),
+        _ => ("the instance failed (see its log); nothing was changed there".to_string(), true),
+    };
+    Err(Failure {
+        message: format!("{status}: {said}: {advice}"),
+        retryable,
+    })
 }
 
 #[cfg(test)]
@@ -272,7 +314,7 @@ mod tests {
                 id: None,
             },
             &[format!("http://{dead}")],
-            None,
+            Some("token".into()),
         )
         .await;
         assert!(!ok);

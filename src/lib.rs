@@ -19,7 +19,7 @@
 //! - [`registry`]: open tunnels, so a rule change can close what it no longer admits.
 //! - [`census`]: which versions are connecting and what was done with them, for `/v1/versions`.
 //! - [`path`]: the one spelling of a request path that rules see and the backend gets.
-//! - [`metrics`], [`access_log`], [`diag`], [`duration`]: supporting pieces.
+//! - [`metrics`], [`access_log`], [`logging`], [`diag`], [`duration`]: supporting pieces.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -36,6 +36,7 @@ pub mod gate;
 pub mod kill_cli;
 pub mod killswitch;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod path;
 pub mod proxy;

@@ -14,8 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 
 use super::forward::{
-    add_forwarding_headers, strip_hop_by_hop, wants_upgrade, Lease, UpstreamRequestBody,
-    UpstreamStream,
+    add_forwarding_headers, normalize_content_length, strip_hop_by_hop, wants_upgrade, Lease,
+    UpstreamRequestBody, UpstreamStream,
 };
 use super::response::{self, BodyDone, ProxyFailure, ResponseBody};
 use super::tunnel::{self, TunnelEnd, TunnelStats};
@@ -26,6 +26,7 @@ use crate::extract::MAX_DEVICE_ID_LEN;
 use crate::gate::Gate;
 use crate::gate::Verdict;
 use crate::limits::ConnPermit;
+use crate::logging::{millis, seconds};
 use crate::metrics::{BackoffKeyLabel, DecisionKind, UpstreamOutcome};
 use crate::registry::TrackedKind;
 use crate::rules::{jittered_wait_secs, DecidedBy, VersionInput};
@@ -430,12 +431,14 @@ async fn forward(
     admitted: Admitted,
     mut req: Request<Incoming>,
 ) -> Response<ResponseBody> {
-    let upgrade = wants_upgrade(req.headers());
+    // HTTP/1.0 has no Upgrade (RFC 9110 §7.8): such a request is forwarded as a plain one.
+    let upgrade = req.version() == http::Version::HTTP_11 && wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let path: Arc<str> = req.uri().path().into();
     let method = req.method().clone();
     strip_hop_by_hop(req.headers_mut(), upgrade);
     drop_underscored_headers(req.headers_mut());
+    normalize_content_length(req.headers_mut());
     // The backend leg is HTTP/1.1 whatever the client spoke; HTTP/2 carries the host in
     // :authority, not Host: keep it for the backend (a request with neither gets the backend's
     // address as Host).
@@ -513,6 +516,14 @@ async fn forward(
 
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    if upgrade {
+        // The request asked to leave HTTP and the backend declined: the connection closes
+        // after this answer, as on the fast path.
+        parts.headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
     let (registration, close) = match tracked {
         Some((r, c)) => (Some(r), Some(c)),
         None => (None, None),
@@ -611,7 +622,7 @@ impl OpenTunnel {
             }
         }
         if gate.config.log.access {
-            tracing::info!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), raw_version = presented.raw_version.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = 101, path = &*path, backend_ms = backend_time.as_secs_f64() * 1000.0, bytes_in = stats.client_to_upstream, bytes_out = stats.upstream_to_client, end = stats.end.as_str(), duration_s = started.elapsed().as_secs_f64(), "tunnel closed");
+            tracing::info!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), raw_version = presented.raw_version.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = 101, path = &*path, backend_ms = millis(backend_time), bytes_in = stats.client_to_upstream, bytes_out = stats.upstream_to_client, end = stats.end.as_str(), duration_s = seconds(started.elapsed()), "tunnel closed");
         }
     }
 }
@@ -629,7 +640,7 @@ pub(super) fn backend_failed(
     gate.metrics.upstream(outcome_of(failure)).inc();
     let (status, _) = failure.status_and_body();
     if gate.config.log.access {
-        tracing::warn!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = status.as_u16(), method = method, path = path, backend_ms = started.elapsed().as_secs_f64() * 1000.0, "backend failed");
+        tracing::warn!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = status.as_u16(), method = method, path = path, backend_ms = millis(started.elapsed()), "backend failed");
     }
     response::failure(failure)
 }
@@ -790,7 +801,7 @@ impl BodyDone for Exchange {
         }
         if self.log {
             let p = &self.presented;
-            tracing::info!(target: "fwgate::access", client = %p.client, device = p.device.as_deref().unwrap_or("-"), raw_version = p.raw_version.as_deref().unwrap_or("-"), version = %p.version_str(), rule = %self.rule, decision = "allow", status = self.status, method = %self.method, path = &*self.path, backend_ms = self.backend_time.as_secs_f64() * 1000.0, bytes_in = self.bytes_in.as_ref().map_or(0, |b| b.load(std::sync::atomic::Ordering::Relaxed)), bytes_out = bytes, complete, duration_ms = self.started.elapsed().as_secs_f64() * 1000.0, "forwarded");
+            tracing::info!(target: "fwgate::access", client = %p.client, device = p.device.as_deref().unwrap_or("-"), raw_version = p.raw_version.as_deref().unwrap_or("-"), version = %p.version_str(), rule = %self.rule, decision = "allow", status = self.status, method = %self.method, path = &*self.path, backend_ms = millis(self.backend_time), bytes_in = self.bytes_in.as_ref().map_or(0, |b| b.load(std::sync::atomic::Ordering::Relaxed)), bytes_out = bytes, complete, duration_ms = millis(self.started.elapsed()), "forwarded");
         }
     }
 }

@@ -125,3 +125,46 @@ fn check_warns_about_rules_that_can_never_decide_and_bounds_that_take_pre_releas
     let (_, out) = fwgate(&["check", "--config", &repo_config()]);
     assert!(!out.contains("warning"), "{out}");
 }
+
+/// `fwgate run` with its log going to a pipe (a log shipper, `journalctl`, `> file`): plain
+/// text, no colour codes; floats short.
+#[test]
+fn run_logs_without_colour_codes_when_not_on_a_terminal() {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.toml"), "# admit everything\n").unwrap();
+    let config = dir.path().join("fwgate.toml");
+    std::fs::write(
+        &config,
+        "rules = \"rules.toml\"\nshutdown_grace = \"1500ms\"\n[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.2:0\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fwgate"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("FWGATE_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run fwgate");
+    let stdout = child.stdout.take().unwrap();
+    // Reading blocks until the start-up line is written (or the process ends: then EOF).
+    let mut started = None;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        if line.contains("fwgate started") {
+            started = Some(line);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = started.expect("fwgate did not log its start-up line");
+    assert!(
+        !line.contains('\u{1b}'),
+        "colour codes in a piped log: {line:?}"
+    );
+    assert!(line.contains("shutdown_grace_s=1.5 "), "{line}");
+}

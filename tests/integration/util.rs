@@ -460,6 +460,7 @@ fn init_log_capture() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter("info")
             .with_ansi(false)
+            .fmt_fields(fwgate::logging::EscapedFields)
             .with_writer(move || sink.clone())
             .try_init();
     }

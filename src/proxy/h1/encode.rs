@@ -3,7 +3,7 @@
 
 use http::{Response, StatusCode};
 
-use super::super::response::{Answer, ResponseBody, TEXT_PLAIN};
+use super::super::response::{Answer, ResponseBody, TEXT_PLAIN, UPGRADE_REQUIRED_PROTOCOL};
 use super::head::push_header;
 
 /// Serialises a response fwgate itself made (a backend failure; always a fixed body) the way
@@ -28,6 +28,10 @@ pub(super) fn encode_answer(answer: &Answer, close: bool) -> Vec<u8> {
     if let Some(secs) = answer.retry_after {
         let mut digits = itoa::Buffer::new();
         push_header(&mut out, b"retry-after", digits.format(secs).as_bytes());
+    }
+    if answer.status == StatusCode::UPGRADE_REQUIRED {
+        push_header(&mut out, b"upgrade", UPGRADE_REQUIRED_PROTOCOL.as_bytes());
+        push_header(&mut out, b"connection", b"upgrade");
     }
     finish_fixed(&mut out, &answer.body, close);
     out

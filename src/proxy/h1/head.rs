@@ -18,7 +18,6 @@ pub(super) struct RequestShape<'b> {
     pub(super) close: bool,
     /// `Connection` names other headers (to drop as hop-by-hop).
     pub(super) lists_names: bool,
-    pub(super) has_host: bool,
 }
 
 impl<'b> RequestShape<'b> {
@@ -30,7 +29,6 @@ impl<'b> RequestShape<'b> {
             connection_upgrade: false,
             close: false,
             lists_names: false,
-            has_host: false,
         };
         let mut content_length_seen = false;
         for h in headers {
@@ -56,8 +54,6 @@ impl<'b> RequestShape<'b> {
                         shape.lists_names = true;
                     }
                 }
-            } else if name.eq_ignore_ascii_case("host") {
-                shape.has_host = true;
             }
         }
         Some(shape)
@@ -132,18 +128,19 @@ pub(super) fn upstream_request_head(
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    // As hyper's path: a header named in `Connection` is dropped, `Host` too (the backend's
+    // address replaces it), and so are the client's forwarding headers (this hop's only).
+    let dropped = |name: &str| lists_names && listed_in_connection(headers, name);
+    let mut host_kept = false;
     for h in headers {
         let name = h.name;
-        if is_hop_by_hop(name)
-            || is_forwarding(name)
-            || has_underscore(name)
-            || (lists_names && listed_in_connection(headers, name))
-        {
+        if is_hop_by_hop(name) || is_forwarding(name) || has_underscore(name) || dropped(name) {
             continue;
         }
+        host_kept |= name.len() == 4 && name.eq_ignore_ascii_case("host");
         push_header(&mut out, name.as_bytes(), h.value);
     }
-    if !shape.has_host {
+    if !host_kept {
         push_header(&mut out, b"host", authority);
     }
     if let Some(upgrade) = upgrade {
@@ -152,15 +149,16 @@ pub(super) fn upstream_request_head(
     }
     // Written straight into the head: no intermediate strings.
     let named = |name: &'static str| {
+        let gone = dropped(name);
         headers
             .iter()
-            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .filter(move |h| !gone && h.name.eq_ignore_ascii_case(name))
             .map(|h| h.value)
     };
     out.extend_from_slice(b"x-forwarded-for: ");
     push_x_forwarded_for(&mut out, named("x-forwarded-for"), info.client);
     out.extend_from_slice(b"\r\nforwarded: ");
-    let host = named("host").next();
+    let host = named("host").next().filter(|_| host_kept);
     push_forwarded(&mut out, named("forwarded"), host, info.client, info.scheme);
     out.extend_from_slice(b"\r\n");
     push_header(&mut out, b"x-forwarded-proto", info.scheme.as_bytes());

@@ -7,7 +7,7 @@ use std::mem::MaybeUninit;
 use http::StatusCode;
 use tokio::io::AsyncReadExt as _;
 
-use super::super::forward::{is_connection_option, UpstreamStream};
+use super::super::forward::{is_connection_option, parse_content_length, UpstreamStream};
 use super::super::response::ProxyFailure;
 use super::encode::push_date;
 use super::head::{is_hop_by_hop, listed_in_connection, push_header, tokens};
@@ -147,6 +147,10 @@ pub(super) fn parse_response_head(
     let (Some(status), Some(version)) = (resp.code, resp.version) else {
         return Err(ProxyFailure::UpstreamBroken);
     };
+    // httparse reads any three digits; hyper's client takes 100-999 only.
+    if status < 100 {
+        return Err(ProxyFailure::UpstreamBroken);
+    }
     if status == 101 && !upgrade {
         return Err(ProxyFailure::UpstreamBroken);
     }
@@ -164,16 +168,11 @@ pub(super) fn parse_response_head(
             // The last coding decides; several headers read as one list.
             transfer_encoding = Some(h.value);
         } else if h.name.eq_ignore_ascii_case("content-length") {
-            for value in visible_ascii(h.value).unwrap_or("x").split(',') {
-                let len = value
-                    .trim()
-                    .parse::<u64>()
-                    .map_err(|_| ProxyFailure::UpstreamBroken)?;
-                if content_length.is_some_and(|l| l != len) {
-                    return Err(ProxyFailure::UpstreamBroken);
-                }
-                content_length = Some(len);
+            let len = parse_content_length(h.value).ok_or(ProxyFailure::UpstreamBroken)?;
+            if content_length.is_some_and(|l| l != len) {
+                return Err(ProxyFailure::UpstreamBroken);
             }
+            content_length = Some(len);
         } else if h.name.eq_ignore_ascii_case("date") {
             has_date = true;
         } else if h.name.eq_ignore_ascii_case("connection") {
@@ -186,12 +185,17 @@ pub(super) fn parse_response_head(
             }
         }
     }
+    // HTTP/1.0 has no transfer codings: hyper's client refuses such a response.
+    if version == 0 && transfer_encoding.is_some() {
+        return Err(ProxyFailure::UpstreamBroken);
+    }
     let framing = if status == 101 || head_request || status == 204 || status == 304 {
         Framing::Empty
     } else if let Some(te) = transfer_encoding {
-        match tokens(te).last() {
-            Some(last) if last.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
-            _ => Framing::UntilClose,
+        if ends_with_chunked(te) {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
         }
     } else if let Some(len) = content_length {
         Framing::Length(len)
@@ -215,11 +219,17 @@ pub(super) fn parse_response_head(
         if name.eq_ignore_ascii_case("upgrade") {
             upgrade_value.get_or_insert(h.value);
         }
-        let keep_framing =
-            framing == Framing::Chunked && name.eq_ignore_ascii_case("transfer-encoding");
-        if (is_hop_by_hop(name) && !keep_framing)
-            || (transfer_encoding.is_some() && name.eq_ignore_ascii_case("content-length"))
-            || (lists_names && listed_in_connection(headers, name))
+        // The header that frames the relayed body stays, even if `Connection` names it: the
+        // client needs it to find the end (hyper's path writes its own framing header).
+        let framing_header = match framing {
+            Framing::Chunked => name.eq_ignore_ascii_case("transfer-encoding"),
+            Framing::Length(_) => name.eq_ignore_ascii_case("content-length"),
+            _ => false,
+        };
+        if !framing_header
+            && (is_hop_by_hop(name)
+                || (transfer_encoding.is_some() && name.eq_ignore_ascii_case("content-length"))
+                || (lists_names && listed_in_connection(headers, name)))
         {
             continue;
         }
@@ -239,6 +249,14 @@ pub(super) fn parse_response_head(
     out.extend_from_slice(b"\r\n");
     let keep_alive = !backend_close && framing != Framing::UntilClose;
     Ok(ResponseParse::Complete(n, status, out, framing, keep_alive))
+}
+
+/// Whether the last transfer coding is `chunked`, read as hyper reads it: the text after the
+/// last comma, so `chunked,` is not chunked.
+fn ends_with_chunked(value: &[u8]) -> bool {
+    visible_ascii(value)
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
 }
 
 #[cfg(test)]
@@ -327,6 +345,55 @@ mod tests {
             parse_response_head(b"HTTP/1.1 200 OK\r\nA: b", true, false, true),
             Ok(ResponseParse::Partial)
         ));
+    }
+
+    /// What differential fuzzing against hyper's client found: these heads are refused or
+    /// framed as hyper frames them.
+    #[test]
+    fn heads_hyper_refuses_are_502s_and_framing_is_read_as_hyper_reads_it() {
+        for bad in [
+            &b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 099 Low\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5,\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert!(
+                parse_response_head(bad, false, false, false).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let f = |r: &[u8]| complete(r, false, false);
+        assert_eq!(
+            f(b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551613\r\n\r\n").3,
+            Framing::Length(u64::MAX - 2)
+        );
+        assert_eq!(
+            f(b"HTTP/1.1 200 OK\r\nContent-Length: 007\r\n\r\n").3,
+            Framing::Length(7)
+        );
+        assert_eq!(
+            f(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n").3,
+            Framing::UntilClose
+        );
+        // Connection cannot take away the header that frames the body.
+        for (input, kept) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\n"[..],
+                "Content-Length: 5\r\n",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nConnection: transfer-encoding, x-a\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n",
+                "Transfer-Encoding: chunked\r\n",
+            ),
+        ] {
+            let (_, _, head, _) = f(input);
+            assert!(head.contains(kept), "{head}");
+            assert!(!head.contains("X-A"), "{head}");
+        }
     }
 
     #[test]
