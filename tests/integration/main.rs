@@ -5,6 +5,7 @@ mod util;
 
 mod admin;
 mod backoff;
+mod census;
 mod cli;
 mod edge;
 mod fast_path;
