@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 
 use crate::access_log::RefusalSampler;
+use crate::audit::{AuditEvent, AuditTrail};
 use crate::census::Census;
 use crate::config::Config;
 use crate::diag::FileErrors;
@@ -164,6 +165,10 @@ pub struct Gate {
     pub backoff: Backoff,
     /// Cap on concurrent backend exchanges.
     pub upstream_capacity: Capacity,
+    /// The recent audit trail, for `/v1/audit` and the console.
+    pub audit: AuditTrail,
+    /// The generation and text of the rules in force before the current ones (for the diff).
+    previous_rules: Mutex<Option<(u64, Arc<str>)>>,
     /// Deciders for refusals by process-wide limits (names label metrics and logs).
     pub limit_deciders: LimitDeciders,
     kill: ArcSwap<KillSet>,
@@ -247,6 +252,8 @@ impl Gate {
             global,
             backoff,
             upstream_capacity,
+            audit: AuditTrail::default(),
+            previous_rules: Mutex::new(None),
             limit_deciders,
             kill: ArcSwap::from_pointee(kill),
             kill_path,
@@ -365,6 +372,14 @@ impl Gate {
             .unwrap_or_default()
     }
 
+    /// The generation and text of the rules in force before the current ones, if any.
+    pub fn previous_rules(&self) -> Option<(u64, Arc<str>)> {
+        self.previous_rules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Whether the process is shutting down (readiness reports 503).
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
@@ -420,6 +435,11 @@ impl Gate {
             Err(errors) => {
                 status.last_error = Some(errors.to_string());
                 drop(status);
+                self.audit.record(AuditEvent {
+                    action: "rules_error",
+                    detail: Some(format!("previous rules stay in force: {errors}")),
+                    ..AuditEvent::default()
+                });
                 self.metrics
                     .rules_reloads
                     .get_or_create(&ReloadLabel {
@@ -444,10 +464,25 @@ impl Gate {
         }
         self.generation.store(generation, Ordering::Relaxed);
         let ordering = rules.ordering;
+        let detail = format!(
+            "generation {generation}, {} rule(s), content {}",
+            rules.rules.len(),
+            rules.source.content_hash
+        );
         let previous = self.rules.swap(Arc::new(rules));
+        *self
+            .previous_rules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) =
+            Some((previous.source.generation, previous.source.text.clone()));
         if previous.ordering != ordering {
             self.recompile_kill_entries(ordering);
         }
+        self.audit.record(AuditEvent {
+            action: "rules_applied",
+            detail: Some(detail),
+            ..AuditEvent::default()
+        });
         self.metrics
             .rules_reloads
             .get_or_create(&ReloadLabel {
@@ -571,6 +606,15 @@ impl Gate {
         }
         self.kill_commit(&path, specs, ordering, KillSwitchAction::add)?;
         tracing::warn!(target: "fwgate::audit", action = "kill_add", id = %spec.id, versions = %spec.versions, reason = %spec.reason, by = spec.created_by.as_deref(), expires_at = spec.expires_at, status = spec.status, "kill-switch entry added");
+        self.audit.record(AuditEvent {
+            action: "kill_add",
+            id: Some(spec.id.clone()),
+            versions: Some(spec.versions.clone()),
+            reason: Some(spec.reason.clone()),
+            by: spec.created_by.clone(),
+            detail: spec.expires_at.map(|at| format!("expires at {at} (unix)")),
+            ..AuditEvent::default()
+        });
         Ok(self.kill_impact(&entry, false))
     }
 
@@ -600,6 +644,14 @@ impl Gate {
             KillSwitchAction::remove,
         )?;
         tracing::warn!(target: "fwgate::audit", action = "kill_remove", id = %id, versions = %removed.spec.versions, by = actor, "kill-switch entry removed");
+        self.audit.record(AuditEvent {
+            action: "kill_remove",
+            id: Some(id.to_string()),
+            versions: Some(removed.spec.versions.clone()),
+            reason: Some(removed.spec.reason.clone()),
+            by: actor.map(str::to_string),
+            ..AuditEvent::default()
+        });
         Ok(Some(removed.spec.clone()))
     }
 
@@ -658,6 +710,15 @@ impl Gate {
                     .killswitch_entries
                     .set(set.entries.len() as i64);
                 tracing::warn!(target: "fwgate::audit", action = "kill_file", file = %path.display(), entries = set.entries.len(), "kill-switch entries changed on disk");
+                self.audit.record(AuditEvent {
+                    action: "kill_file",
+                    detail: Some(format!(
+                        "{} entries from {}",
+                        set.entries.len(),
+                        path.display()
+                    )),
+                    ..AuditEvent::default()
+                });
                 self.kill.store(Arc::new(set));
                 self.metrics.killswitch_change(KillSwitchAction::file);
                 let closing = self.close_refused();

@@ -25,6 +25,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod audit;
 pub mod census;
 pub mod cli;
 pub mod clock;
