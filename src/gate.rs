@@ -557,6 +557,7 @@ impl Gate {
         target: KillTarget,
         expect: Option<i64>,
     ) -> Result<KillOutcome, KillSwitchError> {
+        self.check_shared_attached(target)?;
         if let (KillTarget::Default, Some(store)) = (target, self.shared_store()) {
             let ordering = self.rules().ordering;
             let entry = killswitch::compile_entry(spec.clone(), ordering, &self.metrics)?;
@@ -631,6 +632,7 @@ impl Gate {
         target: KillTarget,
         expect: Option<i64>,
     ) -> Result<Option<(EntrySpec, Option<SharedChange>)>, KillSwitchError> {
+        self.check_shared_attached(target)?;
         if let (KillTarget::Default, Some(store)) = (target, self.shared_store()) {
             return Ok(store
                 .remove_entry(id, actor, expect)
@@ -701,6 +703,20 @@ impl Gate {
             .set(set.entries.len() as i64);
         // Stored under the layers' lock, so two layer changes cannot swap in out of order.
         self.kill.store(Arc::new(set));
+    }
+
+    /// In fleet mode a change for the fleet needs the store: never fall back to this
+    /// instance's file silently.
+    fn check_shared_attached(&self, target: KillTarget) -> Result<(), KillSwitchError> {
+        if target == KillTarget::Default
+            && self.config.fleet.is_some()
+            && self.shared_store().is_none()
+        {
+            return Err(KillSwitchError::Unavailable(
+                "fleet mode is configured but this instance could not join the fleet (see its log); nothing was changed. For this instance only: --local (?scope=local)".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// This instance's own entries (persisted in `state_dir`), without the fleet's.

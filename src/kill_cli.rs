@@ -398,6 +398,44 @@ fn expect(result: Result<(u16, String), String>, ok: &[u16]) -> Result<Value, St
 mod tests {
     use super::*;
 
+    #[test]
+    fn listings_that_differ_are_reported_per_entry() {
+        let a = json!({"entries": [
+            {"id": "x", "scope": "fleet", "versions": ">=3.8", "status": 503, "active": true},
+            {"id": "old", "scope": "local", "versions": "*", "status": 503, "active": false},
+        ]});
+        let b = json!({"entries": [
+            {"id": "x", "scope": "fleet", "versions": ">=3.8", "status": 503, "active": true},
+        ]});
+        let same = [("A".to_string(), a.clone()), ("B".to_string(), b.clone())];
+        assert!(
+            disagreement(&same).is_none(),
+            "expired entries do not count"
+        );
+        let c = json!({"entries": []});
+        let report = disagreement(&[("A".into(), a), ("C".into(), c)]).unwrap();
+        assert!(report.contains("DISAGREE"), "{report}");
+        assert!(report.contains("x:"), "{report}");
+        assert!(report.contains("C  MISSING"), "{report}");
+        assert!(!report.contains("old:"), "{report}");
+    }
+
+    #[test]
+    fn fleet_answers_say_who_lags() {
+        let v = json!({"fleet": {"revision": 7, "applied": ["a"], "lagging": [{"id": "b", "applied_revision": 5, "age_s": 0.5}], "waited_ms": 5000}});
+        let line = fleet_line(&v).unwrap();
+        assert!(
+            line.starts_with("LAGGING") && line.contains("b (at revision 5"),
+            "{line}"
+        );
+        let v = json!({"fleet": {"revision": 7, "applied": ["a", "b"], "lagging": [], "waited_ms": 12}});
+        assert_eq!(
+            fleet_line(&v).unwrap(),
+            "fleet: revision 7 applied by all 2 live instance(s) in 12 ms"
+        );
+        assert!(fleet_line(&json!({"entry": {}})).is_none());
+    }
+
     #[tokio::test]
     async fn a_change_that_reached_no_instance_offers_no_undo() {
         // Bound then dropped: nothing listens there.

@@ -215,7 +215,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let target = kill_target(req.uri().query());
             let expect = match expect_revision(req.headers()) {
                 Ok(e) => e,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             match gate
                 .kill_remove_from(id, actor.as_deref(), target, expect)
@@ -292,7 +292,7 @@ fn kill_target(query: Option<&str>) -> KillTarget {
 
 /// `X-Fwgate-Expect-Revision: N`: compare-and-set against the store revision the client saw
 /// (0: the entry must not exist yet). Fleet mode only; ignored otherwise.
-fn expect_revision(headers: &http::HeaderMap) -> Result<Option<i64>, Response<Full<Bytes>>> {
+fn expect_revision(headers: &http::HeaderMap) -> Result<Option<i64>, Box<Response<Full<Bytes>>>> {
     let Some(v) = headers.get("x-fwgate-expect-revision") else {
         return Ok(None);
     };
@@ -302,10 +302,10 @@ fn expect_revision(headers: &http::HeaderMap) -> Result<Option<i64>, Response<Fu
         .filter(|n| *n >= 0)
         .map(Some)
         .ok_or_else(|| {
-            json_response(
+            Box::new(json_response(
                 StatusCode::BAD_REQUEST,
                 &json!({"error": "X-Fwgate-Expect-Revision must be a store revision (0: the entry must not exist yet)"}),
-            )
+            ))
         })
 }
 
@@ -318,7 +318,7 @@ async fn kill_add(gate: &Gate, req: Request<Incoming>) -> Response<Full<Bytes>> 
     let target = kill_target(req.uri().query());
     let expect = match expect_revision(req.headers()) {
         Ok(e) => e,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let actor = actor(req.headers());
     let body = match http_body_util::Limited::new(req.into_body(), MAX_ADMIN_BODY)

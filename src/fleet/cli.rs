@@ -173,12 +173,14 @@ async fn rules_inner(config: &Config, action: RulesAction) -> Result<(String, bo
             let label = PathBuf::from(format!("rules #{} (revision {rev})", item.meta.seq));
             let compiled = match publish::validate(&text, &label) {
                 Ok(r) => r,
-                Err(e) => return Ok((
-                    format!(
+                Err(e) => {
+                    return Ok((
+                        format!(
                         "{e}\nnot published: that publication does not compile with this fwgate\n"
                     ),
-                    false,
-                )),
+                        false,
+                    ))
+                }
             };
             let _ = writeln!(
                 out,

@@ -319,7 +319,7 @@ pub async fn history(client: &Client, keys: &Keys) -> Result<Vec<HistoryItem>, P
                 })
         })
         .collect();
-    items.sort_by(|a, b| b.revision.cmp(&a.revision));
+    items.sort_by_key(|i| std::cmp::Reverse(i.revision));
     Ok(items)
 }
 

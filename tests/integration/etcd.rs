@@ -134,8 +134,8 @@ impl Etcd {
                 let req = "GET /health HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n";
                 if s.write_all(req.as_bytes()).await.is_ok() {
                     let mut out = Vec::new();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut out))
-                        .await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut out)).await;
                     if String::from_utf8_lossy(&out).contains("\"health\":\"true\"") {
                         return;
                     }
@@ -189,7 +189,10 @@ impl Etcd {
     /// Writes a key behind fwgate's back.
     pub async fn put(&self, key: &str, value: &[u8]) -> i64 {
         let v = self
-            .call("/v3/kv/put", json!({"key": b64(key.as_bytes()), "value": b64(value)}))
+            .call(
+                "/v3/kv/put",
+                json!({"key": b64(key.as_bytes()), "value": b64(value)}),
+            )
             .await;
         v["header"]["revision"]
             .as_str()
@@ -225,7 +228,10 @@ impl Etcd {
     /// The store's current revision.
     pub async fn revision(&self) -> i64 {
         let v = self
-            .call("/v3/kv/range", json!({"key": b64(b"/"), "count_only": true}))
+            .call(
+                "/v3/kv/range",
+                json!({"key": b64(b"/"), "count_only": true}),
+            )
             .await;
         v["header"]["revision"]
             .as_str()
@@ -370,12 +376,8 @@ impl Relay {
                     }
                     let frozen = Arc::new(AtomicBool::new(false));
                     let watch = Arc::new(AtomicBool::new(false));
-                    let task = tokio::spawn(relay_conn(
-                        inbound,
-                        target,
-                        frozen.clone(),
-                        watch.clone(),
-                    ));
+                    let task =
+                        tokio::spawn(relay_conn(inbound, target, frozen.clone(), watch.clone()));
                     conns.lock().unwrap().push(RelayConn {
                         frozen,
                         watch,
@@ -427,5 +429,54 @@ impl Drop for Relay {
     fn drop(&mut self) {
         self.task.abort();
         self.cut();
+    }
+}
+
+/// Throwaway certificates for etcd over TLS: a CA, a server certificate for 127.0.0.1, and a
+/// client certificate, written as PEM files into `dir`.
+pub struct Pki {
+    pub ca: std::path::PathBuf,
+    pub server_cert: std::path::PathBuf,
+    pub server_key: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+}
+
+impl Pki {
+    pub fn write(dir: &std::path::Path) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "fwgate etcd test CA");
+        let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let issue = |cn: &str, sans: &[&str]| {
+            let key = KeyPair::generate().unwrap();
+            let mut params =
+                CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                    .unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            (
+                params.signed_by(&key, &issuer).unwrap().pem(),
+                key.serialize_pem(),
+            )
+        };
+        let (server_cert, server_key) = issue("etcd", &["127.0.0.1", "localhost"]);
+        let (client_cert, client_key) = issue("fwgate", &[]);
+        let path = |name: &str, body: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        Pki {
+            ca: path("ca.pem", &ca_pem),
+            server_cert: path("server.pem", &server_cert),
+            server_key: path("server-key.pem", &server_key),
+            client_cert: path("client.pem", &client_cert),
+            client_key: path("client-key.pem", &client_key),
+        }
     }
 }

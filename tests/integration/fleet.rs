@@ -185,7 +185,11 @@ async fn a_store_outage_never_loosens_enforcement_and_the_fleet_resyncs_after_it
     for p in [&a, &b] {
         eventually("synced", || ready(p)).await;
     }
-    add(&a, r#"{"versions": ">=3.8", "reason": "outage test", "id": "held"}"#).await;
+    add(
+        &a,
+        r#"{"versions": ">=3.8", "reason": "outage test", "id": "held"}"#,
+    )
+    .await;
     add(
         &a,
         r#"{"versions": "2.0.0", "reason": "short", "id": "short", "ttl": "2s"}"#,
@@ -263,7 +267,11 @@ async fn a_store_outage_never_loosens_enforcement_and_the_fleet_resyncs_after_it
         })
         .await;
     }
-    add(&b, r#"{"versions": "1.5.0", "reason": "after the outage", "id": "after"}"#).await;
+    add(
+        &b,
+        r#"{"versions": "1.5.0", "reason": "after the outage", "id": "after"}"#,
+    )
+    .await;
     assert_eq!(status_for(&a, Some("1.5.0")).await, 503);
     assert_eq!(status_for(&a, Some("0.9.0")).await, 503, "local entry kept");
     a.stop().await;
@@ -280,7 +288,11 @@ async fn a_restart_with_the_store_down_starts_from_the_last_known_good_copy() {
     let config = fleet_config(&etcd.url(), "a", false);
     let a = start_proxy(RULES, backend.addr, &config).await;
     eventually("synced", || ready(&a)).await;
-    add(&a, r#"{"versions": ">=3.8", "reason": "keep me", "id": "kept"}"#).await;
+    add(
+        &a,
+        r#"{"versions": ">=3.8", "reason": "keep me", "id": "kept"}"#,
+    )
+    .await;
     let dir = a.stop_keep_dir().await;
     assert!(dir.path().join("state/fleet-state.json").exists());
     etcd.stop();
@@ -357,20 +369,36 @@ async fn an_entry_deleted_during_a_disconnection_past_a_compaction_disappears() 
     let (status, text) =
         admin_request(&a, "DELETE", "/v1/killswitch/one", Some(TEST_TOKEN), "").await;
     assert_eq!(status, 200, "{text}");
-    let v = add(&a, r#"{"versions": "3.3.0", "reason": "three", "id": "three"}"#).await;
+    let v = add(
+        &a,
+        r#"{"versions": "3.3.0", "reason": "three", "id": "three"}"#,
+    )
+    .await;
     // c is named as lagging (it is still listed until its heartbeats stop counting).
     let _ = v;
     etcd.compact().await;
-    assert_eq!(status_for(&c, Some("1.1.0")).await, 503, "c keeps what it had");
+    assert_eq!(
+        status_for(&c, Some("1.1.0")).await,
+        503,
+        "c keeps what it had"
+    );
 
     relay.restore();
-    eventually("c resyncs: the deleted entry is gone, the new one is there", || async {
-        status_for(&c, Some("1.1.0")).await == 200 && status_for(&c, Some("3.3.0")).await == 503
-    })
+    eventually(
+        "c resyncs: the deleted entry is gone, the new one is there",
+        || async {
+            status_for(&c, Some("1.1.0")).await == 200 && status_for(&c, Some("3.3.0")).await == 503
+        },
+    )
     .await;
     assert_eq!(status_for(&c, Some("2.2.0")).await, 503);
     assert!(
-        metric(&c, "fwgate_fleet_watch_restarts_total{reason=\"compacted\"}").await >= Some(1.0)
+        metric(
+            &c,
+            "fwgate_fleet_watch_restarts_total{reason=\"compacted\"}"
+        )
+        .await
+            >= Some(1.0)
     );
     a.stop().await;
     c.stop().await;
@@ -389,16 +417,21 @@ async fn a_stalled_watch_is_detected_and_replaced() {
     for p in [&a, &c] {
         eventually("synced", || ready(p)).await;
     }
-    eventually("c's watch is open", || async { relay.freeze_watches() == 1 }).await;
-    add(&a, r#"{"versions": "4.4.0", "reason": "stall", "id": "stall"}"#).await;
+    eventually("c's watch is open", || async {
+        relay.freeze_watches() == 1
+    })
+    .await;
+    add(
+        &a,
+        r#"{"versions": "4.4.0", "reason": "stall", "id": "stall"}"#,
+    )
+    .await;
     // c's watch is silent; the periodic check sees the store ahead of it and replaces it.
     eventually("c notices the stall and catches up", || async {
         status_for(&c, Some("4.4.0")).await == 503
     })
     .await;
-    assert!(
-        metric(&c, "fwgate_fleet_watch_restarts_total{reason=\"stalled\"}").await >= Some(1.0)
-    );
+    assert!(metric(&c, "fwgate_fleet_watch_restarts_total{reason=\"stalled\"}").await >= Some(1.0));
     a.stop().await;
     c.stop().await;
 }
@@ -438,8 +471,15 @@ async fn concurrent_writers_cannot_overwrite_each_other() {
     let loser = if ra.0 == 409 { &ra.1 } else { &rb.1 };
     let loser: Value = serde_json::from_str(loser).unwrap();
     let why = loser["error"].as_str().unwrap();
-    assert!(why.contains("\"race\"") && why.contains("revision"), "{why}");
-    let winner = if ra.0 == 201 { "operator one" } else { "operator two" };
+    assert!(
+        why.contains("\"race\"") && why.contains("revision"),
+        "{why}"
+    );
+    let winner = if ra.0 == 201 {
+        "operator one"
+    } else {
+        "operator two"
+    };
     for p in [&a, &b] {
         eventually("both hold the winner's entry", || async {
             admin_get(p, "/v1/killswitch").await.1.contains(winner)
@@ -529,9 +569,7 @@ async fn invalid_documents_written_into_etcd_are_refused_by_every_instance() {
         })
         .await;
         assert_eq!(status_for(p, Some("1.0.0")).await, 403, "rules kept");
-        assert!(
-            metric(p, "fwgate_rules_reloads_total{result=\"error\"}").await >= Some(1.0)
-        );
+        assert!(metric(p, "fwgate_rules_reloads_total{result=\"error\"}").await >= Some(1.0));
     }
     // Not even a rules document.
     etcd.put("/fwgate/state/rules", b"[[rule]] # raw TOML, not published")
@@ -547,8 +585,11 @@ async fn invalid_documents_written_into_etcd_are_refused_by_every_instance() {
         assert_eq!(status_for(p, Some("1.0.0")).await, 403);
     }
     // A broken kill-switch entry is ignored (and counted); a valid hand-written one applies.
-    etcd.put("/fwgate/state/killswitch/bad", br#"{"id": "bad", "versions": ">=3.8,"}"#)
-        .await;
+    etcd.put(
+        "/fwgate/state/killswitch/bad",
+        br#"{"id": "bad", "versions": ">=3.8,"}"#,
+    )
+    .await;
     etcd.put(
         "/fwgate/state/killswitch/hand",
         br#"{"id": "hand", "versions": "5.5.5", "reason": "etcdctl", "created_at": 0}"#,
@@ -646,7 +687,10 @@ async fn rules_push_history_diff_rollback_and_fleet_status_from_the_cli() {
         .collect();
     assert!(revs[0] > revs[1], "newest first: {history}");
     let hash2 = fwgate::rules::content_hash(std::fs::read(&r2).unwrap().as_slice());
-    assert!(lines[0].contains(&hash2) && lines[0].contains("tester"), "{history}");
+    assert!(
+        lines[0].contains(&hash2) && lines[0].contains("tester"),
+        "{history}"
+    );
     assert!(lines[1].contains("1 rule; first publication"), "{history}");
 
     let (ok, diff) = fwgate(args(&[
@@ -680,7 +724,11 @@ async fn rules_push_history_diff_rollback_and_fleet_status_from_the_cli() {
     let (_, history) = fwgate(args(&["rules", "history", "--config", &config])).await;
     assert_eq!(history.lines().count(), 2 + 3, "{history}");
     assert!(
-        history.lines().nth(2).unwrap().contains("1 rule; -new ~old"),
+        history
+            .lines()
+            .nth(2)
+            .unwrap()
+            .contains("1 rule; -new ~old"),
         "{history}"
     );
 
@@ -690,7 +738,9 @@ async fn rules_push_history_diff_rollback_and_fleet_status_from_the_cli() {
     assert!(status.contains("2 live, all at revision"), "{status}");
     for id in ["a ", "b "] {
         assert!(
-            status.lines().any(|l| l.starts_with(id) && l.ends_with("ok")),
+            status
+                .lines()
+                .any(|l| l.starts_with(id) && l.ends_with("ok")),
             "{status}"
         );
     }
@@ -704,7 +754,11 @@ async fn kill_list_says_when_instances_disagree() {
     let backend = http_backend().await;
     let a = start_proxy(RULES, backend.addr, "").await;
     let b = start_proxy(RULES, backend.addr, "").await;
-    add(&a, r#"{"versions": ">=3.8", "reason": "only on a", "id": "lonely"}"#).await;
+    add(
+        &a,
+        r#"{"versions": ">=3.8", "reason": "only on a", "id": "lonely"}"#,
+    )
+    .await;
     let (ok, out) = fwgate(args(&[
         "kill",
         "list",
@@ -719,4 +773,114 @@ async fn kill_list_says_when_instances_disagree() {
     assert!(out.contains("lonely") && out.contains("MISSING"), "{out}");
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test]
+async fn etcd_over_tls_with_a_client_certificate() {
+    if !etcd::available("etcd_over_tls_with_a_client_certificate") {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let pki = etcd::Pki::write(certs.path());
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let etcd = Etcd::start_with(&[
+        "--cert-file",
+        &s(&pki.server_cert),
+        "--key-file",
+        &s(&pki.server_key),
+        "--trusted-ca-file",
+        &s(&pki.ca),
+        "--client-cert-auth",
+    ])
+    .await;
+    let url = format!("https://{}", etcd.client);
+    let backend = http_backend().await;
+    let tls = format!(
+        "{}ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        fleet_config(&url, "tls", false),
+        s(&pki.ca),
+        s(&pki.client_cert),
+        s(&pki.client_key)
+    );
+    let a = start_proxy(RULES, backend.addr, &tls).await;
+    eventually("synced over TLS with a client certificate", || ready(&a)).await;
+    let v = add(
+        &a,
+        r#"{"versions": ">=3.8", "reason": "over TLS", "id": "tls"}"#,
+    )
+    .await;
+    assert_eq!(v["fleet"]["applied"][0], "tls", "{v}");
+    assert_eq!(status_for(&a, Some("3.9.0")).await, 503);
+
+    // Without the client certificate etcd refuses the handshake: never synced, and it says why.
+    let no_cert = format!(
+        "{}ca_file = \"{}\"\n",
+        fleet_config(&url, "anonymous", false),
+        s(&pki.ca)
+    );
+    let b = start_proxy(RULES, backend.addr, &no_cert).await;
+    eventually("the refusal is reported", || async {
+        fleet_json(&b).await["store"]["last_error"].is_string()
+    })
+    .await;
+    assert!(!ready(&b).await);
+    assert_eq!(status_for(&b, Some("1.0.0")).await, 503);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn etcd_auth_with_a_password_file_survives_token_expiry() {
+    if !etcd::available("etcd_auth_with_a_password_file_survives_token_expiry") {
+        return;
+    }
+    // Tokens that expire after one idle second.
+    let etcd = Etcd::start_with(&["--auth-token", "simple", "--auth-token-ttl", "1"]).await;
+    etcd.wait_healthy().await;
+    for (path, body) in [
+        (
+            "/v3/auth/user/add",
+            serde_json::json!({"name": "root", "password": "s3cret pw"}),
+        ),
+        (
+            "/v3/auth/user/grant",
+            serde_json::json!({"user": "root", "role": "root"}),
+        ),
+        ("/v3/auth/enable", serde_json::json!({})),
+    ] {
+        let v = etcd.call(path, body).await;
+        assert!(v.get("error").is_none(), "{path}: {v}");
+    }
+    let backend = http_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
+    std::fs::write(dir.path().join("etcd.password"), "s3cret pw\n").unwrap();
+    // Heartbeats and checks 2 s apart: the token expires between two uses.
+    let config = format!(
+        "[fleet]\netcd = [\"{}\"]\ninstance_id = \"auth\"\nusername = \"root\"\npassword_file = \"etcd.password\"\nheartbeat_interval = \"2s\"\nstall_timeout = \"6s\"\nrequest_timeout = \"1s\"\n",
+        etcd.url()
+    );
+    let a = start_proxy_in(dir, backend.addr, &config).await;
+    eventually("synced with a password", || ready(&a)).await;
+    let marker = format!("store=etcd {}", etcd.url());
+    eventually("authenticated again after the token expired", || async {
+        captured_logs()
+            .lines()
+            .filter(|l| l.contains("authenticated to etcd") && l.contains(&marker))
+            .count()
+            >= 2
+    })
+    .await;
+    let v = add(
+        &a,
+        r#"{"versions": ">=3.8", "reason": "with auth", "id": "auth"}"#,
+    )
+    .await;
+    assert_eq!(v["fleet"]["lagging"].as_array().unwrap().len(), 0, "{v}");
+    assert_eq!(status_for(&a, Some("3.9.0")).await, 503);
+    assert!(
+        !captured_logs().contains("s3cret"),
+        "the password must never be logged"
+    );
+    a.stop().await;
 }
