@@ -45,6 +45,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod path;
+pub mod preview_cli;
 pub mod proxy;
 pub mod registry;
 pub mod reload;
