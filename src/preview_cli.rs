@@ -21,7 +21,7 @@ struct Summed {
 }
 
 /// Posts `rules_text` to every instance in `admins`; returns (output, every instance answered
-/// and the file is valid).
+/// and the file is valid). The file's warnings are `check`'s to print, not repeated here.
 pub async fn preview(rules_text: &str, admins: &[String]) -> (String, bool) {
     let mut tasks = Vec::new();
     for admin in admins {
@@ -43,7 +43,6 @@ pub async fn preview(rules_text: &str, admins: &[String]) -> (String, bool) {
     let mut ok = true;
     let mut answered = 0;
     let mut changes: BTreeMap<(String, String), Summed> = BTreeMap::new();
-    let mut warnings: Vec<String> = Vec::new();
     for t in tasks {
         let Ok((admin, answer)) = t.await else {
             ok = false;
@@ -70,13 +69,6 @@ pub async fn preview(rules_text: &str, admins: &[String]) -> (String, bool) {
             Ok(v) => {
                 answered += 1;
                 let _ = writeln!(out, "ok    {admin}");
-                for w in v["warnings"].as_array().into_iter().flatten() {
-                    if let Some(w) = w.as_str() {
-                        if !warnings.iter().any(|x| x == w) {
-                            warnings.push(w.to_string());
-                        }
-                    }
-                }
                 for c in v["changes"].as_array().into_iter().flatten() {
                     let key = (
                         c["change"].as_str().unwrap_or("?").to_string(),
@@ -101,9 +93,6 @@ pub async fn preview(rules_text: &str, admins: &[String]) -> (String, bool) {
                 let _ = writeln!(out, "FAIL  {admin}  {e}");
             }
         }
-    }
-    for w in &warnings {
-        let _ = writeln!(out, "warning: {w}");
     }
     let _ = writeln!(
         out,
