@@ -143,8 +143,10 @@ pub enum CloseReason {
     tls_handshake,
     /// The request head (or PROXY header) did not arrive in time, or a keep-alive connection idled out.
     header_timeout,
-    /// Malformed HTTP (hyper answered 400).
+    /// Malformed HTTP, in the head or the request body (400).
     bad_request,
+    /// No request body bytes for `body_read_timeout` (408).
+    body_timeout,
     /// Request head over `max_header_bytes`/`max_headers` (hyper answered 431).
     head_too_large,
     /// Socket errors.

@@ -25,7 +25,7 @@ use crate::gate::Gate;
 use crate::gate::Verdict;
 use crate::limits::{key_hash, ConnPermit, LimitKey};
 use crate::logging::{millis, seconds};
-use crate::metrics::UpstreamOutcome;
+use crate::metrics::{CloseReason, UpstreamOutcome};
 use crate::registry::TrackedKind;
 use crate::rules::{jittered_wait_secs, VersionInput};
 
@@ -321,7 +321,8 @@ async fn forward(
     add_forwarding_headers(req.headers_mut(), conn.client, conn.scheme);
 
     let bytes_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let req = req.map(|body| UpstreamRequestBody::new(body, bytes_in.clone()));
+    let body_timeout = gate.config.listen.body_read_timeout;
+    let req = req.map(|body| UpstreamRequestBody::new(body, bytes_in.clone(), body_timeout));
     // Plain requests are tracked too (upgrades register once the tunnel exists), so that a rule
     // change or kill-switch entry with close_existing also ends long requests it now refuses.
     let started = Instant::now();
@@ -492,7 +493,17 @@ pub(super) fn backend_failed(
     path: &str,
     started: Instant,
 ) -> Response<ResponseBody> {
-    gate.metrics.upstream(outcome_of(failure)).inc();
+    match failure {
+        ProxyFailure::ClientBodyMalformed => {
+            gate.metrics.connection_closed(CloseReason::bad_request)
+        }
+        ProxyFailure::ClientBodyTimeout => {
+            gate.metrics.connection_closed(CloseReason::body_timeout)
+        }
+        _ => {
+            gate.metrics.upstream(outcome_of(failure)).inc();
+        }
+    }
     let (status, _) = failure.status_and_body();
     if gate.config.log.access {
         tracing::warn!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = status.as_u16(), method = method, path = path, backend_ms = millis(started.elapsed()), "backend failed");
@@ -508,6 +519,10 @@ fn outcome_of(f: ProxyFailure) -> UpstreamOutcome {
         ProxyFailure::UpstreamBroken => UpstreamOutcome::error,
         ProxyFailure::UpstreamBusy => UpstreamOutcome::busy,
         ProxyFailure::ClosedByPolicy => UpstreamOutcome::closed_by_policy,
+        // Counted as client errors by the caller; never reached.
+        ProxyFailure::ClientBodyMalformed | ProxyFailure::ClientBodyTimeout => {
+            UpstreamOutcome::error
+        }
     }
 }
 
