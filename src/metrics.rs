@@ -147,6 +147,8 @@ pub enum CloseReason {
     bad_request,
     /// No request body bytes for `body_read_timeout` (408).
     body_timeout,
+    /// Refused at accept: the client address already holds `max_connections_per_ip` (503).
+    per_ip_limit,
     /// Request head over `max_header_bytes`/`max_headers` (hyper answered 431).
     head_too_large,
     /// Socket errors.
