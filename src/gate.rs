@@ -18,7 +18,7 @@ use crate::limits::{key_hash, Capacity, ConnPermit, GlobalLimits, LimitOutcome, 
 use crate::metrics::KillSwitchAction;
 use crate::metrics::{DecisionKind, Metrics, ReloadLabel, ReloadResult};
 use crate::proxy::forward::Upstream;
-use crate::registry::Registry;
+use crate::registry::{CloseCause, Registry};
 use crate::rules::{
     file, jittered_wait_secs, Action, DecidedBy, Decider, Decision, Refusal, RuleSet, VersionInput,
 };
@@ -483,7 +483,11 @@ impl Gate {
         let snap = self.snapshot();
         let plan = self.registry.plan_close(|t| {
             let d = self.decide(&snap, &t.version, &t.path);
-            (!d.admits() && d.decider.close_existing).then_some(d.decider.drain)
+            let cause = match d.by {
+                DecidedBy::KillSwitch => CloseCause::KillSwitch,
+                _ => CloseCause::Policy,
+            };
+            (!d.admits() && d.decider.close_existing).then_some((d.decider.drain, cause))
         });
         let n = plan.len();
         let counter = self.metrics.tunnels_closed_by_policy.clone();
@@ -512,7 +516,8 @@ impl Gate {
                 return None;
             }
             matching += 1;
-            (!dry_run && entry.decider.close_existing).then_some(entry.decider.drain)
+            (!dry_run && entry.decider.close_existing)
+                .then_some((entry.decider.drain, CloseCause::KillSwitch))
         });
         let closing = plan.len();
         let counter = self.metrics.tunnels_closed_by_policy.clone();

@@ -155,6 +155,14 @@ pub enum CloseReason {
     io,
 }
 
+/// Labels of `fwgate_tunnels_closed_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelEndLabel {
+    /// How the tunnel ended (`TunnelEnd::as_str`: `closed`, `error`, `idle_timeout`,
+    /// `closed_by_policy`, `kill_switch`, `shutdown`).
+    pub end: &'static str,
+}
+
 /// Labels of `fwgate_connections_closed_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CloseLabel {
@@ -204,6 +212,9 @@ pub struct Metrics {
     pub upstream_active: Gauge,
     /// `fwgate_connections_closed_total{reason}`: connections refused or cut at the connection level.
     pub connections_closed: Family<CloseLabel, Counter>,
+    /// `fwgate_tunnels_closed_total{end}`: tunnels ended, by how (a shutdown, a kill-switch
+    /// entry and a rule change are told apart).
+    pub tunnels_closed: Family<TunnelEndLabel, Counter>,
     /// `fwgate_killswitch_changes_total{action}`.
     pub killswitch_changes: Family<KillSwitchLabel, Counter>,
     /// `fwgate_killswitch_entries`: entries in the state in force (including not yet pruned expired ones).
@@ -337,10 +348,17 @@ impl Metrics {
             "Connections refused or cut at the connection level, by reason",
             connections_closed.clone(),
         );
+        let tunnels_closed = Family::<TunnelEndLabel, Counter>::default();
+        registry.register(
+            "tunnels_closed",
+            "Tunnels ended, by how: closed, error, idle_timeout, closed_by_policy, kill_switch, shutdown",
+            tunnels_closed.clone(),
+        );
         Metrics {
             registry,
             rule_series: std::sync::Mutex::default(),
             connections_closed,
+            tunnels_closed,
             limit_keys,
             backoff_active,
             upstream_pending,

@@ -714,6 +714,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The request headers as hyper's path sends them to the backend: hop-by-hop headers removed
+/// (`Upgrade` kept for an upgrade), `Content-Length` in plain decimal, `Host` from the
+/// request's authority when it has none (HTTP/2 carries it in `:authority`; a request with
+/// neither gets the backend's address from [`Upstream::send`]), and the forwarding headers.
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    upgrade: bool,
+    authority: Option<&Authority>,
+    client: SocketAddr,
+    proto: &'static str,
+) {
+    strip_hop_by_hop(headers, upgrade);
+    normalize_content_length(headers);
+    if !headers.contains_key(http::header::HOST) {
+        if let Some(host) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            headers.insert(http::header::HOST, host);
+        }
+    }
+    add_forwarding_headers(headers, client, proto);
+}
+
 /// Adds the forwarding headers nginx users expect: `X-Forwarded-For` gets the client appended
 /// (`$proxy_add_x_forwarded_for`), `X-Forwarded-Proto` is set to the scheme the client used,
 /// and an RFC 7239 `Forwarded` element is appended. `Host` is left as the client sent it.

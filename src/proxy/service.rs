@@ -14,8 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 
 use super::forward::{
-    add_forwarding_headers, normalize_content_length, strip_hop_by_hop, wants_upgrade, Lease,
-    UpstreamRequestBody, UpstreamStream,
+    rewrite_request_headers, strip_hop_by_hop, wants_upgrade, Lease, UpstreamRequestBody,
+    UpstreamStream,
 };
 use super::response::{self, BodyDone, ProxyFailure, ResponseBody};
 use super::tunnel::{self, TunnelStats};
@@ -303,22 +303,16 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let path: Arc<str> = req.uri().path().into();
     let method = req.method().clone();
-    strip_hop_by_hop(req.headers_mut(), upgrade);
-    normalize_content_length(req.headers_mut());
-    // The backend leg is HTTP/1.1 whatever the client spoke; HTTP/2 carries the host in
-    // :authority, not Host: keep it for the backend (a request with neither gets the backend's
-    // address as Host).
+    // The backend leg is HTTP/1.1 whatever the client spoke.
     *req.version_mut() = http::Version::HTTP_11;
-    if !req.headers().contains_key(http::header::HOST) {
-        if let Some(host) = req
-            .uri()
-            .authority()
-            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-        {
-            req.headers_mut().insert(http::header::HOST, host);
-        }
-    }
-    add_forwarding_headers(req.headers_mut(), conn.client, conn.scheme);
+    let authority = req.uri().authority().cloned();
+    rewrite_request_headers(
+        req.headers_mut(),
+        upgrade,
+        authority.as_ref(),
+        conn.client,
+        conn.scheme,
+    );
 
     let bytes_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let body_timeout = gate.config.listen.body_read_timeout;
@@ -476,6 +470,12 @@ impl OpenTunnel {
         } = admitted;
         drop(held);
         active.dec();
+        gate.metrics
+            .tunnels_closed
+            .get_or_create(&crate::metrics::TunnelEndLabel {
+                end: stats.end.as_str(),
+            })
+            .inc();
         gate.backoff.record(backoff_key);
         if gate.config.log.access {
             tracing::info!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), raw_version = presented.raw_version.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = 101, path = &*path, backend_ms = millis(backend_time), bytes_in = stats.client_to_upstream, bytes_out = stats.upstream_to_client, end = stats.end.as_str(), duration_s = seconds(started.elapsed()), "tunnel closed");

@@ -29,6 +29,8 @@
 mod chunked;
 mod encode;
 mod exchange;
+#[doc(hidden)]
+pub mod fuzzing;
 mod head;
 mod response_head;
 
