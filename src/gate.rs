@@ -91,7 +91,8 @@ impl LimitDeciders {
                 retry_after: Some(retry_after),
                 jitter,
             }),
-            counters: metrics.rule_counters(name),
+            // They only ever refuse, through `refuse_by` (counted `limited`).
+            counters: metrics.rule_counters_for(name, &[DecisionKind::limited], false),
             close_existing: false,
             drain: std::time::Duration::ZERO,
         };

@@ -396,6 +396,19 @@ impl Metrics {
     /// They keep the name's series exported for as long as they live (see
     /// [`Metrics::prune_rule_series`]).
     pub fn rule_counters(&self, rule: &str) -> RuleCounters {
+        self.rule_counters_for(rule, &DecisionKind::ALL, true)
+    }
+
+    /// A decider's counters, exporting only the series it can move: `kinds` are the decisions
+    /// it can make, `admits` whether connections can be open under it. The other counters work
+    /// but are never exported, so `/metrics` shows no series that can never be non-zero
+    /// (`decision="allow",rule="backoff"`).
+    pub fn rule_counters_for(
+        &self,
+        rule: &str,
+        kinds: &[DecisionKind],
+        admits: bool,
+    ) -> RuleCounters {
         let in_use = {
             let mut names = self.rule_series();
             match names.get(rule).and_then(Weak::upgrade) {
@@ -408,6 +421,9 @@ impl Metrics {
             }
         };
         let get = |decision| {
+            if !kinds.contains(&decision) {
+                return Counter::default();
+            }
             self.decisions
                 .get_or_create(&DecisionLabels {
                     decision,
@@ -421,12 +437,15 @@ impl Metrics {
             shadow_deny: get(DecisionKind::shadow_deny),
             shadow_allow: get(DecisionKind::shadow_allow),
             limited: get(DecisionKind::limited),
-            active: self
-                .active_connections
-                .get_or_create(&RuleLabel {
-                    rule: rule.to_string(),
-                })
-                .clone(),
+            active: if admits {
+                self.active_connections
+                    .get_or_create(&RuleLabel {
+                        rule: rule.to_string(),
+                    })
+                    .clone()
+            } else {
+                Gauge::default()
+            },
             _in_use: Some(in_use),
         }
     }
