@@ -140,12 +140,22 @@ pub async fn run(
     let sweeper = tokio::spawn({
         let gate = gate.clone();
         async move {
-            let mut tick = tokio::time::interval(limits::SWEEP_INTERVAL);
+            // Every second the census clock moves (so counting a request reads no clock);
+            // every SWEEP_INTERVAL the limiters, pools and metric series are swept.
+            let mut tick = tokio::time::interval(census::CLOCK_TICK);
+            let sweep_every = (limits::SWEEP_INTERVAL.as_millis()
+                / census::CLOCK_TICK.as_millis().max(1))
+            .max(1) as u64;
+            let mut ticks = 0u64;
             loop {
                 tick.tick().await;
-                gate.sweep_limits();
-                gate.upstream.sweep_idle();
-                gate.metrics.prune_rule_series();
+                gate.census.tick();
+                ticks += 1;
+                if ticks % sweep_every == 1 {
+                    gate.sweep_limits();
+                    gate.upstream.sweep_idle();
+                    gate.metrics.prune_rule_series();
+                }
             }
         }
     });

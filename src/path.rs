@@ -17,6 +17,15 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
     if !path.starts_with('/') || is_normal(path.as_bytes()) {
         return Cow::Borrowed(path);
     }
+    match normalize_always(path) {
+        // Escapes that stay (`%2F`) need the full look but change nothing.
+        Cow::Owned(s) if s == path => Cow::Borrowed(path),
+        other => other,
+    }
+}
+
+/// [`normalize`] without the shortcut for paths already normal.
+fn normalize_always(path: &str) -> Cow<'_, str> {
     let decoded = decode_unreserved(path.as_bytes());
     let merged = merge_slashes(&decoded);
     let clean = remove_dot_segments(&merged);
@@ -27,14 +36,28 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
     }
 }
 
-/// No escape, no `//`, no `.` or `..` segment: nothing to do.
+/// No escape, no `//`, no `.` or `..` segment: nothing to do. One pass over the bytes.
 fn is_normal(bytes: &[u8]) -> bool {
-    if bytes.contains(&b'%') || bytes.windows(2).any(|w| w == b"//") {
-        return false;
+    // Length of the current segment so far, and whether it is all dots.
+    let mut segment_len = 0usize;
+    let mut all_dots = true;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'%' => return false,
+            b'/' => {
+                if i > 0 && (segment_len == 0 || (all_dots && segment_len <= 2)) {
+                    return false;
+                }
+                segment_len = 0;
+                all_dots = true;
+            }
+            _ => {
+                segment_len += 1;
+                all_dots &= b == b'.';
+            }
+        }
     }
-    !bytes
-        .split(|&b| b == b'/')
-        .any(|segment| segment == b"." || segment == b"..")
+    !(all_dots && (1..=2).contains(&segment_len))
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -171,6 +194,12 @@ mod tests {
             let text = format!("/{}", String::from_utf8_lossy(&bytes));
             let once = normalize(&text).into_owned();
             prop_assert_eq!(normalize(&once).into_owned(), once);
+            // The shortcut never skips work that would change the path.
+            for p in [path.as_str(), text.as_str()] {
+                if is_normal(p.as_bytes()) {
+                    prop_assert_eq!(normalize_always(p), p, "{:?}", p);
+                }
+            }
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod table;
 pub mod timeline;
 pub mod window;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -59,9 +60,16 @@ impl Cohorts {
     }
 }
 
+/// How often a running instance moves the census clock ([`Census::tick`]).
+pub const CLOCK_TICK: Duration = Duration::from_secs(1);
+
 /// Handshake outcomes, backend answers and tunnel ends per version.
 pub struct Census {
     cohorts: Mutex<Cohorts>,
+    /// The census clock (see [`window::now_secs`]) as of the last [`Census::tick`]; 0 until the
+    /// first tick, when every call reads the clock itself. Slots are 5 s or more, so a clock a
+    /// second behind changes nothing, and counting a request then reads no clock at all.
+    clock: AtomicU64,
 }
 
 impl Default for Census {
@@ -79,6 +87,19 @@ impl Census {
                 other: Window::default(),
                 timeline: Timeline::default(),
             }),
+            clock: AtomicU64::new(0),
+        }
+    }
+
+    /// Moves the census clock to now; a running instance calls it every [`CLOCK_TICK`].
+    pub fn tick(&self) {
+        self.clock.store(window::now_secs(), Ordering::Relaxed);
+    }
+
+    fn now(&self) -> u64 {
+        match self.clock.load(Ordering::Relaxed) {
+            0 => window::now_secs(),
+            ticked => ticked,
         }
     }
 
@@ -88,7 +109,7 @@ impl Census {
 
     /// Counts one decided handshake or request of `version`.
     pub fn record(&self, version: &VersionInput, outcome: Outcome) {
-        let now = window::now_secs();
+        let now = self.now();
         let minute = (now / 60) as u32;
         let mut guard = self.lock();
         let Cohorts {
@@ -103,7 +124,7 @@ impl Census {
 
     /// Counts a request refused as ambiguous (no version to count it under).
     pub fn record_ambiguous(&self) {
-        let now = window::now_secs();
+        let now = self.now();
         let mut guard = self.lock();
         let ambiguous = &mut guard.timeline.slot(now).refused[4];
         *ambiguous = ambiguous.saturating_add(1);
@@ -112,7 +133,7 @@ impl Census {
     /// Counts the backend's answer to an admitted handshake or request of `version`, `took`
     /// after admission.
     pub fn record_backend(&self, version: &VersionInput, took: Duration, result: BackendResult) {
-        let now = window::now_secs();
+        let now = self.now();
         let micros = took.as_micros().min(u128::from(u64::MAX)) as u64;
         let mut guard = self.lock();
         guard
@@ -128,7 +149,7 @@ impl Census {
     /// Counts the end of a tunnel of `version` that lived `lifetime`; `short` when it ended on
     /// its own soon after opening (churn).
     pub fn record_tunnel_end(&self, version: &VersionInput, lifetime: Duration, short: bool) {
-        let now = window::now_secs();
+        let now = self.now();
         let millis = lifetime.as_millis().min(u128::from(u64::MAX)) as u64;
         self.lock()
             .window(version)
@@ -137,7 +158,7 @@ impl Census {
 
     /// The figures of every version held, of `other`, and of the whole instance.
     pub fn snapshot(&self) -> CensusSnapshot {
-        let now = window::now_secs();
+        let now = self.now();
         let guard = self.lock();
         let figures = |w: &Window<CohortTally>| CohortFigures {
             minute: w.last_minute(now),
@@ -164,7 +185,7 @@ impl Census {
     /// The last 15 minutes of the whole instance, oldest slot first; each slot's start is
     /// given in unix seconds.
     pub fn timeline(&self) -> Vec<TimelineSlot> {
-        let now = window::now_secs();
+        let now = self.now();
         let unix_now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

@@ -10,6 +10,10 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 
+/// A fast hash with a per-process random seed: the table is looked up on every request and
+/// holds at most `capacity` keys, so even a crafted collision costs a bounded scan.
+type Hasher = foldhash::fast::RandomState;
+
 /// Longest halving applied at once (a weight is a `u32`).
 const MAX_HALVINGS: u32 = 31;
 
@@ -29,7 +33,7 @@ impl<V> Slot<V> {
 /// At most `capacity` keys, each with a value; see the module docs for who stays.
 pub struct SpaceSaving<K, V> {
     capacity: usize,
-    slots: HashMap<K, Slot<V>>,
+    slots: HashMap<K, Slot<V>, Hasher>,
 }
 
 impl<K: Hash + Eq + Copy, V: Default> SpaceSaving<K, V> {
@@ -37,7 +41,7 @@ impl<K: Hash + Eq + Copy, V: Default> SpaceSaving<K, V> {
     pub fn new(capacity: usize) -> SpaceSaving<K, V> {
         SpaceSaving {
             capacity: capacity.max(1),
-            slots: HashMap::new(),
+            slots: HashMap::default(),
         }
     }
 

@@ -20,7 +20,10 @@
 //! shards so two cores rarely contend; at most `max_keys` keys are kept, quiet ones are swept.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher as _};
+
+/// Fast seeded hashing: keys are looked up on every tracked request.
+type Hasher = foldhash::fast::RandomState;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -108,7 +111,9 @@ const SHARDS: usize = 16;
 #[derive(Debug)]
 pub struct Backoff {
     config: BackoffConfig,
-    shards: [Mutex<HashMap<u64, Entry>>; SHARDS],
+    shards: [Mutex<HashMap<u64, Entry, Hasher>>; SHARDS],
+    /// Seeded per process: nobody can aim two devices at one key.
+    keys: Hasher,
     /// Refusals by the backoff since the last WARN about them.
     held_since_warn: AtomicU64,
     /// When that WARN was written (ms on the process clock, 0: never).
@@ -124,7 +129,8 @@ impl Backoff {
     pub fn new(config: BackoffConfig) -> Backoff {
         Backoff {
             config,
-            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::default())),
+            keys: Hasher::default(),
             held_since_warn: AtomicU64::new(0),
             last_warn_ms: AtomicU64::new(0),
         }
@@ -136,7 +142,7 @@ impl Backoff {
         if !self.config.enabled {
             return None;
         }
-        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut h = self.keys.build_hasher();
         match self.config.key {
             BackoffKey::Device => {
                 0u8.hash(&mut h);
@@ -177,7 +183,7 @@ impl Backoff {
         &self.config
     }
 
-    fn shard(&self, key: u64) -> MutexGuard<'_, HashMap<u64, Entry>> {
+    fn shard(&self, key: u64) -> MutexGuard<'_, HashMap<u64, Entry, Hasher>> {
         self.shards[(key as usize) % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -64,6 +64,9 @@ pub(super) struct RequestHead<'a, H: ?Sized> {
     pub query: Option<&'a str>,
     /// Length of the request target, checked against `max_uri_bytes`.
     pub target_len: usize,
+    /// Whether `Connection` may name other headers (false when the parser already saw it
+    /// holds only options such as `upgrade`): only then is it checked against the sources.
+    pub connection_may_name_headers: bool,
 }
 
 /// An admitted request: what forwarding it needs and the slots it holds while open.
@@ -107,6 +110,7 @@ pub async fn handle(
             path: &path,
             query: req.uri().query(),
             target_len: req.uri().path_and_query().map_or(0, |p| p.as_str().len()),
+            connection_may_name_headers: true,
         };
         let admitted = admit(&gate, &conn, &connection_slot, &head);
         let normalized = match path {
@@ -215,7 +219,11 @@ pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
         }
         extracted => extracted.found().copied(),
     };
-    if let Some(name) = rules.source_header_in_connection(headers) {
+    if let Some(name) = req
+        .connection_may_name_headers
+        .then(|| rules.source_header_in_connection(headers))
+        .flatten()
+    {
         let what = format!("Connection names {name}, which fwgate decides on: it would be removed before the backend sees it");
         return Admission::Refuse(refuse_ambiguous(gate, what, req, client));
     }

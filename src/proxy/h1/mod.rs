@@ -312,6 +312,7 @@ fn prepare(
         path: &path,
         query: target.query(),
         target_len: target.as_str().len(),
+        connection_may_name_headers: shape.lists_names,
     };
     let admitted = match service::admit(gate, info, slot, &head) {
         service::Admission::Admit(admitted) => admitted,
