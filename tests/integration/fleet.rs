@@ -296,6 +296,17 @@ async fn a_restart_with_the_store_down_starts_from_the_last_known_good_copy() {
     let dir = a.stop_keep_dir().await;
     assert!(dir.path().join("state/fleet-state.json").exists());
     etcd.stop();
+    // `fwgate explain` shows what this instance has in force, the fleet's entries included.
+    let config_path = dir.path().join("fwgate.toml");
+    let (ok, out) = fwgate(args(&[
+        "explain",
+        "3.9.0",
+        "--config",
+        config_path.to_str().unwrap(),
+    ]))
+    .await;
+    assert!(ok, "{out}");
+    assert!(out.contains("kill-switch entry \"kept\""), "{out}");
 
     let a = start_proxy_in(dir, backend.addr, &config).await;
     // The copy is in force before the first request is served: no waiting.
