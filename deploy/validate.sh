@@ -21,7 +21,7 @@
 #     `cargo build` would compile serde, syn and their dependents a second time, because
 #     dev-dependencies change their features). With FWGATE_VALIDATE_NO_BUILD=1 nothing is
 #     built: the newer of target/{debug,release}/fwgate is used, and the step is skipped if
-#     there is neither.
+#     there is neither. "target" is $CARGO_TARGET_DIR when it is set, as for cargo itself.
 #
 # The validator lives in a virtualenv under ${TMPDIR:-/tmp} (never in the repository), created
 # once per set of pinned versions and reused: after the first run this takes a few seconds.
@@ -76,23 +76,26 @@ if [ "$(cat "$venv/.fwgate-pins" 2>/dev/null)" != "${PINS[*]}" ]; then
     echo "${PINS[*]}" >"$venv/.fwgate-pins"
 fi
 
-# The fwgate binary for step 4.
+# The fwgate binary for step 4, where cargo puts it: $CARGO_TARGET_DIR (relative to the
+# repository, as cargo reads it) or target/.
+target_dir=${CARGO_TARGET_DIR:-target}
+case "$target_dir" in
+    /*) ;;
+    *) target_dir="$repo/$target_dir" ;;
+esac
 fwgate_bin=""
 if [ "${FWGATE_VALIDATE_NO_BUILD:-0}" != 1 ]; then
     command -v cargo >/dev/null || fail "cargo not found (set FWGATE_VALIDATE_NO_BUILD=1 to skip the build)"
-    echo "deploy/validate.sh: cargo test --locked --no-run (builds target/debug/fwgate)"
+    echo "deploy/validate.sh: cargo test --locked --no-run (builds $target_dir/debug/fwgate)"
     cargo test --locked --no-run --quiet || fail "cargo test --locked --no-run"
-    fwgate_bin="$repo/target/debug/fwgate"
+    fwgate_bin="$target_dir/debug/fwgate"
 else
     # The newest of the two, so a stale one is not preferred.
-    for candidate in target/debug/fwgate target/release/fwgate; do
+    for candidate in "$target_dir/debug/fwgate" "$target_dir/release/fwgate"; do
         if [ -x "$candidate" ] && { [ -z "$fwgate_bin" ] || [ "$candidate" -nt "$fwgate_bin" ]; }; then
             fwgate_bin="$candidate"
         fi
     done
-    if [ -n "$fwgate_bin" ]; then
-        fwgate_bin="$repo/$fwgate_bin"
-    fi
 fi
 
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/fwgate-validate.XXXXXX")
@@ -311,7 +314,7 @@ print(f"toml: {tomls} embedded file(s) checked")
 
 # ---- 4. fwgate check, as the init container runs it ----------------------------------------
 if not fwgate_bin:
-    print("fwgate check: SKIPPED (no target/debug/fwgate or target/release/fwgate; FWGATE_VALIDATE_NO_BUILD=1)")
+    print("fwgate check: SKIPPED (no fwgate binary under debug/ or release/ of the cargo target directory; FWGATE_VALIDATE_NO_BUILD=1)")
 def volume_files(volume):
     """The files a ConfigMap or Secret volume shows (path -> bytes, `items` applied), from the
     objects in the manifests (a Secret's placeholders included); None for other volumes."""

@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 
 use crate::access_log::RefusalSampler;
+use crate::audit::{AuditEvent, AuditTrail};
 use crate::census::Census;
 use crate::config::Config;
 use crate::diag::FileErrors;
@@ -99,11 +100,15 @@ pub struct LimitDeciders {
     pub backoff: Decider,
     /// `upstream:capacity`.
     pub upstream_capacity: Decider,
+    /// `ambiguous`: repeated or conflicting version/device-id values, or a `Connection`
+    /// header naming a header fwgate decides on (400; the body says which).
+    pub ambiguous: Decider,
 }
 
 impl LimitDeciders {
     fn new(metrics: &Metrics, retry_after: std::time::Duration, jitter: f64) -> LimitDeciders {
         let make = |name: &str, body: &'static str| Decider {
+            health: None,
             name: Arc::from(name),
             action: Action::Deny(Refusal {
                 status: http::StatusCode::SERVICE_UNAVAILABLE,
@@ -130,6 +135,19 @@ impl LimitDeciders {
             ),
             backoff: make("backoff", "reconnecting too often, retry later\n"),
             upstream_capacity: make("upstream:capacity", "backend at capacity, retry later\n"),
+            ambiguous: Decider {
+                health: None,
+                name: Arc::from("ambiguous"),
+                action: Action::Deny(Refusal {
+                    status: http::StatusCode::BAD_REQUEST,
+                    body: bytes::Bytes::from_static(b"ambiguous request\n"),
+                    retry_after: None,
+                    jitter: 0.0,
+                }),
+                counters: metrics.rule_counters("ambiguous"),
+                close_existing: false,
+                drain: std::time::Duration::ZERO,
+            },
         }
     }
 }
@@ -167,6 +185,10 @@ pub struct Gate {
     pub backoff: Backoff,
     /// Cap on concurrent backend exchanges.
     pub upstream_capacity: Capacity,
+    /// The recent audit trail, for `/v1/audit` and the console.
+    pub audit: AuditTrail,
+    /// The generation and text of the rules in force before the current ones (for the diff).
+    previous_rules: Mutex<Option<(u64, Arc<str>)>>,
     /// Deciders for refusals by process-wide limits (names label metrics and logs).
     pub limit_deciders: LimitDeciders,
     kill: ArcSwap<KillSet>,
@@ -262,6 +284,8 @@ impl Gate {
             global,
             backoff,
             upstream_capacity,
+            audit: AuditTrail::default(),
+            previous_rules: Mutex::new(None),
             limit_deciders,
             kill: ArcSwap::from_pointee(kill),
             kill_layers: Mutex::new(layers),
@@ -383,6 +407,14 @@ impl Gate {
             .unwrap_or_default()
     }
 
+    /// The generation and text of the rules in force before the current ones, if any.
+    pub fn previous_rules(&self) -> Option<(u64, Arc<str>)> {
+        self.previous_rules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Whether the process is shutting down (readiness reports 503).
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
@@ -435,9 +467,16 @@ impl Gate {
         let mut status = self.reload_status.lock().unwrap_or_else(|e| e.into_inner());
         status.last_attempt_unix = Some(unix_now());
         match result {
-            Ok(None) => Ok(ReloadOutcome::Unchanged {
-                generation: self.generation.load(Ordering::Relaxed),
-            }),
+            Ok(None) => {
+                // The file is the one in force, so it is valid: an error from an edit since
+                // reverted no longer describes it.
+                if let Some(previous) = status.last_error.take() {
+                    tracing::info!(previous_error = %previous, "rules file is valid again (the rules in force); reload error cleared");
+                }
+                Ok(ReloadOutcome::Unchanged {
+                    generation: self.generation.load(Ordering::Relaxed),
+                })
+            }
             Ok(Some(rules)) => {
                 status.last_error = None;
                 drop(status);
@@ -446,6 +485,11 @@ impl Gate {
             Err(errors) => {
                 status.last_error = Some(errors.to_string());
                 drop(status);
+                self.audit.record(AuditEvent {
+                    action: "rules_error",
+                    detail: Some(format!("previous rules stay in force: {errors}")),
+                    ..AuditEvent::default()
+                });
                 self.metrics
                     .rules_reloads
                     .get_or_create(&ReloadLabel {
@@ -469,7 +513,26 @@ impl Gate {
             tracing::warn!(warning = %w, "rules warning");
         }
         self.generation.store(generation, Ordering::Relaxed);
-        self.rules.store(Arc::new(rules));
+        let ordering = rules.ordering;
+        let detail = format!(
+            "generation {generation}, {} rule(s), content {}",
+            rules.rules.len(),
+            rules.source.content_hash
+        );
+        let previous = self.rules.swap(Arc::new(rules));
+        *self
+            .previous_rules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) =
+            Some((previous.source.generation, previous.source.text.clone()));
+        if previous.ordering != ordering {
+            self.recompile_kill_entries(ordering);
+        }
+        self.audit.record(AuditEvent {
+            action: "rules_applied",
+            detail: Some(detail),
+            ..AuditEvent::default()
+        });
         self.metrics
             .rules_reloads
             .get_or_create(&ReloadLabel {
@@ -485,6 +548,59 @@ impl Gate {
         ReloadOutcome::Applied {
             generation,
             closing,
+        }
+    }
+
+    /// Compiles the kill-switch entries in force again in `ordering`, after a rules reload
+    /// switched it: a range is a set on one total order, and the entries must be decided in the
+    /// same order as the rules. An entry that no longer compiles keeps the old set (logged).
+    fn recompile_kill_entries(&self, ordering: crate::version::VersionOrdering) {
+        let mut layers = self.kill_layers.lock().unwrap_or_else(|e| e.into_inner());
+        let local = StateFile {
+            version: 1,
+            entries: layers.local.specs(),
+        };
+        let local = killswitch::compile_state(local, ordering, &self.metrics);
+        let shared = match &layers.shared {
+            SharedLayer::Synced(entries) => {
+                let specs = entries
+                    .iter()
+                    .map(|e| {
+                        let revision = match e.scope {
+                            killswitch::Scope::Fleet { revision } => revision,
+                            _ => 0,
+                        };
+                        (e.spec.clone(), revision)
+                    })
+                    .collect();
+                let (compiled, mut errors) =
+                    killswitch::layers::compile_shared(specs, ordering, &self.metrics);
+                match errors.pop() {
+                    None => Ok(Some(SharedLayer::Synced(compiled))),
+                    Some(e) => Err(e),
+                }
+            }
+            _ => Ok(None),
+        };
+        match (local, shared) {
+            (Ok(local), Ok(shared)) => {
+                let count = local.entries.len();
+                layers.local = Arc::new(local);
+                if let Some(shared) = shared {
+                    layers.shared = shared;
+                }
+                let set = layers.compose(ordering, &self.metrics);
+                self.kill.store(Arc::new(set));
+                tracing::info!(
+                    ordering = ordering.as_str(),
+                    entries = count,
+                    "kill-switch entries compiled again in the new ordering"
+                );
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                self.metrics.killswitch_state_errors.inc();
+                tracing::error!(error = %e, ordering = ordering.as_str(), "kill-switch entries cannot be compiled in the new ordering; they keep the previous one");
+            }
         }
     }
 
@@ -562,6 +678,25 @@ impl Gate {
             let ordering = self.rules().ordering;
             let entry = killswitch::compile_entry(spec.clone(), ordering, &self.metrics)?;
             let change = store.add_entry(&spec, expect, dry_run).await?;
+            if !dry_run {
+                self.audit.record(AuditEvent {
+                    action: "kill_add",
+                    id: Some(spec.id.clone()),
+                    versions: Some(spec.versions.clone()),
+                    reason: Some(spec.reason.clone()),
+                    by: spec.created_by.clone(),
+                    detail: Some(format!(
+                        "fleet-wide through {}{}",
+                        store.describe(),
+                        change
+                            .convergence
+                            .as_ref()
+                            .map(|c| format!(", revision {}", c.revision))
+                            .unwrap_or_default()
+                    )),
+                    ..AuditEvent::default()
+                });
+            }
             // Applying the store's update closed what the entry closes; report the matches.
             let mut impact = self.kill_impact(&entry, true);
             if !dry_run && entry.decider.close_existing {
@@ -588,9 +723,7 @@ impl Gate {
         let _serial = self.kill_lock.lock().await;
         let ordering = self.rules().ordering;
         let entry = killswitch::compile_entry(spec.clone(), ordering, &self.metrics)?;
-        if dry_run {
-            return Ok(self.kill_impact(&entry, true));
-        }
+        // A dry run fails wherever the real add would: checked before it returns.
         let path = self.kill_state_path()?.to_path_buf();
         let now = killswitch::unix_now();
         let current = self.local_kill_set();
@@ -607,8 +740,20 @@ impl Gate {
                 killswitch::MAX_ENTRIES
             )));
         }
+        if dry_run {
+            return Ok(self.kill_impact(&entry, true));
+        }
         self.kill_commit(&path, specs, ordering, KillSwitchAction::add)?;
-        tracing::warn!(target: "fwgate::audit", action = "kill_add", id = %spec.id, versions = %spec.versions, reason = %spec.reason, by = spec.created_by.as_deref().unwrap_or("-"), expires_at = ?spec.expires_at, status = spec.status, "kill-switch entry added");
+        tracing::warn!(target: "fwgate::audit", action = "kill_add", id = %spec.id, versions = %spec.versions, reason = %spec.reason, by = spec.created_by.as_deref(), expires_at = spec.expires_at, status = spec.status, "kill-switch entry added");
+        self.audit.record(AuditEvent {
+            action: "kill_add",
+            id: Some(spec.id.clone()),
+            versions: Some(spec.versions.clone()),
+            reason: Some(spec.reason.clone()),
+            by: spec.created_by.clone(),
+            detail: spec.expires_at.map(|at| format!("expires at {at} (unix)")),
+            ..AuditEvent::default()
+        });
         Ok(self.kill_impact(&entry, false))
     }
 
@@ -634,10 +779,27 @@ impl Gate {
     ) -> Result<Option<(EntrySpec, Option<SharedChange>)>, KillSwitchError> {
         self.check_shared_attached(target)?;
         if let (KillTarget::Default, Some(store)) = (target, self.shared_store()) {
-            return Ok(store
-                .remove_entry(id, actor, expect)
-                .await?
-                .map(|(spec, change)| (spec, Some(change))));
+            let removed = store.remove_entry(id, actor, expect).await?;
+            if let Some((spec, change)) = &removed {
+                self.audit.record(AuditEvent {
+                    action: "kill_remove",
+                    id: Some(id.to_string()),
+                    versions: Some(spec.versions.clone()),
+                    reason: Some(spec.reason.clone()),
+                    by: actor.map(str::to_string),
+                    detail: Some(format!(
+                        "fleet-wide through {}{}",
+                        store.describe(),
+                        change
+                            .convergence
+                            .as_ref()
+                            .map(|c| format!(", revision {}", c.revision))
+                            .unwrap_or_default()
+                    )),
+                    ..AuditEvent::default()
+                });
+            }
+            return Ok(removed.map(|(spec, change)| (spec, Some(change))));
         }
         Ok(self
             .kill_remove_local(id, actor)
@@ -669,7 +831,15 @@ impl Gate {
             self.rules().ordering,
             KillSwitchAction::remove,
         )?;
-        tracing::warn!(target: "fwgate::audit", action = "kill_remove", id = %id, versions = %removed.spec.versions, by = actor.unwrap_or("-"), "kill-switch entry removed");
+        tracing::warn!(target: "fwgate::audit", action = "kill_remove", id = %id, versions = %removed.spec.versions, by = actor, "kill-switch entry removed");
+        self.audit.record(AuditEvent {
+            action: "kill_remove",
+            id: Some(id.to_string()),
+            versions: Some(removed.spec.versions.clone()),
+            reason: Some(removed.spec.reason.clone()),
+            by: actor.map(str::to_string),
+            ..AuditEvent::default()
+        });
         Ok(Some(removed.spec.clone()))
     }
 
@@ -745,7 +915,13 @@ impl Gate {
     pub fn install_shared_entries(&self, specs: Vec<(EntrySpec, i64)>) -> Vec<KillSwitchError> {
         let (entries, errors) =
             killswitch::layers::compile_shared(specs, self.rules().ordering, &self.metrics);
+        let count = entries.len();
         self.set_kill_layer(|l| l.shared = SharedLayer::Synced(entries));
+        self.audit.record(AuditEvent {
+            action: "kill_fleet",
+            detail: Some(format!("{count} fleet entries in force")),
+            ..AuditEvent::default()
+        });
         let closing = self.close_refused();
         if closing > 0 {
             tracing::warn!(
@@ -870,6 +1046,15 @@ impl Gate {
             Ok(set) => {
                 *self.kill_hash.lock().unwrap_or_else(|e| e.into_inner()) = hash;
                 tracing::warn!(target: "fwgate::audit", action = "kill_file", file = %path.display(), entries = set.entries.len(), "kill-switch entries changed on disk");
+                self.audit.record(AuditEvent {
+                    action: "kill_file",
+                    detail: Some(format!(
+                        "{} entries from {}",
+                        set.entries.len(),
+                        path.display()
+                    )),
+                    ..AuditEvent::default()
+                });
                 self.set_kill_layer(|l| l.local = Arc::new(set));
                 self.metrics.killswitch_change(KillSwitchAction::file);
                 let closing = self.close_refused();

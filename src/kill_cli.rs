@@ -64,8 +64,16 @@ pub enum KillAction {
     },
 }
 
+/// What to say when a change is asked for without a token: nothing is sent, since every
+/// instance would refuse it.
+pub const NO_TOKEN: &str = "no admin token: changes need the instance's token. Set FWGATE_ADMIN_TOKEN, pass --token-file PATH, or give --config with [admin] token_file; nothing was sent";
+
 /// Runs `action` against every admin URL in parallel; returns (output, all succeeded).
 pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -> (String, bool) {
+    let mutates = !matches!(action, KillAction::List);
+    if mutates && token.as_deref().is_none_or(str::is_empty) {
+        return (format!("FAIL  {NO_TOKEN}\n"), false);
+    }
     let actor = std::env::var("USER")
         .ok()
         .map(|u| format!("{u} via fwgate kill"));
@@ -87,6 +95,8 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
     let mut all_ok = true;
     let mut any_ok = false;
     let mut listings = Vec::new();
+    let mut any_retryable = false;
+    let mut any_failed = false;
     for t in tasks {
         match t.await {
             Ok((admin, Ok((text, answer)))) => {
@@ -104,10 +114,14 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
             }
             Ok((admin, Err(e))) => {
                 all_ok = false;
-                let _ = writeln!(out, "FAIL  {admin}  {e}");
+                any_failed = true;
+                any_retryable |= e.retryable;
+                let _ = writeln!(out, "FAIL  {admin}  {}", e.message);
             }
             Err(e) => {
                 all_ok = false;
+                any_failed = true;
+                any_retryable = true;
                 let _ = writeln!(out, "FAIL  {e}");
             }
         }
@@ -136,10 +150,15 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
             out.push_str(&report);
         }
     }
-    if !all_ok {
+    if any_failed {
+        let what = if any_retryable {
+            "retry them once the cause shown is fixed (the same command is safe to repeat)"
+        } else {
+            "fix the cause shown for each, then run the command again"
+        };
         let _ = writeln!(
             out,
-            "some instances FAILED or disagree: they are not in the state shown above; check them"
+            "some instances FAILED: they are not in the state shown above; {what}"
         );
     }
     (out, all_ok)
@@ -240,12 +259,21 @@ fn disagreement(listings: &[(String, Value)]) -> Option<String> {
     Some(out)
 }
 
+/// Why one instance did not do what was asked, and whether trying again can help.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    /// The instance was unreachable, slow or failed itself: the same command may work later.
+    /// Otherwise (token, input) repeating it changes nothing.
+    retryable: bool,
+}
+
 async fn one(
     admin: &str,
     action: &KillAction,
     token: Option<&str>,
     actor: Option<&str>,
-) -> Result<(String, Value), String> {
+) -> Result<(String, Value), Failure> {
     match action {
         KillAction::Add {
             versions,
@@ -285,6 +313,7 @@ async fn one(
                 )
                 .await,
                 &[200, 201],
+                "",
             )?;
             let e = &v["entry"];
             let matching = v["impact"]["matching_connections"].as_u64().unwrap_or(0);
@@ -322,6 +351,7 @@ async fn one(
             let v = expect(
                 client::call(admin, Method::GET, "/v1/killswitch", token, actor, None).await,
                 &[200],
+                "",
             )?;
             let entries = v["entries"].as_array().cloned().unwrap_or_default();
             if entries.is_empty() {
@@ -366,6 +396,7 @@ async fn one(
                 )
                 .await,
                 &[200],
+                id,
             )?;
             let text = format!(
                 "removed {id} ({}{})",
@@ -381,17 +412,33 @@ async fn one(
     }
 }
 
-fn expect(result: Result<(u16, String), String>, ok: &[u16]) -> Result<Value, String> {
-    let (status, body) = result?;
+/// The answer's JSON on an expected status; otherwise what went wrong and what to do about it.
+/// `id` names the entry a removal was for.
+fn expect(result: Result<(u16, String), String>, ok: &[u16], id: &str) -> Result<Value, Failure> {
+    let (status, body) = result.map_err(|e| Failure {
+        message: format!(
+            "unreachable ({e}): is fwgate running there, and is this its [admin] addr?"
+        ),
+        retryable: true,
+    })?;
     let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
     if ok.contains(&status) {
-        Ok(v)
-    } else {
-        Err(format!(
-            "{status}: {}",
-            v["error"].as_str().unwrap_or(body.trim())
-        ))
+        return Ok(v);
     }
+    let said = v["error"].as_str().unwrap_or(body.trim());
+    let (advice, retryable) = match status {
+        401 => ("wrong token: use the instance's token (FWGATE_ADMIN_TOKEN or --token-file must match its [admin] token_file)".to_string(), false),
+        403 => ("the instance has no admin token configured, so it accepts no change: set [admin] token_file (or FWGATE_ADMIN_TOKEN) there and restart it".to_string(), false),
+        404 if !id.is_empty() => (format!("no entry {id:?} there: `fwgate kill list` shows the ids in force"), false),
+        409 => ("someone else changed that entry first (fleet mode): look at `fwgate kill list`, then decide".to_string(), false),
+        503 if said.contains("fleet store") || said.contains("fleet mode") => ("the fleet store cannot be used from there (see the message)".to_string(), true),
+        400 | 404 | 405 | 422 => ("fix the command; nothing was changed".to_string(), false),
+        _ => ("the instance failed (see its log); nothing was changed there".to_string(), true),
+    };
+    Err(Failure {
+        message: format!("{status}: {said}: {advice}"),
+        retryable,
+    })
 }
 
 #[cfg(test)]
@@ -457,7 +504,7 @@ mod tests {
                 local: false,
             },
             &[format!("http://{dead}")],
-            None,
+            Some("token".into()),
         )
         .await;
         assert!(!ok);

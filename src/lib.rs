@@ -19,14 +19,16 @@
 //!   produced as snapshots the gate swaps in through the seam in [`shared`].
 //! - [`limits`]: rule `limit` actions (GCRA via governor), concurrency caps, global caps, reconnect backoff.
 //! - [`registry`]: open tunnels, so a rule change can close what it no longer admits.
-//! - [`census`]: which versions are connecting, for `/v1/versions`.
-//! - [`metrics`], [`access_log`], [`diag`], [`duration`], [`atomic_file`]: supporting pieces.
+//! - [`census`]: which versions are connecting and what was done with them, for `/v1/versions`.
+//! - [`path`]: the one spelling of a request path that rules see and the backend gets.
+//! - [`metrics`], [`access_log`], [`logging`], [`diag`], [`duration`], [`atomic_file`]: supporting pieces.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod access_log;
 pub mod admin;
 pub mod atomic_file;
+pub mod audit;
 pub mod census;
 pub mod cli;
 pub mod clock;
@@ -39,7 +41,9 @@ pub mod gate;
 pub mod kill_cli;
 pub mod killswitch;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod registry;
 pub mod reload;

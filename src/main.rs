@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use fwgate::admin::AdminToken;
 use fwgate::cli::{self, ExplainInput};
-use fwgate::config::{Config, LogFormat};
+use fwgate::config::Config;
 use fwgate::fleet::cli::{FleetAction, RulesAction};
 use fwgate::gate::Gate;
 use fwgate::kill_cli::KillAction;
@@ -233,20 +233,10 @@ fn fleet_command(
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = cli::load_config(config_path.as_deref())
         .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
-    init_logging(config.log.format);
+    fwgate::logging::install(config.log.format);
     if config.source.is_none() {
         tracing::warn!("no --config given: using the built-in configuration (listen 0.0.0.0:8080, upstream 127.0.0.1:9000, admin 127.0.0.1:9901, admit everything)");
     }

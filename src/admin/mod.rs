@@ -4,6 +4,7 @@
 //! compared in constant time.
 
 pub mod client;
+pub mod versions;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -198,7 +199,8 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 ),
             }
         }
-        (&Method::GET, "/v1/versions") => json_response(StatusCode::OK, &gate.census.report(gate)),
+        (&Method::GET, "/v1/versions") => json_response(StatusCode::OK, &versions::report(gate)),
+        (&Method::GET, "/v1/timeline") => json_response(StatusCode::OK, &versions::timeline(gate)),
         (&Method::GET, "/v1/killswitch") => json_response(StatusCode::OK, &killswitch_json(gate)),
         (&Method::POST, "/v1/killswitch") => {
             if let Some(refused) = admin.token.authorize(req.headers()) {
@@ -255,14 +257,14 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (
             _,
             "/healthz" | "/readyz" | "/metrics" | "/v1/rules" | "/v1/reload" | "/v1/versions"
-            | "/v1/killswitch" | "/v1/fleet",
+            | "/v1/timeline" | "/v1/killswitch" | "/v1/fleet",
         ) => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": format!("{} is not allowed on {path}", req.method())}),
         ),
         _ => json_response(
             StatusCode::NOT_FOUND,
-            &json!({"error": "not found", "endpoints": ["GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/rules", "POST /v1/reload", "GET /v1/versions", "GET /v1/killswitch", "POST /v1/killswitch", "DELETE /v1/killswitch/{id}", "GET /v1/fleet"]}),
+            &json!({"error": "not found", "endpoints": ["GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/rules", "POST /v1/reload", "GET /v1/versions", "GET /v1/timeline", "GET /v1/killswitch", "POST /v1/killswitch", "DELETE /v1/killswitch/{id}", "GET /v1/fleet"]}),
         ),
     }
 }

@@ -16,7 +16,7 @@ use toml::Spanned;
 
 use crate::diag::{FileError, FileErrors};
 use crate::duration::parse_duration;
-use crate::limits::backoff::BackoffConfig;
+use crate::limits::backoff::{BackoffConfig, BackoffKey};
 use crate::limits::{Rate, DEFAULT_MAX_KEYS};
 use ipnet::IpNet;
 
@@ -175,6 +175,10 @@ pub struct RawBackoff {
     pub max: Option<Spanned<String>>,
     /// Quiet time after which a device starts over. Default `"5m"`.
     pub quiet: Option<Spanned<String>>,
+    /// What identifies a device: `"device"` (device id + client address; default) or `"ip"`.
+    pub key: Option<Spanned<String>>,
+    /// A tunnel ending on its own sooner than this after opening is churn. Default `"10s"`.
+    pub short_tunnel: Option<Spanned<String>>,
 }
 
 /// `[listen]` as written.
@@ -572,6 +576,17 @@ impl Config {
         let b = &l.backoff;
         let backoff_defaults = BackoffConfig::default();
         let max_keys = v.bounded_int(&l.max_keys, DEFAULT_MAX_KEYS, 1, 100_000_000);
+        let backoff_key = match b.key.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("device", _)) => BackoffKey::Device,
+            Some(("ip", _)) => BackoffKey::Ip,
+            Some((other, span)) => {
+                v.error(
+                    span.start,
+                    format!("[limits.backoff] key must be \"device\" (device id + client address) or \"ip\" (client address alone: every device behind one NAT shares it), not {other:?}"),
+                );
+                BackoffKey::Device
+            }
+        };
         let limits = LimitsConfig {
             max_connections: v.bounded_int(&l.max_connections, 0, 0, 1 << 24),
             handshake_rate: v.rate(&l.handshake_rate),
@@ -592,6 +607,8 @@ impl Config {
                 max: v.duration(&b.max, backoff_defaults.max),
                 quiet: v.duration(&b.quiet, backoff_defaults.quiet),
                 max_keys,
+                key: backoff_key,
+                short_tunnel: v.duration(&b.short_tunnel, backoff_defaults.short_tunnel),
             },
         };
         let admin = AdminConfig {

@@ -1,9 +1,9 @@
 //! The emergency kill switch: entries that refuse a version range (or everything: `*`,
 //! maintenance mode) before any rule, fleet-wide in seconds.
 //!
-//! Entries are persisted in `state_dir/killswitch.json`, written atomically (temp file, fsync,
-//! rename) before an API call answers, with the previous version kept as
-//! `killswitch.json.bak`. A corrupt file falls back to the backup loudly. The set in force is
+//! Entries are persisted in `state_dir/killswitch.json`, written atomically (temp file created
+//! exclusively, fsync, rename) before an API call answers, with the previous version kept as
+//! `killswitch.json.bak` by a hard link (see [`write_state`] for how faults are survived). A corrupt file falls back to the backup loudly. The set in force is
 //! swapped atomically like the rules, so a handshake that arrives after the API call returned
 //! is decided with the new entry. Expired entries stop applying on their own (checked at
 //! decision time) and are pruned from the file at the next change.
@@ -22,7 +22,7 @@ use crate::duration::{format_duration, parse_duration};
 use crate::metrics::Metrics;
 use crate::rules::range::VersionRange;
 use crate::rules::{Action, Decider, Refusal, VersionInput};
-use crate::version::VersionOrdering;
+use crate::version::{FirmwareVersion, VersionOrdering};
 
 /// Status of a kill-switch refusal unless the entry says otherwise.
 pub const DEFAULT_STATUS: u16 = 503;
@@ -39,6 +39,8 @@ pub const STATE_FILE: &str = "killswitch.json";
 pub const EMPTY_STATE: &[u8] = b"{\"entries\":[]}";
 /// Most entries in force at once (each is checked on every handshake).
 pub const MAX_ENTRIES: usize = 256;
+/// Longest `reason` in bytes: it is logged and sent in the body of every refusal it makes.
+pub const MAX_REASON_BYTES: usize = 1024;
 
 /// One entry as persisted and as shown by the API.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -272,14 +274,40 @@ pub fn spec_from_request(
     if req.reason.trim().is_empty() {
         return invalid("reason is required: say why (it is shown in logs and listings)".into());
     }
+    if req.reason.trim().len() > MAX_REASON_BYTES {
+        return invalid(format!(
+            "reason is {} bytes; at most {MAX_REASON_BYTES}: it is sent to every refused device, so keep it short and link to the incident",
+            req.reason.trim().len()
+        ));
+    }
     let id = req.id.unwrap_or_else(generate_id);
     if !valid_id(&id) {
         return invalid(format!(
             "id {id:?} must be 1-64 characters of letters, digits, '-', '_', '.'"
         ));
     }
-    VersionRange::parse(&req.versions, ordering)
+    let range = VersionRange::parse(&req.versions, ordering)
         .map_err(|e| KillSwitchError::Invalid(format!("versions {:?}: {e}", req.versions)))?;
+    // In a rules file this is a warning; mid-incident, refusing 3.6.0 alone while 3.6.5 keeps
+    // connecting is too easy to miss, so a new entry must say which one it means.
+    if let Some(partial) = range.partial_bare_versions().first() {
+        let exact = match FirmwareVersion::parse(&partial.written) {
+            Ok(v) => v.to_string(),
+            Err(_) => partial.written.clone(),
+        };
+        return invalid(format!(
+            "versions {:?}: a bare {:?} means exactly {exact}, so {} would still connect; write {:?} for the whole line or \"={exact}\" for that one version",
+            req.versions,
+            partial.written,
+            // An example the entry would miss: 3.6.5 for `3.6`, 3.1.0 for `3`.
+            if partial.suggestion.matches('.').count() == 2 {
+                partial.suggestion.replace('*', "5")
+            } else {
+                partial.suggestion.replace('*', "1.0")
+            },
+            partial.suggestion,
+        ));
+    }
     let now = unix_now();
     let expires_at = match (req.ttl, req.expires_at) {
         (Some(_), Some(_)) => return invalid("give ttl or expires_at, not both".into()),
@@ -343,6 +371,7 @@ pub fn compile_entry(
         spec.id, spec.reason
     );
     let decider = Decider {
+        health: None,
         counters: metrics.rule_counters(&name),
         name: Arc::from(name),
         action: Action::Deny(Refusal {
@@ -384,9 +413,7 @@ pub fn compile_state(
 
 /// The backup file next to `path`.
 pub fn backup_path(path: &Path) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(".bak");
-    PathBuf::from(p)
+    with_suffix(path, ".bak")
 }
 
 /// Reads and parses a state file; `Ok(None)` when it does not exist.
@@ -412,10 +439,49 @@ pub fn read_state(path: &Path) -> Result<Option<(StateFile, Vec<u8>)>, KillSwitc
     Ok(Some((state, bytes)))
 }
 
-/// Writes the state atomically: temp file + fsync + rename, keeping the previous file as `.bak`.
-/// Returns the bytes written (so the watcher can recognise its own write).
+/// Permissions of the state file and its backup: read and written by fwgate's user only (the
+/// entries name incidents; nothing else needs to read them). Set explicitly, whatever the
+/// umask or the mode of a file that was there before.
+pub const STATE_FILE_MODE: u32 = 0o600;
+
+/// `path` with `suffix` appended to its file name.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// The temp file a write goes through, renamed over the state file once complete.
+pub fn temp_path(path: &Path) -> PathBuf {
+    with_suffix(path, ".tmp")
+}
+
+/// Removes temp files a crashed or failed write may have left (`.tmp`, `.bak.tmp`); at
+/// start-up and before each write. A symlink planted at a temp name is removed, not followed.
+pub fn remove_stale_temp_files(path: &Path) {
+    for stale in [temp_path(path), with_suffix(&backup_path(path), ".tmp")] {
+        match std::fs::remove_file(&stale) {
+            Ok(()) => {
+                tracing::warn!(file = %stale.display(), "removed a stale kill-switch temp file")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %stale.display(), error = %e, "cannot remove a stale kill-switch temp file")
+            }
+        }
+    }
+}
+
+/// Writes the state atomically, keeping the previous file as `.bak`. Returns the bytes written
+/// (so the watcher can recognise its own write).
+///
+/// The new content goes to a temp file created exclusively (`O_CREAT|O_EXCL`, never through a
+/// symlink) with [`STATE_FILE_MODE`], is fsynced, and is renamed over the state file. The
+/// previous file is kept by a hard link (to `.bak.tmp`, renamed over `.bak`), not a copy: no
+/// byte of it is written again, so a full disk cannot truncate the backup, and its mode bits
+/// (a read-only file from configuration management) do not matter. Any failure removes the
+/// temp files and leaves the state file and its backup as they were.
 pub fn write_state(path: &Path, state: &StateFile) -> Result<Vec<u8>, KillSwitchError> {
-    use std::io::Write as _;
     let fail = |m: String| KillSwitchError::State {
         path: path.to_path_buf(),
         message: m,
@@ -425,30 +491,55 @@ pub fn write_state(path: &Path, state: &StateFile) -> Result<Vec<u8>, KillSwitch
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create state_dir: {e}")))?;
     }
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    {
-        let mut f = std::fs::File::create(&tmp)
-            .map_err(|e| fail(format!("cannot write {}: {e}", tmp.display())))?;
-        f.write_all(&bytes)
-            .map_err(|e| fail(format!("cannot write: {e}")))?;
-        f.sync_all()
-            .map_err(|e| fail(format!("cannot fsync: {e}")))?;
+    remove_stale_temp_files(path);
+    let result = replace_keeping_backup(path, &bytes);
+    if result.is_err() {
+        remove_stale_temp_files(path);
     }
-    if path.exists() {
-        // Keep the previous version: if the new one is ever corrupted, it is the fallback.
-        let bak = backup_path(path);
-        std::fs::copy(path, &bak)
-            .map_err(|e| fail(format!("cannot keep backup {}: {e}", bak.display())))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| fail(format!("cannot rename into place: {e}")))?;
+    result.map_err(fail)?;
     if let Some(dir) = path.parent() {
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
     }
     Ok(bytes)
+}
+
+/// The steps of [`write_state`] that can fail half-way; the caller cleans up after them.
+fn replace_keeping_backup(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = temp_path(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(STATE_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    // The mode given at creation is narrowed by the umask, never widened; set it exactly.
+    use std::os::unix::fs::PermissionsExt as _;
+    f.set_permissions(std::fs::Permissions::from_mode(STATE_FILE_MODE))
+        .map_err(|e| format!("cannot set the mode of {}: {e}", tmp.display()))?;
+    f.write_all(bytes)
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    f.sync_all()
+        .map_err(|e| format!("cannot fsync {}: {e}", tmp.display()))?;
+    drop(f);
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => {
+            // Keep the previous version: if the new one is ever corrupted, it is the fallback.
+            let bak = backup_path(path);
+            let bak_tmp = with_suffix(&bak, ".tmp");
+            std::fs::hard_link(path, &bak_tmp)
+                .map_err(|e| format!("cannot keep the previous file as {}: {e}", bak.display()))?;
+            std::fs::rename(&bak_tmp, &bak)
+                .map_err(|e| format!("cannot keep the previous file as {}: {e}", bak.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot read the current file: {e}")),
+    }
+    std::fs::rename(&tmp, path).map_err(|e| format!("cannot rename into place: {e}"))
 }
 
 /// Loads the state at start-up: the file, else (loudly) its backup. Fails only when a file
@@ -458,6 +549,7 @@ pub fn load_at_startup(
     ordering: VersionOrdering,
     metrics: &Metrics,
 ) -> Result<(KillSet, bool), KillSwitchError> {
+    remove_stale_temp_files(path);
     let primary = read_state(path).and_then(|s| match s {
         None => Ok(None),
         Some((state, _)) => compile_state(state, ordering, metrics).map(Some),
@@ -494,7 +586,6 @@ pub fn load_at_startup(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::version::FirmwareVersion;
 
     fn req(versions: &str) -> NewEntry {
         NewEntry {
@@ -513,6 +604,32 @@ mod tests {
 
     fn parsed(v: &str) -> VersionInput {
         VersionInput::Parsed(FirmwareVersion::parse(v).unwrap())
+    }
+
+    #[test]
+    fn a_bare_partial_version_is_refused_with_both_readings() {
+        for (written, exact, example, line) in [
+            ("3.6", "3.6.0", "3.6.5", "3.6.*"),
+            ("v3", "3.0.0", "3.1.0", "3.*"),
+            (">=2.0.0, 3.6 || 4.0.0", "3.6.0", "3.6.5", "3.6.*"),
+        ] {
+            let e = spec_from_request(req(written), VersionOrdering::Firmware, None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("means exactly {exact}")), "{e}");
+            assert!(
+                e.contains(&format!("so {example} would still connect")),
+                "{e}"
+            );
+            assert!(e.contains(&format!("write {line:?}")), "{e}");
+            assert!(e.contains(&format!("\"={exact}\"")), "{e}");
+        }
+        for fine in ["3.6.*", "=3.6.0", "3.6.0", "=3.6", ">=3.6", "*"] {
+            assert!(
+                spec_from_request(req(fine), VersionOrdering::Firmware, None).is_ok(),
+                "{fine}"
+            );
+        }
     }
 
     #[test]
@@ -544,6 +661,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("ttl"));
+        let mut r = req("*");
+        r.reason = "x".repeat(MAX_REASON_BYTES);
+        assert!(spec_from_request(r, VersionOrdering::Firmware, None).is_ok());
+        let mut r = req("*");
+        r.reason = "x".repeat(MAX_REASON_BYTES + 1);
+        let e = spec_from_request(r, VersionOrdering::Firmware, None).unwrap_err();
+        assert!(e.to_string().contains("at most 1024"), "{e}");
         let mut r = req("*");
         r.id = Some("bad id!".into());
         assert!(spec_from_request(r, VersionOrdering::Firmware, None).is_err());

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, UPGRADE};
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -519,6 +519,64 @@ fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
             .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
             .unwrap_or(false)
     })
+}
+
+/// hyper's largest accepted `Content-Length` (its own length type reserves the two values
+/// above it).
+const MAX_CONTENT_LENGTH: u64 = u64::MAX - 2;
+
+/// A `Content-Length` value as hyper reads one: a comma-separated list of decimal digit
+/// strings (no sign, optional spaces or tabs around each) that all agree, at most
+/// [`MAX_CONTENT_LENGTH`]. None for anything else.
+pub(super) fn parse_content_length(value: &[u8]) -> Option<u64> {
+    let mut length = None;
+    for part in value.split(|&b| b == b',') {
+        if part
+            .iter()
+            .any(|&b| !matches!(b, b'0'..=b'9' | b' ' | b'\t'))
+        {
+            return None;
+        }
+        let digits = part.trim_ascii();
+        if digits.is_empty() || digits.iter().any(|b| !b.is_ascii_digit()) {
+            return None;
+        }
+        let n = digits.iter().try_fold(0u64, |n, &d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })?;
+        if n > MAX_CONTENT_LENGTH || length.is_some_and(|l| l != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    length
+}
+
+/// Rewrites `Content-Length` in its plain decimal form (`0010` becomes `10`, `5, 5` becomes
+/// `5`), so that the backend reads the length fwgate read, whatever its parser makes of
+/// leading zeros. A value already plain is left alone (one comparison per byte).
+pub fn normalize_content_length(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return;
+    };
+    let plain = |v: &[u8]| {
+        !v.is_empty() && v.iter().all(u8::is_ascii_digit) && (v.len() == 1 || v[0] != b'0')
+    };
+    if values.next().is_none() && plain(first.as_bytes()) {
+        return;
+    }
+    let mut length = None;
+    for v in headers.get_all(CONTENT_LENGTH) {
+        match parse_content_length(v.as_bytes()) {
+            Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
+            // hyper has read the request by this value; never reached, and left alone if it is.
+            _ => return,
+        }
+    }
+    if let Some(n) = length {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+    }
 }
 
 /// Hop-by-hop header names (RFC 9110 §7.6.1), lower case; both HTTP paths drop them.

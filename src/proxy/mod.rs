@@ -8,6 +8,7 @@
 
 pub mod forward;
 pub mod h1;
+pub mod prefixed;
 pub mod proxy_protocol;
 pub mod response;
 pub mod tunnel;

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER, UPGRADE};
 use http::{Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
@@ -13,6 +13,10 @@ use crate::rules::Refusal;
 
 /// The content type of every answer fwgate writes itself.
 pub const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+
+/// The protocol a 426 (Upgrade Required) refusal names in its `Upgrade` header, which RFC 9110
+/// §15.5.22 requires: devices reach fwgate's backends over WebSocket.
+pub const UPGRADE_REQUIRED_PROTOCOL: HeaderValue = HeaderValue::from_static("websocket");
 
 /// Why fwgate answered instead of the backend (besides a rule refusing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +101,12 @@ impl Answer {
         if let Some(secs) = self.retry_after {
             resp.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::UPGRADE_REQUIRED {
+            resp.headers_mut()
+                .insert(UPGRADE, UPGRADE_REQUIRED_PROTOCOL);
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
         }
         resp
     }

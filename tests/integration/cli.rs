@@ -93,3 +93,78 @@ fn explain_runs_the_configured_extraction() {
     assert!(out.contains("version:  1.0.0-b3"), "{out}");
     assert!(out.contains("DENY 426"), "{out}");
 }
+
+#[test]
+fn check_warns_about_rules_that_can_never_decide_and_bounds_that_take_pre_releases() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fwgate.toml"), "rules = \"rules.toml\"\n").unwrap();
+    // The shipped rules with the shadow rule switched to enforce, and an old-firmware bound
+    // written without "-0".
+    let shipped =
+        std::fs::read_to_string(format!("{}/config/rules.toml", env!("CARGO_MANIFEST_DIR")))
+            .unwrap()
+            .replace("mode = \"shadow\"", "mode = \"enforce\"")
+            .replace("versions = \"<2.0.0-0\"", "versions = \"<2.0.0\"");
+    std::fs::write(dir.path().join("rules.toml"), shipped).unwrap();
+    let (ok, out) = fwgate(&[
+        "check",
+        "--config",
+        dir.path().join("fwgate.toml").to_str().unwrap(),
+    ]);
+    assert!(ok, "warnings do not fail check:\n{out}");
+    assert!(
+        out.contains("rule \"throttle-3-9-beta\" can never decide")
+            && out.contains("decided first by rule \"block-table-scan\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("\"<2.0.0\" also takes 2.0.0's pre-releases"),
+        "{out}"
+    );
+    // The shipped examples themselves are clean.
+    let (_, out) = fwgate(&["check", "--config", &repo_config()]);
+    assert!(!out.contains("warning"), "{out}");
+}
+
+/// `fwgate run` with its log going to a pipe (a log shipper, `journalctl`, `> file`): plain
+/// text, no colour codes; floats short.
+#[test]
+fn run_logs_without_colour_codes_when_not_on_a_terminal() {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.toml"), "# admit everything\n").unwrap();
+    let config = dir.path().join("fwgate.toml");
+    std::fs::write(
+        &config,
+        "rules = \"rules.toml\"\nshutdown_grace = \"1500ms\"\n[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.2:0\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fwgate"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("FWGATE_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run fwgate");
+    let stdout = child.stdout.take().unwrap();
+    // Reading blocks until the start-up line is written (or the process ends: then EOF).
+    let mut started = None;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        if line.contains("fwgate started") {
+            started = Some(line);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = started.expect("fwgate did not log its start-up line");
+    assert!(
+        !line.contains('\u{1b}'),
+        "colour codes in a piped log: {line:?}"
+    );
+    assert!(line.contains("shutdown_grace_s=1.5 "), "{line}");
+}

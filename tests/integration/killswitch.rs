@@ -370,3 +370,138 @@ async fn cli_acts_on_two_instances_at_once() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_bare_partial_version_is_refused_and_a_dry_run_fails_where_the_add_would() {
+    let backend = http_backend().await;
+    let proxy = start_proxy(RULES, backend.addr, "").await;
+    let (status, body) = admin_post(
+        &proxy,
+        "/v1/killswitch",
+        Some(TEST_TOKEN),
+        r#"{"versions": "3.6", "reason": "INC-1"}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("means exactly 3.6.0"), "{body}");
+    assert!(body.contains("3.6.*") && body.contains("=3.6.0"), "{body}");
+    // Nothing was added: 3.6.5 still connects.
+    assert_eq!(status_for(&proxy, Some("3.6.5")).await, 200);
+    // The CLI gets the same answer, dry run or not.
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let mut args = vec![
+            "kill".to_string(),
+            "add".into(),
+            "3.6".into(),
+            "--reason".into(),
+            "INC-1".into(),
+            "--admin".into(),
+            format!("http://{}", proxy.admin),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_fwgate"))
+                .args(&args)
+                .env("FWGATE_ADMIN_TOKEN", TEST_TOKEN)
+                .env_remove("FWGATE_CONFIG")
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert!(text.contains("3.6.*"), "{text}");
+    }
+    proxy.stop().await;
+
+    // Without a state_dir an entry cannot be created, and a dry run says so too.
+    let proxy = start_proxy(RULES, backend.addr, "# no state_dir\n").await;
+    for path in ["/v1/killswitch?dry_run=true", "/v1/killswitch"] {
+        let (status, body) = admin_post(
+            &proxy,
+            path,
+            Some(TEST_TOKEN),
+            r#"{"versions": "3.6.*", "reason": "INC-1"}"#,
+        )
+        .await;
+        assert!(status >= 400, "{path}: {status} {body}");
+        assert!(body.contains("state_dir"), "{path}: {body}");
+    }
+    proxy.stop().await;
+}
+
+/// A reason cannot forge audit lines, and one too long for every refused device is a 400.
+#[tokio::test]
+async fn a_reason_with_line_breaks_stays_on_its_audit_line_and_a_huge_one_is_refused() {
+    let backend = http_backend().await;
+    let proxy = start_proxy(RULES, backend.addr, "").await;
+    let forged = "forgery-probe-7\\n2026-11-30T10:00:00.000000Z  WARN fwgate::audit: kill-switch entry removed action=\\\"kill_remove\\\" id=forgery-probe-7\\r\\u001b[2K";
+    add(
+        &proxy,
+        &format!(
+            r#"{{"versions": ">=9", "reason": "{forged}", "id": "forgery-probe-7", "ttl": "1h"}}"#
+        ),
+    )
+    .await;
+    let logs = captured_logs();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("forgery-probe-7"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one audit line, nothing forged: {lines:#?}");
+    let line = lines[0];
+    assert!(line.contains("kill-switch entry added"), "{line}");
+    assert!(!line.contains('\r') && !line.contains('\u{1b}'), "{line:?}");
+    // The audit line names the expiry as a value; with no X-Fwgate-Actor there is no `by`.
+    assert!(line.contains(" expires_at=1"), "{line}");
+    assert!(!line.contains("Some(") && !line.contains("by="), "{line}");
+
+    let huge = "x".repeat(2000);
+    let (status, text) = admin_post(
+        &proxy,
+        "/v1/killswitch",
+        Some(TEST_TOKEN),
+        &format!(r#"{{"versions": "*", "reason": "{huge}"}}"#),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("at most 1024"), "{text}");
+    assert_eq!(status_for(&proxy, Some("1.0.0")).await, 200);
+    proxy.stop().await;
+}
+
+/// A rules reload that switches `ordering` also switches the order the kill-switch entries are
+/// decided in: `>=3.8.0-b3` holds `3.8.0-b10` in the firmware ordering, not in SemVer's
+/// (where `b10` sorts before `b3`).
+#[tokio::test]
+async fn entries_follow_a_rules_reload_that_switches_ordering() {
+    let backend = http_backend().await;
+    let proxy = start_proxy(
+        "[version]\nordering = \"firmware\"\n[defaults]\naction = \"allow\"\n",
+        backend.addr,
+        "",
+    )
+    .await;
+    add(
+        &proxy,
+        r#"{"versions": ">=3.8.0-b3", "reason": "ordering probe"}"#,
+    )
+    .await;
+    assert_eq!(status_for(&proxy, Some("3.8.0-b10")).await, 503);
+    std::fs::write(
+        proxy.rules_path(),
+        "[version]\nordering = \"semver\"\n[defaults]\naction = \"allow\"\n",
+    )
+    .unwrap();
+    let (status, body) = admin_post(&proxy, "/v1/reload", Some(TEST_TOKEN), "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        status_for(&proxy, Some("3.8.0-b10")).await,
+        200,
+        "the entry still decides in the firmware ordering"
+    );
+    assert_eq!(status_for(&proxy, Some("3.8.0-b4")).await, 503);
+    proxy.stop().await;
+}

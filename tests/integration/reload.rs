@@ -383,3 +383,34 @@ async fn close_existing_also_ends_long_requests_it_now_refuses() {
     );
     proxy.stop().await;
 }
+
+/// A bad edit reverted to the exact rules in force: the reload finds nothing to apply, but the
+/// file is valid, so the error is cleared (and /v1/reload says `unchanged` without it).
+#[tokio::test]
+async fn reverting_a_bad_edit_to_the_rules_in_force_clears_the_error() {
+    let backend = http_backend().await;
+    let good = rules_blocking(">=3.8.0-b3");
+    let proxy = start_proxy(&good, backend.addr, "").await;
+    std::fs::write(
+        proxy.rules_path(),
+        "[[rule]]\nname = \"block\"\nversions = \">=3.8,\"\n",
+    )
+    .unwrap();
+    eventually("reload error reported", || async {
+        let (_, body) = admin_get(&proxy, "/v1/rules").await;
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["last_error"].is_string()
+    })
+    .await;
+    std::fs::write(proxy.rules_path(), &good).unwrap();
+    let (status, body) = admin_post(&proxy, "/v1/reload", Some(TEST_TOKEN), "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("unchanged"), "{body}");
+    let (_, body) = admin_get(&proxy, "/v1/rules").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["last_error"].is_null(),
+        "error kept after a valid reload: {body}"
+    );
+    assert_eq!(v["generation"], 1);
+    proxy.stop().await;
+}

@@ -1,0 +1,243 @@
+//! The end of a chunked body, found without decoding it.
+
+/// Finds where a chunked body ends (after the last chunk and the trailers) without decoding
+/// it, so the body is relayed byte for byte and the connection's next message is not touched.
+#[derive(Debug, Default)]
+pub(super) struct ChunkedEnd {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Reading the chunk size's hex digits.
+    #[default]
+    Size,
+    /// After the size: extensions or whitespace up to the line end.
+    Extension,
+    /// Expecting the LF of the size line.
+    SizeLf,
+    /// Inside chunk data (`size` bytes left).
+    Data,
+    /// Expecting the CR after chunk data.
+    DataCr,
+    /// Expecting the LF after chunk data.
+    DataLf,
+    /// At the start of a trailer line (or the final empty line).
+    TrailerStart,
+    /// Inside a trailer line.
+    TrailerLine,
+    /// Expecting the final LF.
+    EndLf,
+    /// The body has ended.
+    Done,
+}
+
+impl ChunkedEnd {
+    /// Feeds the next bytes of the body: `Ok(Some(n))` when the body ends after `n` of them,
+    /// `Ok(None)` when all of them belong to it and more follow, `Err` when it is malformed.
+    pub(super) fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, ()> {
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            match self.state {
+                ChunkState::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        // At most 16 hex digits: the size fits a u64.
+                        if self.digits == 16 {
+                            return Err(());
+                        }
+                        let digit = (b as char).to_digit(16).ok_or(())?;
+                        self.size = self.size * 16 + u64::from(digit);
+                        self.digits += 1;
+                    }
+                    _ if self.digits == 0 => return Err(()),
+                    b'\r' => self.state = ChunkState::SizeLf,
+                    b'\n' => self.end_of_size_line(),
+                    b';' | b' ' | b'\t' => self.state = ChunkState::Extension,
+                    _ => return Err(()),
+                },
+                ChunkState::Extension => match b {
+                    b'\r' => self.state = ChunkState::SizeLf,
+                    b'\n' => self.end_of_size_line(),
+                    _ => {}
+                },
+                ChunkState::SizeLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.end_of_size_line();
+                }
+                ChunkState::Data => {
+                    let available = (bytes.len() - i) as u64;
+                    let n = available.min(self.size);
+                    self.size -= n;
+                    i += n as usize;
+                    if self.size == 0 {
+                        self.state = ChunkState::DataCr;
+                    }
+                    continue;
+                }
+                ChunkState::DataCr => match b {
+                    b'\r' => self.state = ChunkState::DataLf,
+                    b'\n' => self.next_chunk(),
+                    _ => return Err(()),
+                },
+                ChunkState::DataLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.next_chunk();
+                }
+                ChunkState::TrailerStart => match b {
+                    b'\r' => self.state = ChunkState::EndLf,
+                    b'\n' => {
+                        self.state = ChunkState::Done;
+                        return Ok(Some(i + 1));
+                    }
+                    _ => self.state = ChunkState::TrailerLine,
+                },
+                ChunkState::TrailerLine => {
+                    if b == b'\n' {
+                        self.state = ChunkState::TrailerStart;
+                    }
+                }
+                ChunkState::EndLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = ChunkState::Done;
+                    return Ok(Some(i + 1));
+                }
+                ChunkState::Done => return Ok(Some(i)),
+            }
+            i += 1;
+        }
+        Ok((self.state == ChunkState::Done).then_some(bytes.len()))
+    }
+
+    fn end_of_size_line(&mut self) {
+        self.state = if self.size == 0 {
+            ChunkState::TrailerStart
+        } else {
+            ChunkState::Data
+        };
+    }
+
+    fn next_chunk(&mut self) {
+        self.state = ChunkState::Size;
+        self.size = 0;
+        self.digits = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNKED: &[u8] =
+        b"5;name=v\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\nX-U: 2\r\n\r\n";
+
+    #[test]
+    fn chunked_end_is_found_at_every_split_and_not_before() {
+        let mut next = CHUNKED.to_vec();
+        next.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        for split in 0..=next.len() {
+            let mut end = ChunkedEnd::default();
+            let (a, b) = next.split_at(split);
+            let found = match end.feed(a).unwrap() {
+                Some(n) => n,
+                None => a.len() + end.feed(b).unwrap().expect("end not found"),
+            };
+            assert_eq!(found, CHUNKED.len(), "split at {split}");
+        }
+        // Byte by byte: nothing before the last byte says it ended.
+        let mut end = ChunkedEnd::default();
+        for (i, b) in CHUNKED.iter().enumerate() {
+            let r = end.feed(std::slice::from_ref(b)).unwrap();
+            assert_eq!(r.is_some(), i == CHUNKED.len() - 1, "at byte {i}");
+        }
+    }
+
+    #[test]
+    fn chunked_accepts_bare_lf_and_no_trailers() {
+        let mut end = ChunkedEnd::default();
+        assert_eq!(end.feed(b"3\nabc\n0\n\nrest").unwrap(), Some(9));
+        let mut end = ChunkedEnd::default();
+        assert_eq!(end.feed(b"0\r\n\r\n").unwrap(), Some(5));
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for bad in [
+            &b"\r\n"[..],
+            b"x\r\n",
+            b"5\r\nhelloX",
+            b"5\rX",
+            b"11111111111111111\r\n",
+            b"0\r\n\rX",
+        ] {
+            assert!(ChunkedEnd::default().feed(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A chunked body from chunk sizes, extensions and trailers, as a backend would send it.
+        fn chunked_body(chunks: &[(usize, bool)], trailers: &[String], bare_lf: bool) -> Vec<u8> {
+            let eol: &[u8] = if bare_lf { b"\n" } else { b"\r\n" };
+            let mut out = Vec::new();
+            for (i, (len, ext)) in chunks.iter().enumerate() {
+                out.extend_from_slice(format!("{len:X}").as_bytes());
+                if *ext {
+                    out.extend_from_slice(b";k=v");
+                }
+                out.extend_from_slice(eol);
+                out.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, *len));
+                out.extend_from_slice(eol);
+            }
+            out.extend_from_slice(b"0");
+            out.extend_from_slice(eol);
+            for t in trailers {
+                out.extend_from_slice(format!("X-{t}: {t}").as_bytes());
+                out.extend_from_slice(eol);
+            }
+            out.extend_from_slice(eol);
+            out
+        }
+
+        proptest! {
+            #[test]
+            fn chunked_end_is_exact_however_the_body_is_cut(
+                chunks in proptest::collection::vec((1usize..300, any::<bool>()), 0..6),
+                trailers in proptest::collection::vec("[a-z]{1,8}", 0..3),
+                bare_lf in any::<bool>(),
+                cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
+                tail in proptest::collection::vec(any::<u8>(), 0..20),
+            ) {
+                let body = chunked_body(&chunks, &trailers, bare_lf);
+                let mut stream = body.clone();
+                stream.extend_from_slice(&tail);
+                let mut points: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+                points.push(stream.len());
+                points.sort_unstable();
+                let mut end = ChunkedEnd::default();
+                let (mut at, mut found) = (0, None);
+                for p in points {
+                    if found.is_some() || p < at {
+                        continue;
+                    }
+                    if let Some(n) = end.feed(&stream[at..p]).unwrap() {
+                        found = Some(at + n);
+                    }
+                    at = p;
+                }
+                prop_assert_eq!(found, Some(body.len()));
+            }
+
+        }
+    }
+}
