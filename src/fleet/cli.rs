@@ -316,6 +316,7 @@ async fn publish_and_wait(
         keys,
         interval,
         p.revision,
+        None,
         started,
         started + PUBLISH_WAIT,
     )

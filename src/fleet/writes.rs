@@ -405,6 +405,7 @@ async fn wait_converged(core: &FleetCore, revision: i64) -> Convergence {
         &core.keys,
         core.config.heartbeat_interval,
         revision,
+        Some(&core.instance_id),
         started,
         deadline,
     )

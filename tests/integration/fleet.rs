@@ -168,6 +168,12 @@ async fn three_instances_converge_after_add_and_after_remove() {
         metric(&b, "fwgate_fleet_store_connected{store=\"etcd\"}").await,
         Some(1.0)
     );
+    let applied = f["applied_revision"].as_f64().unwrap();
+    assert!(applied > 0.0);
+    assert_eq!(
+        metric(&c, "fwgate_fleet_applied_revision{store=\"etcd\"}").await,
+        Some(applied)
+    );
     for p in [a, b, c] {
         p.stop().await;
     }
@@ -443,6 +449,47 @@ async fn a_stalled_watch_is_detected_and_replaced() {
     })
     .await;
     assert!(metric(&c, "fwgate_fleet_watch_restarts_total{reason=\"stalled\"}").await >= Some(1.0));
+    a.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_change_names_the_instances_that_have_not_applied_it() {
+    if !etcd::available("a_change_names_the_instances_that_have_not_applied_it") {
+        return;
+    }
+    let etcd = Etcd::start().await;
+    let relay = Relay::start(etcd.client).await;
+    let backend = http_backend().await;
+    let a = member(&etcd.url(), "a", backend.addr).await;
+    // c's stall detection is slow here, so its silent watch outlasts the 5 s wait.
+    let slow = fleet_config(&relay.url(), "c", false)
+        .replace("stall_timeout = \"1500ms\"", "stall_timeout = \"60s\"");
+    let c = start_proxy(RULES, backend.addr, &slow).await;
+    for p in [&a, &c] {
+        eventually("synced", || ready(p)).await;
+    }
+    eventually("c's watch is open", || async {
+        relay.freeze_watches() == 1
+    })
+    .await;
+    let (ok, out) = fwgate(args(&[
+        "kill",
+        "add",
+        "6.6.6",
+        "--reason",
+        "lag test",
+        "--admin",
+        &format!("http://{}", a.admin),
+    ]))
+    .await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("LAGGING") && out.contains("c (at revision"),
+        "{out}"
+    );
+    assert!(out.contains("applied by 1"), "{out}");
+    assert_eq!(status_for(&a, Some("6.6.6")).await, 503);
     a.stop().await;
     c.stop().await;
 }
