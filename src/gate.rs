@@ -635,12 +635,15 @@ impl Gate {
                     reason: Some(spec.reason.clone()),
                     by: spec.created_by.clone(),
                     detail: Some(format!(
-                        "fleet-wide through {}{}",
+                        "fleet-wide through {}{}{}",
                         store.describe(),
                         change
                             .convergence
                             .as_ref()
                             .map(|c| format!(", revision {}", c.revision))
+                            .unwrap_or_default(),
+                        spec.expires_at
+                            .map(|at| format!(", expires at {at} (unix)"))
                             .unwrap_or_default()
                     )),
                     ..AuditEvent::default()

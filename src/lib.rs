@@ -21,6 +21,7 @@
 //! - [`registry`]: open tunnels, so a rule change can close what it no longer admits.
 //! - [`census`]: which versions are connecting and what was done with them, for `/v1/versions`.
 //! - [`path`]: the one spelling of a request path that rules see and the backend gets.
+//! - [`audit`]: the recent audit trail of changes, for `/v1/audit` and the console.
 //! - [`metrics`], [`access_log`], [`logging`], [`diag`], [`duration`], [`atomic_file`]: supporting pieces.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -44,6 +45,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod path;
+pub mod preview_cli;
 pub mod proxy;
 pub mod registry;
 pub mod reload;

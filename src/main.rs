@@ -32,7 +32,15 @@ enum Command {
     /// Run the proxy (the default).
     Run,
     /// Validate the config and rules files; print every error with file:line:column.
-    Check,
+    Check {
+        /// Also ask the running instances what the rules file would change (nothing is applied).
+        #[arg(long)]
+        preview: bool,
+        /// Admin API of an instance to ask (repeat). Default: the fleet's live instances in
+        /// fleet mode, else this config's admin address.
+        #[arg(long = "admin", requires = "preview")]
+        admins: Vec<String>,
+    },
     /// Show how a version (or a request's headers) would be decided, and by which rule.
     Explain {
         /// A firmware version as a device would send it (e.g. v3.8.0b3).
@@ -73,14 +81,18 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => {
+        Command::Check { preview, admins } => {
             let (out, ok) = cli::check(cli.config.as_deref());
             print!("{out}");
-            if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
+            if !ok {
+                return ExitCode::FAILURE;
             }
+            if !preview {
+                return ExitCode::SUCCESS;
+            }
+            async_command(cli.config, |rt, config| {
+                rt.block_on(fwgate::preview_cli::run(config, admins))
+            })
         }
         Command::Explain {
             version,
@@ -124,10 +136,10 @@ fn main() -> ExitCode {
             admins,
             token_file,
         } => kill(cli.config, action, admins, token_file),
-        Command::Rules { action } => fleet_command(cli.config, |rt, config| {
+        Command::Rules { action } => async_command(cli.config, |rt, config| {
             rt.block_on(fwgate::fleet::cli::rules(config, action))
         }),
-        Command::Fleet { action } => fleet_command(cli.config, |rt, config| {
+        Command::Fleet { action } => async_command(cli.config, |rt, config| {
             rt.block_on(fwgate::fleet::cli::fleet(config, action))
         }),
         Command::Run => match run(cli.config) {
@@ -202,8 +214,8 @@ fn kill(
     }
 }
 
-/// Runs a `fwgate rules`/`fwgate fleet` command against the store `--config` names.
-fn fleet_command(
+/// Runs a command that needs `--config` and an async runtime (`rules`, `fleet`, `check --preview`).
+fn async_command(
     config_path: Option<PathBuf>,
     command: impl FnOnce(&tokio::runtime::Runtime, &Config) -> (String, bool),
 ) -> ExitCode {

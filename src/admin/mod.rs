@@ -4,6 +4,9 @@
 //! compared in constant time.
 
 pub mod client;
+pub mod explain;
+pub mod preview;
+pub mod upstream;
 pub mod versions;
 
 use std::collections::HashMap;
@@ -201,6 +204,34 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         (&Method::GET, "/v1/versions") => json_response(StatusCode::OK, &versions::report(gate)),
         (&Method::GET, "/v1/timeline") => json_response(StatusCode::OK, &versions::timeline(gate)),
+        (&Method::GET, "/v1/upstream") => json_response(StatusCode::OK, &upstream::upstream(gate)),
+        (&Method::GET, "/v1/audit") => {
+            json_response(StatusCode::OK, &json!({"events": gate.audit.recent()}))
+        }
+        (&Method::GET, "/v1/explain") => {
+            let (status, body) = explain::explain(gate, req.uri().query());
+            json_response(status, &body)
+        }
+        (&Method::POST, "/v1/rules/preview") => {
+            use http_body_util::BodyExt as _;
+            let limited = http_body_util::Limited::new(req.into_body(), preview::MAX_PREVIEW_BYTES);
+            match limited.collect().await.map(|b| b.to_bytes()) {
+                Ok(body) => match std::str::from_utf8(&body) {
+                    Ok(text) => {
+                        let (status, body) = preview::rules_preview(gate, text);
+                        json_response(status, &body)
+                    }
+                    Err(_) => json_response(
+                        StatusCode::BAD_REQUEST,
+                        &json!({"valid": false, "error": "the rules file is not valid UTF-8"}),
+                    ),
+                },
+                Err(e) => json_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &json!({"valid": false, "error": format!("cannot read the rules file (at most {} bytes): {e}", preview::MAX_PREVIEW_BYTES)}),
+                ),
+            }
+        }
         (&Method::GET, "/v1/killswitch") => json_response(StatusCode::OK, &killswitch_json(gate)),
         (&Method::POST, "/v1/killswitch") => {
             if let Some(refused) = admin.token.authorize(req.headers()) {
@@ -257,14 +288,15 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (
             _,
             "/healthz" | "/readyz" | "/metrics" | "/v1/rules" | "/v1/reload" | "/v1/versions"
-            | "/v1/timeline" | "/v1/killswitch" | "/v1/fleet",
+            | "/v1/timeline" | "/v1/upstream" | "/v1/audit" | "/v1/explain" | "/v1/rules/preview"
+            | "/v1/killswitch" | "/v1/fleet",
         ) => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": format!("{} is not allowed on {path}", req.method())}),
         ),
         _ => json_response(
             StatusCode::NOT_FOUND,
-            &json!({"error": "not found", "endpoints": ["GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/rules", "POST /v1/reload", "GET /v1/versions", "GET /v1/timeline", "GET /v1/killswitch", "POST /v1/killswitch", "DELETE /v1/killswitch/{id}", "GET /v1/fleet"]}),
+            &json!({"error": "not found", "endpoints": ["GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/rules", "POST /v1/reload", "POST /v1/rules/preview", "GET /v1/versions", "GET /v1/timeline", "GET /v1/upstream", "GET /v1/audit", "GET /v1/explain?version=V", "GET /v1/killswitch", "POST /v1/killswitch", "DELETE /v1/killswitch/{id}", "GET /v1/fleet"]}),
         ),
     }
 }
@@ -365,6 +397,14 @@ async fn kill_add(gate: &Gate, req: Request<Incoming>) -> Response<Full<Bytes>> 
             if let Some(c) = outcome.shared.and_then(|s| s.convergence) {
                 v["fleet"] = json!(c);
             }
+            // What the census says the entry refuses: its versions and their traffic.
+            if let Ok(entry) = killswitch::compile_entry(
+                spec.clone(),
+                gate.rules().ordering,
+                &crate::metrics::Metrics::new(),
+            ) {
+                v["census"] = preview::kill_impact(gate, &entry);
+            }
             json_response(
                 if dry_run {
                     StatusCode::OK
@@ -456,12 +496,42 @@ pub fn rules_json(gate: &Gate) -> Value {
     let rules = gate.rules();
     let status = gate.reload_status();
     let mut v = rule_set_json(&rules);
+    v["diff_from_previous"] = match gate.previous_rules() {
+        Some((generation, text)) => json!({
+            "from_generation": generation,
+            "lines": diff_lines(&text, &rules.source.text),
+        }),
+        None => Value::Null,
+    };
     v["last_error"] = status.last_error.map(Value::from).unwrap_or(Value::Null);
     v["last_reload_attempt_unix"] = status
         .last_attempt_unix
         .map(Value::from)
         .unwrap_or(Value::Null);
     v
+}
+
+/// A line diff of two rules files with 3 lines of context, as `{"op": "+"|"-"|" ", "text"}`
+/// (hunks separated by `{"op": "@", "text": "..."}`).
+fn diff_lines(old: &str, new: &str) -> Vec<Value> {
+    let diff = similar::TextDiff::from_lines(old, new);
+    let mut lines = Vec::new();
+    for (i, group) in diff.grouped_ops(3).iter().enumerate() {
+        if i > 0 {
+            lines.push(json!({"op": "@", "text": "..."}));
+        }
+        for op in group {
+            for change in diff.iter_changes(op) {
+                let sign = match change.tag() {
+                    similar::ChangeTag::Delete => "-",
+                    similar::ChangeTag::Insert => "+",
+                    similar::ChangeTag::Equal => " ",
+                };
+                lines.push(json!({"op": sign, "text": change.value().trim_end_matches('\n')}));
+            }
+        }
+    }
+    lines
 }
 
 /// A rule set as JSON.

@@ -108,6 +108,24 @@ fn connect(config: &Config) -> Result<(Client, Keys), String> {
     Ok((client, Keys::new(&fleet.prefix)))
 }
 
+/// The admin API of every live instance of the fleet `config` names (`http://host:port`),
+/// for commands that ask each instance (`fwgate check --preview`).
+pub async fn live_admins(config: &Config) -> Result<Vec<String>, String> {
+    let (client, keys) = connect(config)?;
+    let interval = config
+        .fleet
+        .as_ref()
+        .map_or(Duration::from_secs(1), |f| f.heartbeat_interval);
+    let list = list_instances(&client, &keys, interval)
+        .await
+        .map_err(|e| format!("cannot list the fleet's instances: {e}"))?;
+    Ok(list
+        .into_iter()
+        .filter(|i| i.live)
+        .map(|i| format!("http://{}", i.admin))
+        .collect())
+}
+
 fn convergence_line(c: &Convergence) -> String {
     if let Some(why) = &c.unknown {
         return format!("could not tell which instances applied it: {why}");

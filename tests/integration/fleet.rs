@@ -15,7 +15,7 @@ const RULES: &str = "[defaults]\naction = \"allow\"\nmissing = \"allow\"\n";
 /// `[fleet]` for a test member: fast heartbeats and short timeouts so failures show quickly.
 fn fleet_config(endpoint: &str, id: &str, rules: bool) -> String {
     format!(
-        "[fleet]\netcd = [\"{endpoint}\"]\ninstance_id = \"{id}\"\nrules = {rules}\nheartbeat_interval = \"200ms\"\nstall_timeout = \"1500ms\"\nconnect_timeout = \"300ms\"\nrequest_timeout = \"1s\"\n"
+        "[fleet]\netcd = [\"{endpoint}\"]\ninstance_id = \"{id}\"\nrules = {rules}\nheartbeat_interval = \"500ms\"\nstall_timeout = \"1500ms\"\nconnect_timeout = \"300ms\"\nrequest_timeout = \"1s\"\n"
     )
 }
 
@@ -434,10 +434,15 @@ async fn a_stalled_watch_is_detected_and_replaced() {
     for p in [&a, &c] {
         eventually("synced", || ready(p)).await;
     }
-    eventually("c's watch is open", || async {
-        relay.freeze_watches() == 1
-    })
+    // A first change reaches c through its watch: the stream is established (freezing it while
+    // it is being opened would make the open time out instead).
+    add(
+        &a,
+        r#"{"versions": "0.0.1", "reason": "warm-up", "id": "warm-up"}"#,
+    )
     .await;
+    assert_eq!(status_for(&c, Some("0.0.1")).await, 503);
+    assert_eq!(relay.freeze_watches(), 1);
     add(
         &a,
         r#"{"versions": "4.4.0", "reason": "stall", "id": "stall"}"#,
@@ -464,15 +469,24 @@ async fn a_change_names_the_instances_that_have_not_applied_it() {
     let a = member(&etcd.url(), "a", backend.addr).await;
     // c's stall detection is slow here, so its silent watch outlasts the 5 s wait.
     let slow = fleet_config(&relay.url(), "c", false)
-        .replace("stall_timeout = \"1500ms\"", "stall_timeout = \"60s\"");
+        .replace("stall_timeout = \"1500ms\"", "stall_timeout = \"60s\"")
+        .replace(
+            "heartbeat_interval = \"500ms\"",
+            "heartbeat_interval = \"1s\"",
+        );
     let c = start_proxy(RULES, backend.addr, &slow).await;
     for p in [&a, &c] {
         eventually("synced", || ready(p)).await;
     }
-    eventually("c's watch is open", || async {
-        relay.freeze_watches() == 1
-    })
+    // A first change reaches c through its watch: the stream is established (freezing it while
+    // it is being opened would make the open time out instead).
+    add(
+        &a,
+        r#"{"versions": "0.0.1", "reason": "warm-up", "id": "warm-up"}"#,
+    )
     .await;
+    assert_eq!(status_for(&c, Some("0.0.1")).await, 503);
+    assert_eq!(relay.freeze_watches(), 1);
     let (ok, out) = fwgate(args(&[
         "kill",
         "add",
@@ -483,7 +497,15 @@ async fn a_change_names_the_instances_that_have_not_applied_it() {
         &format!("http://{}", a.admin),
     ]))
     .await;
-    assert!(!ok, "{out}");
+    assert!(
+        !ok,
+        "{out}\n{}",
+        captured_logs()
+            .lines()
+            .filter(|l| l.contains("fleet"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert!(
         out.contains("LAGGING") && out.contains("c (at revision"),
         "{out}"

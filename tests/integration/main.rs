@@ -16,6 +16,7 @@ mod integrity;
 mod kill_cli;
 mod killswitch;
 mod limits;
+mod preview;
 mod protocol_edges;
 mod reload;
 mod semver_oracle;
