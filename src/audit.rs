@@ -15,7 +15,8 @@ pub const MAX_EVENTS: usize = 200;
 pub struct AuditEvent {
     /// Unix seconds.
     pub time: u64,
-    /// `kill_add`, `kill_remove`, `kill_file`, `rules_applied`, `rules_error`.
+    /// `kill_add`, `kill_remove`, `kill_file`, `kill_fleet` (the fleet's entries applied),
+    /// `rules_applied`, `rules_error`.
     pub action: &'static str,
     /// Kill-switch entry id, when it is about one.
     pub id: Option<String>,

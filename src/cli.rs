@@ -113,18 +113,32 @@ pub struct ExplainInput {
 }
 
 /// The kill-switch entries persisted in the config's `state_dir` (what a running instance with
-/// this config has in force), read-only; empty without a `state_dir`.
+/// this config has in force), read-only; empty without a `state_dir`. In fleet mode the fleet's
+/// entries come from the instance's last-known-good copy, first (as the instance has them).
 pub fn load_kill_set(config: &Config, rules: &RuleSet) -> Result<KillSet, String> {
-    match &config.state_dir {
-        None => Ok(KillSet::default()),
-        Some(dir) => killswitch::load_at_startup(
-            &dir.join(killswitch::STATE_FILE),
-            rules.ordering,
-            &Metrics::new(),
-        )
-        .map(|(set, _)| set)
-        .map_err(|e| e.to_string()),
+    let Some(dir) = &config.state_dir else {
+        return Ok(KillSet::default());
+    };
+    let metrics = Metrics::new();
+    let mut set =
+        killswitch::load_at_startup(&dir.join(killswitch::STATE_FILE), rules.ordering, &metrics)
+            .map(|(set, _)| set)
+            .map_err(|e| e.to_string())?;
+    if let Some(fleet) = &config.fleet {
+        let copy = crate::fleet::cache::load(&crate::fleet::cache::path(dir), &fleet.prefix)?;
+        let specs = copy
+            .map(|c| {
+                c.entries
+                    .into_iter()
+                    .map(|e| (e.spec, e.mod_revision))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (mut shared, _) = killswitch::layers::compile_shared(specs, rules.ordering, &metrics);
+        shared.append(&mut set.entries);
+        set.entries = shared;
     }
+    Ok(set)
 }
 
 /// `fwgate explain`: the normalised version, the decision and the rule that makes it.

@@ -1,7 +1,7 @@
 //! The admission state shared by every connection: the rules in force (swapped atomically on
 //! reload), metrics, the connection registry, and the backend client. One `Gate` per process.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -26,6 +26,8 @@ use crate::rules::{
 };
 use crate::shared::{SharedChange, SharedStore};
 use std::net::IpAddr;
+
+mod shared;
 
 /// What the last reload attempt did, for `/v1/rules` and `POST /v1/reload`.
 #[derive(Debug, Clone, Default)]
@@ -552,34 +554,6 @@ impl Gate {
         }
     }
 
-    /// Compiles the kill-switch entries in force again in `ordering`, after a rules reload
-    /// switched it: a range is a set on one total order, and the entries must be decided in the
-    /// same order as the rules. An entry that no longer compiles keeps the old set (logged).
-    fn recompile_kill_entries(&self, ordering: crate::version::VersionOrdering) {
-        let current = self.kill_set();
-        if current.entries.is_empty() {
-            return;
-        }
-        let state = StateFile {
-            version: 1,
-            entries: current.specs(),
-        };
-        match killswitch::compile_state(state, ordering, &self.metrics) {
-            Ok(set) => {
-                self.kill.store(Arc::new(set));
-                tracing::info!(
-                    ordering = ordering.as_str(),
-                    entries = current.entries.len(),
-                    "kill-switch entries compiled again in the new ordering"
-                );
-            }
-            Err(e) => {
-                self.metrics.killswitch_state_errors.inc();
-                tracing::error!(error = %e, ordering = ordering.as_str(), "kill-switch entries cannot be compiled in the new ordering; they keep the previous one");
-            }
-        }
-    }
-
     /// Plans and starts closing the open connections the current rules refuse with
     /// `close_existing`; returns how many.
     pub fn close_refused(&self) -> usize {
@@ -659,11 +633,6 @@ impl Gate {
             let ordering = self.rules().ordering;
             let entry = killswitch::compile_entry(spec.clone(), ordering, &self.metrics)?;
             let change = store.add_entry(&spec, expect, dry_run).await?;
-            // Applying the store's update closed what the entry closes; report the matches.
-            let mut impact = self.kill_impact(&entry, true);
-            if !dry_run && entry.decider.close_existing {
-                impact.closing = impact.matching;
-            }
             if !dry_run {
                 self.audit.record(AuditEvent {
                     action: "kill_add",
@@ -672,13 +641,24 @@ impl Gate {
                     reason: Some(spec.reason.clone()),
                     by: spec.created_by.clone(),
                     detail: Some(format!(
-                        "fleet-wide{}",
+                        "fleet-wide through {}{}{}",
+                        store.describe(),
+                        change
+                            .convergence
+                            .as_ref()
+                            .map(|c| format!(", revision {}", c.revision))
+                            .unwrap_or_default(),
                         spec.expires_at
                             .map(|at| format!(", expires at {at} (unix)"))
                             .unwrap_or_default()
                     )),
                     ..AuditEvent::default()
                 });
+            }
+            // Applying the store's update closed what the entry closes; report the matches.
+            let mut impact = self.kill_impact(&entry, true);
+            if !dry_run && entry.decider.close_existing {
+                impact.closing = impact.matching;
             }
             return Ok(KillOutcome {
                 impact,
@@ -758,14 +738,22 @@ impl Gate {
         self.check_shared_attached(target)?;
         if let (KillTarget::Default, Some(store)) = (target, self.shared_store()) {
             let removed = store.remove_entry(id, actor, expect).await?;
-            if let Some((spec, _)) = &removed {
+            if let Some((spec, change)) = &removed {
                 self.audit.record(AuditEvent {
                     action: "kill_remove",
                     id: Some(id.to_string()),
                     versions: Some(spec.versions.clone()),
                     reason: Some(spec.reason.clone()),
                     by: actor.map(str::to_string),
-                    detail: Some("fleet-wide".into()),
+                    detail: Some(format!(
+                        "fleet-wide through {}{}",
+                        store.describe(),
+                        change
+                            .convergence
+                            .as_ref()
+                            .map(|c| format!(", revision {}", c.revision))
+                            .unwrap_or_default()
+                    )),
                     ..AuditEvent::default()
                 });
             }
@@ -831,154 +819,6 @@ impl Gate {
         self.set_kill_layer(|l| l.local = Arc::new(set));
         self.metrics.killswitch_change(action);
         Ok(())
-    }
-
-    /// Changes one layer of the kill-switch entries and puts the recomposed set in force.
-    fn set_kill_layer(&self, change: impl FnOnce(&mut Layers)) {
-        let mut layers = self.kill_layers.lock().unwrap_or_else(|e| e.into_inner());
-        change(&mut layers);
-        let set = layers.compose(self.rules().ordering, &self.metrics);
-        self.metrics
-            .killswitch_entries
-            .set(set.entries.len() as i64);
-        // Stored under the layers' lock, so two layer changes cannot swap in out of order.
-        self.kill.store(Arc::new(set));
-    }
-
-    /// In fleet mode a change for the fleet needs the store: never fall back to this
-    /// instance's file silently.
-    fn check_shared_attached(&self, target: KillTarget) -> Result<(), KillSwitchError> {
-        if target == KillTarget::Default
-            && self.config.fleet.is_some()
-            && self.shared_store().is_none()
-        {
-            return Err(KillSwitchError::Unavailable(
-                "fleet mode is configured but this instance could not join the fleet (see its log); nothing was changed. For this instance only: --local (?scope=local)".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// This instance's own entries (persisted in `state_dir`), without the fleet's.
-    pub fn local_kill_set(&self) -> Arc<KillSet> {
-        self.kill_layers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .local
-            .clone()
-    }
-
-    /// Connects the fleet's store: from now on kill-switch changes without `scope=local` go
-    /// there. Set once, before serving; returns false if a store was already attached.
-    pub fn attach_shared_store(&self, store: Arc<dyn SharedStore>) -> bool {
-        self.shared_store.set(store).is_ok()
-    }
-
-    /// The fleet's store, in fleet mode.
-    pub fn shared_store(&self) -> Option<Arc<dyn SharedStore>> {
-        self.shared_store.get().cloned()
-    }
-
-    /// Puts the fleet's entries (spec and store revision each) in force alongside the local
-    /// ones, marks the instance as synced, and closes open connections they refuse. Returns
-    /// the entries that did not compile (left out; the caller validated them already).
-    pub fn install_shared_entries(&self, specs: Vec<(EntrySpec, i64)>) -> Vec<KillSwitchError> {
-        let (entries, errors) =
-            killswitch::layers::compile_shared(specs, self.rules().ordering, &self.metrics);
-        self.set_kill_layer(|l| l.shared = SharedLayer::Synced(entries));
-        let closing = self.close_refused();
-        if closing > 0 {
-            tracing::warn!(
-                closing,
-                "closing connections refused by the fleet's kill-switch entries"
-            );
-        }
-        errors
-    }
-
-    /// Whether this fleet member still refuses everything because it has neither synced with
-    /// the store nor loaded a last-known-good copy.
-    pub fn fleet_unsynced(&self) -> bool {
-        self.kill_layers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .unsynced()
-    }
-
-    /// Why `/readyz` answers 503, if it does.
-    pub fn not_ready_reason(&self) -> Option<&'static str> {
-        if self.is_draining() {
-            Some("draining\n")
-        } else if self.fleet_unsynced() {
-            Some("not synced with the fleet store yet (no last-known-good copy)\n")
-        } else {
-            None
-        }
-    }
-
-    /// Whether the rules in force came from the fleet's store (the rules file is then not
-    /// reloaded until the store's rules are deleted).
-    pub fn rules_from_shared(&self) -> bool {
-        self.rules_shared.load(Ordering::Relaxed)
-    }
-
-    /// Compiles rules text from the fleet's store and, if valid, puts it in force (exactly as a
-    /// reload of the file would). An invalid text keeps the rules in force and is reported the
-    /// same way (log, `fwgate_rules_reloads_total{result="error"}`, `/v1/rules` `last_error`).
-    /// `origin` names the document in messages and in `/v1/rules` `source`.
-    pub async fn install_shared_rules(
-        &self,
-        text: String,
-        origin: PathBuf,
-    ) -> Result<ReloadOutcome, FileErrors> {
-        let _serial = self.reload_lock.lock().await;
-        let result = tokio::task::spawn_blocking({
-            let metrics = self.metrics.clone();
-            let limits = self.limit_store.clone();
-            let next = self.generation.load(Ordering::Relaxed) + 1;
-            move || file::compile_with_limits(&text, Some(&origin), &metrics, &limits, next)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(FileErrors::from(crate::diag::FileError::whole(
-                Path::new("rules"),
-                format!("compile task failed: {e}"),
-            )))
-        })
-        .map(Some);
-        if result.is_ok() {
-            self.rules_shared.store(true, Ordering::Relaxed);
-        }
-        self.finish_reload(result)
-    }
-
-    /// Reports a rules document from the fleet's store that could not even be read as rules
-    /// (the rules in force stay), exactly like an invalid rules file.
-    pub fn report_shared_rules_error(&self, errors: FileErrors) {
-        let _ = self.finish_reload(Err(errors));
-    }
-
-    /// The store no longer has rules: the local rules file (or the built-in default) is put
-    /// back in force.
-    pub async fn release_shared_rules(&self) -> Result<ReloadOutcome, FileErrors> {
-        if !self.rules_shared.swap(false, Ordering::Relaxed) {
-            return Ok(ReloadOutcome::Unchanged {
-                generation: self.generation.load(Ordering::Relaxed),
-            });
-        }
-        tracing::warn!(
-            "the fleet store has no rules any more; the local rules file is back in force"
-        );
-        if self.config.rules_path.is_none() {
-            let embedded = file::compile(
-                file::EMBEDDED_RULES,
-                None,
-                &self.metrics,
-                self.generation.load(Ordering::Relaxed) + 1,
-            );
-            return self.finish_reload(embedded.map(Some));
-        }
-        self.reload(true).await
     }
 
     /// Re-reads the kill-switch file after an outside change (by hand, configuration

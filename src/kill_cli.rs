@@ -94,8 +94,9 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
     let mut out = String::new();
     let mut all_ok = true;
     let mut any_ok = false;
-    let mut any_retryable = false;
     let mut listings = Vec::new();
+    let mut any_retryable = false;
+    let mut any_failed = false;
     for t in tasks {
         match t.await {
             Ok((admin, Ok((text, answer)))) => {
@@ -113,11 +114,13 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
             }
             Ok((admin, Err(e))) => {
                 all_ok = false;
+                any_failed = true;
                 any_retryable |= e.retryable;
                 let _ = writeln!(out, "FAIL  {admin}  {}", e.message);
             }
             Err(e) => {
                 all_ok = false;
+                any_failed = true;
                 any_retryable = true;
                 let _ = writeln!(out, "FAIL  {e}");
             }
@@ -147,7 +150,7 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
             out.push_str(&report);
         }
     }
-    if !all_ok {
+    if any_failed {
         let what = if any_retryable {
             "retry them once the cause shown is fixed (the same command is safe to repeat)"
         } else {
@@ -155,19 +158,10 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
         };
         let _ = writeln!(
             out,
-            "some instances FAILED or disagree: they are not in the state shown above; {what}"
+            "some instances FAILED: they are not in the state shown above; {what}"
         );
     }
     (out, all_ok)
-}
-
-/// Why one instance did not do what was asked, and whether trying again can help.
-#[derive(Debug)]
-struct Failure {
-    message: String,
-    /// The instance was unreachable, slow or failed itself: the same command may work later.
-    /// Otherwise (token, input) repeating it changes nothing.
-    retryable: bool,
 }
 
 /// What a fleet-mode answer says about convergence, as one line.
@@ -263,6 +257,15 @@ fn disagreement(listings: &[(String, Value)]) -> Option<String> {
         }
     }
     Some(out)
+}
+
+/// Why one instance did not do what was asked, and whether trying again can help.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    /// The instance was unreachable, slow or failed itself: the same command may work later.
+    /// Otherwise (token, input) repeating it changes nothing.
+    retryable: bool,
 }
 
 async fn one(
@@ -427,6 +430,8 @@ fn expect(result: Result<(u16, String), String>, ok: &[u16], id: &str) -> Result
         401 => ("wrong token: use the instance's token (FWGATE_ADMIN_TOKEN or --token-file must match its [admin] token_file)".to_string(), false),
         403 => ("the instance has no admin token configured, so it accepts no change: set [admin] token_file (or FWGATE_ADMIN_TOKEN) there and restart it".to_string(), false),
         404 if !id.is_empty() => (format!("no entry {id:?} there: `fwgate kill list` shows the ids in force"), false),
+        409 => ("someone else changed that entry first (fleet mode): look at `fwgate kill list`, then decide".to_string(), false),
+        503 if said.contains("fleet store") || said.contains("fleet mode") => ("the fleet store cannot be used from there (see the message)".to_string(), true),
         400 | 404 | 405 | 422 => ("fix the command; nothing was changed".to_string(), false),
         _ => ("the instance failed (see its log); nothing was changed there".to_string(), true),
     };

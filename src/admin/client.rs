@@ -9,8 +9,10 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// How long one admin call may take before the instance is reported as failed.
-pub const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one admin call may take before the instance is reported as failed. In fleet mode
+/// a change is answered only once the store took it (its request timeout, 5 s by default) and
+/// the fleet applied it (at most 5 s), so this covers both with a margin.
+pub const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(12);
 
 /// One admin API call: `base` is `http://host:port`. Returns (status, body).
 pub async fn call(

@@ -334,6 +334,7 @@ async fn publish_and_wait(
         keys,
         interval,
         p.revision,
+        None,
         started,
         started + PUBLISH_WAIT,
     )

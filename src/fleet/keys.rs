@@ -7,7 +7,7 @@
 //! | `P state/killswitch/<id>` | a kill-switch entry: the same JSON as in `killswitch.json` |
 //! | `P state/rules` | [`RulesDoc`]: the rules text in force (with `rules = true`) |
 //! | `P state/stamp` | [`Stamp`]: rewritten by every fwgate change, for propagation timing |
-//! | `P audit/<unix ms>-<nonce>-<action>` | [`AuditRecord`]: who, when, why, before, after |
+//! | `P audit/<unix ms>-<nonce>-<action>` | [`AuditRecord`]: who, when, why, before, after (kept 90 days) |
 //! | `P rules/history/<seq>` | [`RulesMeta`]: one line per published rule set |
 //! | `P rules/versions/<seq>` | that rule set's text |
 //! | `P instances/<instance id>` | [`Heartbeat`], under a lease: live instances only |
@@ -100,6 +100,14 @@ impl Keys {
             "audit/{at_ms:016}-{:04x}-{action}",
             fastrand::u16(..)
         ))
+    }
+
+    /// `[start, end)` of the audit records older than `cutoff_ms`.
+    pub fn audit_before(&self, cutoff_ms: u64) -> (Vec<u8>, Vec<u8>) {
+        (
+            self.key("audit/"),
+            self.key(&format!("audit/{cutoff_ms:016}")),
+        )
     }
 
     /// `[start, end)` of the audit records.
@@ -273,6 +281,18 @@ pub struct Heartbeat {
     pub version: String,
     /// Where its state came from: `etcd` or `cache`.
     pub source: String,
+}
+
+/// How long audit records are kept: every change deletes the records older than this.
+pub const AUDIT_RETENTION_MS: u64 = 90 * 24 * 3600 * 1000;
+
+/// The transaction operation that drops audit records past [`AUDIT_RETENTION_MS`].
+pub fn prune_audit(keys: &Keys, now_ms: u64) -> super::etcd::types::RequestOp {
+    let (key, range_end) = keys.audit_before(now_ms.saturating_sub(AUDIT_RETENTION_MS));
+    super::etcd::types::RequestOp::RequestDeleteRange(super::etcd::types::DeleteRangeRequest {
+        key,
+        range_end,
+    })
 }
 
 /// Now, unix milliseconds.

@@ -255,6 +255,7 @@ pub async fn publish(
             keys.audit(at_ms, action),
             serde_json::to_vec(&audit).unwrap_or_default(),
         ),
+        super::keys::prune_audit(keys, at_ms),
         put(
             keys.stamp(),
             serde_json::to_vec(&Stamp {

@@ -191,7 +191,9 @@ pub async fn apply(core: &FleetCore, gate: &Gate, batch: Batch) {
         } => {
             next.entries.clear();
             next.revision = 0;
-            next.seen = next.seen.max(header_revision);
+            // Authoritative: everything up to here is in this read (also when the store was
+            // restored from a backup and its revisions went back).
+            next.seen = header_revision;
             let has_rules = kvs
                 .iter()
                 .any(|kv| core.keys.classify(&kv.key) == StateKey::Rules);

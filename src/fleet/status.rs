@@ -93,29 +93,35 @@ pub fn converged(instances: &[InstanceInfo]) -> bool {
     }
 }
 
+/// How long the read at the deadline may take.
+const LAST_READ: Duration = Duration::from_millis(500);
 /// How often the instance list is read while waiting for a revision.
 const POLL: Duration = Duration::from_millis(20);
 
 /// Waits until every live instance reports `revision` or `deadline` passes; names the ones
-/// that lag. `started` is when the caller's wait began (for `waited_ms`).
+/// that lag. `started` is when the caller's wait began (for `waited_ms`). `including` is an
+/// instance that must be listed (the writer itself, whose first heartbeat may still be on its
+/// way): until it is, it counts as lagging.
 pub async fn wait_for_revision(
     client: &Client,
     keys: &Keys,
     heartbeat_interval: Duration,
     revision: i64,
+    including: Option<&str>,
     started: Instant,
     deadline: Instant,
 ) -> Convergence {
     loop {
+        // The last read may run a little past the deadline, so the answer can name the laggards.
+        let limit = deadline.max(Instant::now() + LAST_READ);
         let listed =
-            tokio::time::timeout_at(deadline, list_instances(client, keys, heartbeat_interval))
-                .await;
+            tokio::time::timeout_at(limit, list_instances(client, keys, heartbeat_interval)).await;
         let now = Instant::now();
         let waited_ms = now.duration_since(started).as_millis() as u64;
         match listed {
             Ok(Ok(list)) => {
                 let live: Vec<_> = list.into_iter().filter(|i| i.live).collect();
-                let lagging: Vec<Lagging> = live
+                let mut lagging: Vec<Lagging> = live
                     .iter()
                     .filter(|i| i.applied_revision < revision)
                     .map(|i| Lagging {
@@ -124,6 +130,13 @@ pub async fn wait_for_revision(
                         age_s: i.age_s,
                     })
                     .collect();
+                if let Some(me) = including.filter(|me| !live.iter().any(|i| i.id == *me)) {
+                    lagging.push(Lagging {
+                        id: me.to_string(),
+                        applied_revision: 0,
+                        age_s: 0.0,
+                    });
+                }
                 if lagging.is_empty() || now >= deadline {
                     return Convergence {
                         revision,

@@ -77,6 +77,8 @@ impl Default for Backoff {
 enum End {
     /// The resume revision was compacted: a full sync is needed.
     Compacted(i64),
+    /// The store's revision is behind what was seen (restored from a backup): full sync.
+    Rewound(i64),
     /// The store has a change the watch did not deliver in time.
     Stalled,
     /// etcd closed the stream.
@@ -113,6 +115,13 @@ pub async fn run(core: Arc<FleetCore>, gate: Arc<Gate>) {
                     format!("resume revision compacted (etcd kept revisions from {rev}); reading the whole state again"),
                 )
             }
+            End::Rewound(rev) => {
+                need_full = true;
+                (
+                    FleetRestartReason::compacted,
+                    format!("the store's revision {rev} is behind what this instance saw (restored from a backup?); reading the whole state again"),
+                )
+            }
             End::Stalled => (
                 FleetRestartReason::stalled,
                 format!(
@@ -141,7 +150,8 @@ pub async fn run(core: Arc<FleetCore>, gate: Arc<Gate>) {
             }
         };
         core.metrics.fleet_watch_restart(reason);
-        if !matches!(end, End::Compacted(_)) {
+        let resync = matches!(end, End::Compacted(_) | End::Rewound(_));
+        if !resync {
             core.failed(&message);
         }
         let repeat = last_log
@@ -154,7 +164,7 @@ pub async fn run(core: Arc<FleetCore>, gate: Arc<Gate>) {
         if started.elapsed() > core.config.stall_timeout {
             backoff.reset();
         }
-        if !matches!(end, End::Compacted(_)) {
+        if !resync {
             tokio::time::sleep(backoff.next_delay()).await;
         }
     }
@@ -257,11 +267,17 @@ async fn watch(core: &FleetCore, gate: &Gate) -> End {
                 state::apply(core, gate, Batch::Events(changes)).await;
             }
             _ = check.tick() => {
-                let newest = match newest_state_revision(core).await {
+                let (newest, store) = match newest_state_revision(core).await {
                     Ok(r) => r,
                     Err(e) => return End::Failed(e),
                 };
-                let applied = core.view.lock().unwrap_or_else(|e| e.into_inner()).revision;
+                let (applied, seen) = {
+                    let view = core.view.lock().unwrap_or_else(|e| e.into_inner());
+                    (view.revision, view.seen)
+                };
+                if store < seen {
+                    return End::Rewound(store);
+                }
                 if behind.is_some_and(|b| applied < b) {
                     return End::Stalled;
                 }
@@ -271,8 +287,9 @@ async fn watch(core: &FleetCore, gate: &Gate) -> End {
     }
 }
 
-/// The newest change under `state/` in the store (keys and revisions only).
-async fn newest_state_revision(core: &FleetCore) -> Result<i64, EtcdError> {
+/// The newest change under `state/` in the store (keys and revisions only), and the store's
+/// revision.
+async fn newest_state_revision(core: &FleetCore) -> Result<(i64, i64), EtcdError> {
     let (key, range_end) = core.keys.state_range();
     let r = core
         .client
@@ -285,7 +302,10 @@ async fn newest_state_revision(core: &FleetCore) -> Result<i64, EtcdError> {
         })
         .await?;
     core.connected(r.header.revision);
-    Ok(r.kvs.iter().map(|kv| kv.mod_revision).max().unwrap_or(0))
+    Ok((
+        r.kvs.iter().map(|kv| kv.mod_revision).max().unwrap_or(0),
+        r.header.revision,
+    ))
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use super::etcd::types::{
     Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse,
 };
 use super::etcd::EtcdError;
-use super::keys::{unix_ms, AuditRecord, Stamp};
+use super::keys::{prune_audit, unix_ms, AuditRecord, Stamp};
 use super::state::parse_entry;
 use super::status::wait_for_revision;
 use super::FleetCore;
@@ -184,6 +184,7 @@ async fn add(
         success: vec![
             put(key.clone(), json_bytes(spec)),
             put(core.keys.audit(at_ms, "kill_add"), json_bytes(&audit)),
+            prune_audit(&core.keys, at_ms),
             put(
                 core.keys.stamp(),
                 json_bytes(&Stamp {
@@ -308,6 +309,7 @@ async fn remove(
                 range_end: Vec::new(),
             }),
             put(core.keys.audit(at_ms, "kill_remove"), json_bytes(&audit)),
+            prune_audit(&core.keys, at_ms),
             put(
                 core.keys.stamp(),
                 json_bytes(&Stamp {
@@ -403,6 +405,7 @@ async fn wait_converged(core: &FleetCore, revision: i64) -> Convergence {
         &core.keys,
         core.config.heartbeat_interval,
         revision,
+        Some(&core.instance_id),
         started,
         deadline,
     )

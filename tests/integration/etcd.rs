@@ -15,12 +15,15 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::util::{raw_exchange, split_response, DEADLINE};
 
-/// Whether `etcd` can be run here; prints why a test is skipped when not.
+/// Whether `etcd` can be run here; says why a test is skipped when not, on the real stderr
+/// (not the test harness's captured output, so the skip shows even when the test passes).
 pub fn available(test: &str) -> bool {
     match Command::new("etcd").arg("--version").output() {
         Ok(o) if o.status.success() => true,
         _ => {
-            eprintln!(
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED {test}: the etcd binary is not installed (apt-get install etcd-server); the fleet tests need a real etcd"
             );
             false

@@ -15,7 +15,7 @@ const RULES: &str = "[defaults]\naction = \"allow\"\nmissing = \"allow\"\n";
 /// `[fleet]` for a test member: fast heartbeats and short timeouts so failures show quickly.
 fn fleet_config(endpoint: &str, id: &str, rules: bool) -> String {
     format!(
-        "[fleet]\netcd = [\"{endpoint}\"]\ninstance_id = \"{id}\"\nrules = {rules}\nheartbeat_interval = \"200ms\"\nstall_timeout = \"1500ms\"\nconnect_timeout = \"300ms\"\nrequest_timeout = \"1s\"\n"
+        "[fleet]\netcd = [\"{endpoint}\"]\ninstance_id = \"{id}\"\nrules = {rules}\nheartbeat_interval = \"500ms\"\nstall_timeout = \"1500ms\"\nconnect_timeout = \"300ms\"\nrequest_timeout = \"1s\"\n"
     )
 }
 
@@ -168,6 +168,12 @@ async fn three_instances_converge_after_add_and_after_remove() {
         metric(&b, "fwgate_fleet_store_connected{store=\"etcd\"}").await,
         Some(1.0)
     );
+    let applied = f["applied_revision"].as_f64().unwrap();
+    assert!(applied > 0.0);
+    assert_eq!(
+        metric(&c, "fwgate_fleet_applied_revision{store=\"etcd\"}").await,
+        Some(applied)
+    );
     for p in [a, b, c] {
         p.stop().await;
     }
@@ -296,6 +302,17 @@ async fn a_restart_with_the_store_down_starts_from_the_last_known_good_copy() {
     let dir = a.stop_keep_dir().await;
     assert!(dir.path().join("state/fleet-state.json").exists());
     etcd.stop();
+    // `fwgate explain` shows what this instance has in force, the fleet's entries included.
+    let config_path = dir.path().join("fwgate.toml");
+    let (ok, out) = fwgate(args(&[
+        "explain",
+        "3.9.0",
+        "--config",
+        config_path.to_str().unwrap(),
+    ]))
+    .await;
+    assert!(ok, "{out}");
+    assert!(out.contains("kill-switch entry \"kept\""), "{out}");
 
     let a = start_proxy_in(dir, backend.addr, &config).await;
     // The copy is in force before the first request is served: no waiting.
@@ -417,10 +434,15 @@ async fn a_stalled_watch_is_detected_and_replaced() {
     for p in [&a, &c] {
         eventually("synced", || ready(p)).await;
     }
-    eventually("c's watch is open", || async {
-        relay.freeze_watches() == 1
-    })
+    // A first change reaches c through its watch: the stream is established (freezing it while
+    // it is being opened would make the open time out instead).
+    add(
+        &a,
+        r#"{"versions": "0.0.1", "reason": "warm-up", "id": "warm-up"}"#,
+    )
     .await;
+    assert_eq!(status_for(&c, Some("0.0.1")).await, 503);
+    assert_eq!(relay.freeze_watches(), 1);
     add(
         &a,
         r#"{"versions": "4.4.0", "reason": "stall", "id": "stall"}"#,
@@ -435,6 +457,64 @@ async fn a_stalled_watch_is_detected_and_replaced() {
         metric(&c, "fwgate_fleet_watch_restarts_total{reason=\"stalled\"}").await >= Some(1.0)
     })
     .await;
+    a.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_change_names_the_instances_that_have_not_applied_it() {
+    if !etcd::available("a_change_names_the_instances_that_have_not_applied_it") {
+        return;
+    }
+    let etcd = Etcd::start().await;
+    let relay = Relay::start(etcd.client).await;
+    let backend = http_backend().await;
+    let a = member(&etcd.url(), "a", backend.addr).await;
+    // c's stall detection is slow here, so its silent watch outlasts the 5 s wait.
+    let slow = fleet_config(&relay.url(), "c", false)
+        .replace("stall_timeout = \"1500ms\"", "stall_timeout = \"60s\"")
+        .replace(
+            "heartbeat_interval = \"500ms\"",
+            "heartbeat_interval = \"1s\"",
+        );
+    let c = start_proxy(RULES, backend.addr, &slow).await;
+    for p in [&a, &c] {
+        eventually("synced", || ready(p)).await;
+    }
+    // A first change reaches c through its watch: the stream is established (freezing it while
+    // it is being opened would make the open time out instead).
+    add(
+        &a,
+        r#"{"versions": "0.0.1", "reason": "warm-up", "id": "warm-up"}"#,
+    )
+    .await;
+    assert_eq!(status_for(&c, Some("0.0.1")).await, 503);
+    assert_eq!(relay.freeze_watches(), 1);
+    let (ok, out) = fwgate(args(&[
+        "kill",
+        "add",
+        "6.6.6",
+        "--reason",
+        "lag test",
+        "--admin",
+        &format!("http://{}", a.admin),
+    ]))
+    .await;
+    assert!(
+        !ok,
+        "{out}\n{}",
+        captured_logs()
+            .lines()
+            .filter(|l| l.contains("fleet"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        out.contains("LAGGING") && out.contains("c (at revision"),
+        "{out}"
+    );
+    assert!(out.contains("applied by 1"), "{out}");
+    assert_eq!(status_for(&a, Some("6.6.6")).await, 503);
     a.stop().await;
     c.stop().await;
 }

@@ -442,7 +442,8 @@ impl Client {
         })
     }
 
-    /// One request on one endpoint, on a pooled connection when one is idle.
+    /// One request on one endpoint: on a pooled connection when one is idle, and on a fresh one
+    /// when there is none or the pooled one turns out closed before the request left.
     async fn exchange_one(
         &self,
         index: usize,
@@ -450,15 +451,29 @@ impl Client {
         body: &Bytes,
         token: Option<&str>,
     ) -> Result<(StatusCode, Bytes), Failure> {
-        let mut conn = match self.take_idle(index) {
-            Some(c) => c,
-            None => self
-                .inner
-                .transport
-                .connect(index)
-                .await
-                .map_err(Failure::NotSent)?,
-        };
+        if let Some(conn) = self.take_idle(index) {
+            match self.send_on(conn, index, path, body, token).await {
+                Err(Failure::NotSent(_)) => {}
+                other => return other,
+            }
+        }
+        let conn = self
+            .inner
+            .transport
+            .connect(index)
+            .await
+            .map_err(Failure::NotSent)?;
+        self.send_on(conn, index, path, body, token).await
+    }
+
+    async fn send_on(
+        &self,
+        mut conn: Connection<Full<Bytes>>,
+        index: usize,
+        path: &str,
+        body: &Bytes,
+        token: Option<&str>,
+    ) -> Result<(StatusCode, Bytes), Failure> {
         let authority = self
             .inner
             .transport
