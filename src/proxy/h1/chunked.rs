@@ -14,7 +14,9 @@ enum ChunkState {
     /// Reading the chunk size's hex digits.
     #[default]
     Size,
-    /// After the size: extensions or whitespace up to the line end.
+    /// Whitespace after the size: more of it, an extension or the line end.
+    SizeLws,
+    /// An extension, up to the line end.
     Extension,
     /// Expecting the LF of the size line.
     SizeLf,
@@ -28,6 +30,8 @@ enum ChunkState {
     TrailerStart,
     /// Inside a trailer line.
     TrailerLine,
+    /// Expecting the LF that ends a trailer line.
+    TrailerLf,
     /// Expecting the final LF.
     EndLf,
     /// The body has ended.
@@ -54,13 +58,19 @@ impl ChunkedEnd {
                     }
                     _ if self.digits == 0 => return Err(()),
                     b'\r' => self.state = ChunkState::SizeLf,
-                    b'\n' => self.end_of_size_line(),
-                    b';' | b' ' | b'\t' => self.state = ChunkState::Extension,
+                    b';' => self.state = ChunkState::Extension,
+                    b' ' | b'\t' => self.state = ChunkState::SizeLws,
+                    _ => return Err(()),
+                },
+                ChunkState::SizeLws => match b {
+                    b' ' | b'\t' => {}
+                    b';' => self.state = ChunkState::Extension,
+                    b'\r' => self.state = ChunkState::SizeLf,
                     _ => return Err(()),
                 },
                 ChunkState::Extension => match b {
                     b'\r' => self.state = ChunkState::SizeLf,
-                    b'\n' => self.end_of_size_line(),
+                    b'\n' => return Err(()),
                     _ => {}
                 },
                 ChunkState::SizeLf => {
@@ -81,7 +91,6 @@ impl ChunkedEnd {
                 }
                 ChunkState::DataCr => match b {
                     b'\r' => self.state = ChunkState::DataLf,
-                    b'\n' => self.next_chunk(),
                     _ => return Err(()),
                 },
                 ChunkState::DataLf => {
@@ -92,16 +101,18 @@ impl ChunkedEnd {
                 }
                 ChunkState::TrailerStart => match b {
                     b'\r' => self.state = ChunkState::EndLf,
-                    b'\n' => {
-                        self.state = ChunkState::Done;
-                        return Ok(Some(i + 1));
-                    }
                     _ => self.state = ChunkState::TrailerLine,
                 },
                 ChunkState::TrailerLine => {
-                    if b == b'\n' {
-                        self.state = ChunkState::TrailerStart;
+                    if b == b'\r' {
+                        self.state = ChunkState::TrailerLf;
                     }
+                }
+                ChunkState::TrailerLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = ChunkState::TrailerStart;
                 }
                 ChunkState::EndLf => {
                     if b != b'\n' {
@@ -161,11 +172,27 @@ mod tests {
     }
 
     #[test]
-    fn chunked_accepts_bare_lf_and_no_trailers() {
-        let mut end = ChunkedEnd::default();
-        assert_eq!(end.feed(b"3\nabc\n0\n\nrest").unwrap(), Some(9));
+    fn chunked_needs_crlf_as_hypers_decoder_does_and_takes_no_trailers() {
         let mut end = ChunkedEnd::default();
         assert_eq!(end.feed(b"0\r\n\r\n").unwrap(), Some(5));
+        let mut end = ChunkedEnd::default();
+        assert_eq!(
+            end.feed(b"3 \t;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\n").unwrap(),
+            Some(25)
+        );
+        // Found by differential fuzzing against hyper's client: hyper refuses these.
+        for bad in [
+            &b"3\nabc\n0\n\n"[..],
+            b"3\r\nabc\n0\r\n\r\n",
+            b"3;a\nb\r\nabc\r\n0\r\n\r\n",
+            b"3 x\r\nabc\r\n0\r\n\r\n",
+        ] {
+            assert!(
+                ChunkedEnd::default().feed(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]
@@ -187,8 +214,8 @@ mod tests {
         use proptest::prelude::*;
 
         /// A chunked body from chunk sizes, extensions and trailers, as a backend would send it.
-        fn chunked_body(chunks: &[(usize, bool)], trailers: &[String], bare_lf: bool) -> Vec<u8> {
-            let eol: &[u8] = if bare_lf { b"\n" } else { b"\r\n" };
+        fn chunked_body(chunks: &[(usize, bool)], trailers: &[String]) -> Vec<u8> {
+            let eol: &[u8] = b"\r\n";
             let mut out = Vec::new();
             for (i, (len, ext)) in chunks.iter().enumerate() {
                 out.extend_from_slice(format!("{len:X}").as_bytes());
@@ -214,11 +241,10 @@ mod tests {
             fn chunked_end_is_exact_however_the_body_is_cut(
                 chunks in proptest::collection::vec((1usize..300, any::<bool>()), 0..6),
                 trailers in proptest::collection::vec("[a-z]{1,8}", 0..3),
-                bare_lf in any::<bool>(),
                 cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
                 tail in proptest::collection::vec(any::<u8>(), 0..20),
             ) {
-                let body = chunked_body(&chunks, &trailers, bare_lf);
+                let body = chunked_body(&chunks, &trailers);
                 let mut stream = body.clone();
                 stream.extend_from_slice(&tail);
                 let mut points: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
