@@ -9,6 +9,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use crate::config::Config;
 use crate::diag::FileErrors;
 use crate::duration::format_duration;
+use crate::extract::Extracted;
 use crate::killswitch::{self, KillSet};
 use crate::metrics::Metrics;
 use crate::rules::{file, Action, DecidedBy, RuleSet, VersionInput};
@@ -51,6 +52,13 @@ pub fn check(config_path: Option<&Path>) -> (String, bool) {
                 "{}: cannot read admin token file: {e}",
                 token.display()
             );
+            ok = false;
+        }
+    }
+    if let Some(fleet) = &config.fleet {
+        // The etcd TLS and password files, as `run` reads them.
+        if let Err(e) = crate::fleet::etcd::Client::new(fleet) {
+            let _ = writeln!(out, "[fleet]: {e}");
             ok = false;
         }
     }
@@ -126,7 +134,7 @@ pub fn explain(rules: &RuleSet, kill: &KillSet, input: &ExplainInput) -> Result<
         let parsed = FirmwareVersion::parse(raw);
         let _ = writeln!(out, "input:    {raw:?} (given directly)");
         match parsed {
-            Ok(v) => VersionInput::Parsed(v),
+            Ok(v) => VersionInput::Parsed(v.canonical(rules.ordering)),
             Err(e) => {
                 let _ = writeln!(out, "parse:    unparseable: {e}");
                 VersionInput::Unparseable
@@ -144,11 +152,20 @@ pub fn explain(rules: &RuleSet, kill: &KillSet, input: &ExplainInput) -> Result<
                 .map_err(|_| format!("--header {h:?}: invalid header value"))?;
             headers.append(name, value);
         }
-        let found = rules
-            .version_sources
-            .extract(&headers, input.query.as_deref());
-        match &found {
-            None => {
+        let extracted =
+            rules
+                .version_sources
+                .extract(&headers, input.query.as_deref(), None, rules.ordering);
+        match &extracted {
+            Extracted::Ambiguous(why) => {
+                let _ = writeln!(
+                    out,
+                    "input:    ambiguous: {}\ndecision: REFUSED 400 (a request is never decided on one value while the backend may read another)",
+                    rules.version_sources.explain(*why)
+                );
+                return Ok(out);
+            }
+            Extracted::Missing => {
                 let _ = writeln!(
                     out,
                     "input:    no source yielded a version (sources: {})",
@@ -161,7 +178,7 @@ pub fn explain(rules: &RuleSet, kill: &KillSet, input: &ExplainInput) -> Result<
                         .join(", ")
                 );
             }
-            Some(f) => {
+            Extracted::Found(f) => {
                 let source = rules.version_sources.sources()[f.source].describe();
                 let _ = writeln!(out, "input:    {:?} from {source}", f.display(256));
                 if let Err(e) = f.parse_version() {
@@ -169,7 +186,7 @@ pub fn explain(rules: &RuleSet, kill: &KillSet, input: &ExplainInput) -> Result<
                 }
             }
         }
-        VersionInput::from_found(found.as_ref())
+        VersionInput::from_found(extracted.found(), rules.ordering)
     };
     match &version {
         VersionInput::Parsed(v) => {
@@ -198,7 +215,11 @@ pub fn explain(rules: &RuleSet, kill: &KillSet, input: &ExplainInput) -> Result<
         );
         return Ok(out);
     }
-    let d = rules.decide(&version, &input.path);
+    let path = crate::path::normalize(&input.path);
+    if path != input.path {
+        let _ = writeln!(out, "path:     {:?} (as {:?})", &*path, input.path);
+    }
+    let d = rules.decide(&version, &path);
     let verdict = match &d.decider.action {
         Action::Allow => "ALLOW (forwarded to the backend)".to_string(),
         Action::Limit(l) => {

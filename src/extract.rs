@@ -1,11 +1,19 @@
 //! Where a device's firmware version (and device id) comes from: an ordered list of sources
 //! (a header, a header with a regex capture, a query parameter); the first that yields a value
-//! wins. Extraction borrows from the request and allocates nothing unless a regex is used.
+//! is decided on. Extraction borrows from the request and allocates nothing.
+//!
+//! **One value or none.** The backend must never read a version other than the one fwgate
+//! decided on, so a request is [`Extracted::Ambiguous`] (answered 400, never decided) when a
+//! source is repeated with different values (two `X-Firmware-Version` lines, an empty one and
+//! a real one, `?fw=&fw=3.8.0-b3`), or when two sources both yield a value and disagree (the
+//! header says 3.7.2, the query 3.8.0-b3). Values agree when they are the same version (in
+//! the rules' ordering) or the same text. Query keys match after percent-decoding, ignoring
+//! ASCII case (`f%77`, `FW`), as backends differ on both.
 
 use http::header::{HeaderMap, HeaderName};
 use regex::Regex;
 
-use crate::version::{FirmwareVersion, ParseError, MAX_VERSION_LEN};
+use crate::version::{FirmwareVersion, ParseError, VersionOrdering, MAX_VERSION_LEN};
 
 /// Longest device id kept for logs and keys; longer ids are truncated (bounded memory per connection).
 pub const MAX_DEVICE_ID_LEN: usize = 128;
@@ -88,6 +96,44 @@ impl Source {
     }
 }
 
+/// What the sources say about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extracted<'a> {
+    /// No source yielded a value.
+    Missing,
+    /// The value to decide on; every other source that yields a value agrees with it.
+    Found(Found<'a>),
+    /// Repeated or conflicting values: refuse rather than pick one.
+    Ambiguous(Ambiguity),
+}
+
+impl<'a> Extracted<'a> {
+    /// The value to decide on, if there is exactly one.
+    pub fn found(&self) -> Option<&Found<'a>> {
+        match self {
+            Extracted::Found(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+/// Why a request's value is ambiguous (source indexes into [`Extractor::sources`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ambiguity {
+    /// The source appears more than once with different values.
+    Repeated {
+        /// The source.
+        source: usize,
+    },
+    /// Two sources yield values that disagree.
+    Conflicting {
+        /// The source decided on first.
+        first: usize,
+        /// The later source that disagrees.
+        second: usize,
+    },
+}
+
 /// A value found in the request, still raw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Found<'a> {
@@ -123,6 +169,16 @@ impl Found<'_> {
     }
 }
 
+/// A query value or key percent-decoded (`+` kept), lossy: for operator input on the admin
+/// API, not for decisions.
+pub fn percent_decode(text: &str) -> String {
+    let mut out = vec![0u8; text.len()];
+    match percent_decode_into(text.as_bytes(), &mut out) {
+        Some(n) => String::from_utf8_lossy(&out[..n]).into_owned(),
+        None => text.to_string(),
+    }
+}
+
 /// Decodes `%XX` escapes into `out`; None if the result does not fit or an escape is malformed.
 fn percent_decode_into(input: &[u8], out: &mut [u8]) -> Option<usize> {
     let mut i = 0;
@@ -143,6 +199,49 @@ fn percent_decode_into(input: &[u8], out: &mut [u8]) -> Option<usize> {
     Some(n)
 }
 
+impl Found<'_> {
+    /// Whether `other` says the same: the same version in `ordering`, or the same text.
+    fn agrees_with(&self, other: &Found<'_>, ordering: VersionOrdering) -> bool {
+        match (self.parse_version(), other.parse_version()) {
+            (Ok(a), Ok(b)) => a.canonical(ordering) == b.canonical(ordering),
+            _ => same_text(
+                self.raw,
+                self.percent_encoded,
+                other.raw,
+                other.percent_encoded,
+            ),
+        }
+    }
+}
+
+/// Whether two raw values are the same text once trimmed and (where encoded) decoded.
+fn same_text(a: &[u8], a_encoded: bool, b: &[u8], b_encoded: bool) -> bool {
+    let mut a_buf = [0u8; MAX_COMPARED_VALUE];
+    let mut b_buf = [0u8; MAX_COMPARED_VALUE];
+    let decoded =
+        |raw: &[u8], encoded: bool, buf: &mut [u8; MAX_COMPARED_VALUE]| -> Option<usize> {
+            let raw = raw.trim_ascii();
+            if encoded && raw.contains(&b'%') {
+                percent_decode_into(raw, buf)
+            } else {
+                let n = raw.len();
+                buf.get_mut(..n)?.copy_from_slice(raw);
+                Some(n)
+            }
+        };
+    match (
+        decoded(a, a_encoded, &mut a_buf),
+        decoded(b, b_encoded, &mut b_buf),
+    ) {
+        (Some(x), Some(y)) => a_buf[..x].trim_ascii() == b_buf[..y].trim_ascii(),
+        // Too long (or badly encoded) to decode here: only identical bytes agree.
+        _ => a.trim_ascii() == b.trim_ascii(),
+    }
+}
+
+/// Longest value compared after decoding (longer values compare as raw bytes).
+const MAX_COMPARED_VALUE: usize = 512;
+
 /// Where request headers are looked up: hyper's `HeaderMap`, or the raw head that the
 /// HTTP/1.1 fast path parsed without building one. Both give the same answers.
 pub trait HeaderSource {
@@ -150,6 +249,8 @@ pub trait HeaderSource {
     fn value(&self, name: &HeaderName) -> Option<&[u8]>;
     /// Every value of `name`, in order.
     fn values(&self, name: &HeaderName) -> Vec<&[u8]>;
+    /// Calls `visit` with every value of `name`, in order, until it returns false.
+    fn each_value<'a>(&'a self, name: &HeaderName, visit: impl FnMut(&'a [u8]) -> bool);
 }
 
 impl HeaderSource for HeaderMap {
@@ -159,6 +260,14 @@ impl HeaderSource for HeaderMap {
 
     fn values(&self, name: &HeaderName) -> Vec<&[u8]> {
         self.get_all(name).iter().map(|v| v.as_bytes()).collect()
+    }
+
+    fn each_value<'a>(&'a self, name: &HeaderName, mut visit: impl FnMut(&'a [u8]) -> bool) {
+        for v in self.get_all(name) {
+            if !visit(v.as_bytes()) {
+                return;
+            }
+        }
     }
 }
 
@@ -176,6 +285,15 @@ impl HeaderSource for [httparse::Header<'_>] {
             .filter(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| h.value)
             .collect()
+    }
+
+    fn each_value<'a>(&'a self, name: &HeaderName, mut visit: impl FnMut(&'a [u8]) -> bool) {
+        let name = name.as_str();
+        for h in self {
+            if h.name.eq_ignore_ascii_case(name) && !visit(h.value) {
+                return;
+            }
+        }
     }
 }
 
@@ -214,76 +332,195 @@ impl Extractor {
         &self.sources
     }
 
-    /// The first value any source yields. Empty values count as absent.
+    /// The value to decide on (see the module docs): the first source that yields a
+    /// non-empty value, provided no source is repeated with different values and every other
+    /// source that yields a value agrees with it (compared as versions in `ordering`).
     pub fn extract<'a, H: HeaderSource + ?Sized>(
         &self,
         headers: &'a H,
         query: Option<&'a str>,
-    ) -> Option<Found<'a>> {
-        self.extract_with_cert(headers, query, None)
+        cert_identity: Option<&'a str>,
+        ordering: VersionOrdering,
+    ) -> Extracted<'a> {
+        let mut decided: Option<Found<'a>> = None;
+        for (index, source) in self.sources.iter().enumerate() {
+            let found = match find(source, headers, query, cert_identity) {
+                SourceValue::Absent => continue,
+                SourceValue::Repeated => {
+                    return Extracted::Ambiguous(Ambiguity::Repeated { source: index })
+                }
+                SourceValue::Value(raw, percent_encoded) => Found {
+                    source: index,
+                    raw,
+                    percent_encoded,
+                },
+            };
+            match &decided {
+                None => decided = Some(found),
+                Some(first) if first.agrees_with(&found, ordering) => {}
+                Some(first) => {
+                    return Extracted::Ambiguous(Ambiguity::Conflicting {
+                        first: first.source,
+                        second: index,
+                    })
+                }
+            }
+        }
+        decided.map_or(Extracted::Missing, Extracted::Found)
     }
 
-    /// As [`Extractor::extract`], with the connection's client-certificate identity available.
-    pub fn extract_with_cert<'a, H: HeaderSource + ?Sized>(
-        &self,
-        headers: &'a H,
-        query: Option<&'a str>,
-        cert_identity: Option<&'a str>,
-    ) -> Option<Found<'a>> {
-        self.sources
-            .iter()
-            .enumerate()
-            .find_map(|(i, s)| find(i, s, headers, query, cert_identity))
+    /// Why a request was ambiguous, for its 400 answer and the log.
+    pub fn explain(&self, ambiguity: Ambiguity) -> String {
+        let name = |i: usize| {
+            self.sources
+                .get(i)
+                .map_or_else(|| format!("source {i}"), Source::describe)
+        };
+        match ambiguity {
+            Ambiguity::Repeated { source } => {
+                format!(
+                    "{} is sent more than once with different values",
+                    name(source)
+                )
+            }
+            Ambiguity::Conflicting { first, second } => {
+                format!("{} and {} disagree", name(first), name(second))
+            }
+        }
+    }
+}
+
+/// What one source holds in a request.
+enum SourceValue<'a> {
+    /// Nothing, or only empty values.
+    Absent,
+    /// One value (repeats, if any, are identical): raw bytes, and whether percent-encoded.
+    Value(&'a [u8], bool),
+    /// Repeated with different values (an empty one next to a real one counts).
+    Repeated,
+}
+
+/// Folds the occurrences of one source: the first one's raw value, unless another differs.
+struct Occurrences<'a> {
+    first: Option<Option<&'a [u8]>>,
+    encoded: bool,
+    differs: bool,
+}
+
+impl<'a> Occurrences<'a> {
+    fn new(encoded: bool) -> Occurrences<'a> {
+        Occurrences {
+            first: None,
+            encoded,
+            differs: false,
+        }
+    }
+
+    /// Adds one occurrence (None: a header line whose pattern does not match); false once
+    /// two differ, to stop looking.
+    fn add(&mut self, value: Option<&'a [u8]>) -> bool {
+        let value = value.map(|v| {
+            if v.trim_ascii().is_empty() {
+                &v[..0]
+            } else {
+                v
+            }
+        });
+        match self.first {
+            None => {
+                self.first = Some(value);
+                true
+            }
+            Some(first) => {
+                let same = match (first, value) {
+                    (Some(a), Some(b)) => same_text(a, self.encoded, b, self.encoded),
+                    (None, None) => true,
+                    _ => false,
+                };
+                self.differs |= !same;
+                same
+            }
+        }
+    }
+
+    fn finish(self) -> SourceValue<'a> {
+        match self.first {
+            _ if self.differs => SourceValue::Repeated,
+            Some(Some(v)) if !v.is_empty() => SourceValue::Value(v, self.encoded),
+            _ => SourceValue::Absent,
+        }
     }
 }
 
 fn find<'a, H: HeaderSource + ?Sized>(
-    index: usize,
     source: &Source,
     headers: &'a H,
     query: Option<&'a str>,
     cert_identity: Option<&'a str>,
-) -> Option<Found<'a>> {
-    let (raw, percent_encoded) = match source {
+) -> SourceValue<'a> {
+    match source {
         Source::Header { name, pattern } => {
-            let value = headers.value(name)?;
-            match pattern {
-                None => (value, false),
-                Some(p) => {
-                    let text = visible_ascii(value)?;
-                    (p.capture(text)?.as_bytes(), false)
-                }
-            }
+            let mut seen = Occurrences::new(false);
+            headers.each_value(name, |value| {
+                seen.add(match pattern {
+                    None => Some(value),
+                    Some(p) => visible_ascii(value)
+                        .and_then(|text| p.capture(text))
+                        .map(str::as_bytes),
+                })
+            });
+            seen.finish()
         }
         Source::Query { name } => {
-            let value = query?.split('&').find_map(|pair| {
+            let mut seen = Occurrences::new(true);
+            for pair in query.unwrap_or("").split('&') {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                (k == &**name).then_some(v)
-            })?;
-            (value.as_bytes(), true)
+                if query_key_is(k.as_bytes(), name.as_bytes()) && !seen.add(Some(v.as_bytes())) {
+                    break;
+                }
+            }
+            seen.finish()
         }
         Source::ClientCert { pattern } => {
-            let identity = cert_identity?;
-            match pattern {
-                None => (identity.as_bytes(), false),
-                Some(p) => (p.capture(identity)?.as_bytes(), false),
+            let mut seen = Occurrences::new(false);
+            if let Some(identity) = cert_identity {
+                seen.add(match pattern {
+                    None => Some(identity.as_bytes()),
+                    Some(p) => p.capture(identity).map(str::as_bytes),
+                });
             }
+            seen.finish()
         }
-    };
-    if raw.iter().all(u8::is_ascii_whitespace) {
-        return None;
     }
-    Some(Found {
-        source: index,
-        raw,
-        percent_encoded,
-    })
+}
+
+/// Whether a raw query key is `name` once percent-decoded, ignoring ASCII case (`f%77`, `FW`).
+fn query_key_is(raw: &[u8], name: &[u8]) -> bool {
+    if !raw.contains(&b'%') {
+        return raw.eq_ignore_ascii_case(name);
+    }
+    let mut buf = [0u8; 64];
+    match percent_decode_into(raw, &mut buf) {
+        Some(n) => buf[..n].eq_ignore_ascii_case(name),
+        None => false,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    const FIRMWARE: VersionOrdering = VersionOrdering::Firmware;
+
+    /// The value decided on, if exactly one.
+    fn pick<'a, H: HeaderSource + ?Sized>(
+        e: &Extractor,
+        headers: &'a H,
+        query: Option<&'a str>,
+    ) -> Option<Found<'a>> {
+        e.extract(headers, query, None, FIRMWARE).found().copied()
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -311,44 +548,118 @@ mod tests {
     }
 
     #[test]
-    fn first_yielding_source_wins() {
+    fn the_first_yielding_source_is_decided_on_when_the_others_agree_or_are_absent() {
         let e = airtame();
         let h = headers(&[
-            ("x-firmware-version", "1.0.0"),
-            ("user-agent", "Airtame/2.0.0"),
+            ("x-firmware-version", "2.0.0"),
+            ("user-agent", "Airtame/v2.0"),
         ]);
-        let f = e.extract(&h, Some("fw=3.0.0")).unwrap();
-        assert_eq!((f.source, f.raw), (0, &b"1.0.0"[..]));
+        let f = pick(&e, &h, Some("fw=2.0.0%2Bbuild.1")).unwrap();
+        assert_eq!((f.source, f.raw), (0, &b"2.0.0"[..]));
 
         let h = headers(&[("user-agent", "Airtame/3.8.0-b3 (linux)")]);
-        let f = e.extract(&h, Some("fw=3.0.0")).unwrap();
+        let f = pick(&e, &h, Some("fw=3.8.0-B03")).unwrap();
         assert_eq!((f.source, f.raw), (1, &b"3.8.0-b3"[..]));
 
         let h = headers(&[("user-agent", "curl/8")]);
-        let f = e.extract(&h, Some("a=1&fw=v3.9&b")).unwrap();
+        let f = pick(&e, &h, Some("a=1&fw=v3.9&b")).unwrap();
         assert_eq!((f.source, f.raw), (2, &b"v3.9"[..]));
 
-        assert!(e.extract(&h, Some("fwx=1")).is_none());
-        assert!(e.extract(&HeaderMap::new(), None).is_none());
+        assert!(pick(&e, &h, Some("fwx=1")).is_none());
+        assert!(pick(&e, &HeaderMap::new(), None).is_none());
+    }
+
+    #[test]
+    fn repeated_or_conflicting_values_are_ambiguous() {
+        let e = airtame();
+        let extract = |h: &HeaderMap, q: Option<&'static str>| {
+            let found = e.extract(h, q, None, FIRMWARE);
+            match found {
+                Extracted::Ambiguous(why) => Some((why, e.explain(why))),
+                _ => None,
+            }
+        };
+        let repeated = Ambiguity::Repeated { source: 0 };
+        for pair in [("3.7.2", "3.8.0-b3"), ("", "3.8.0-b3"), ("3.8.0-b3", " ")] {
+            let h = headers(&[
+                ("x-firmware-version", pair.0),
+                ("x-firmware-version", pair.1),
+            ]);
+            let (why, text) = extract(&h, None).unwrap_or_else(|| panic!("{pair:?}"));
+            assert_eq!(why, repeated, "{pair:?}");
+            assert_eq!(
+                text,
+                "header x-firmware-version is sent more than once with different values"
+            );
+        }
+        // The same value twice is one value.
+        let h = headers(&[
+            ("x-firmware-version", "3.7.2"),
+            ("x-firmware-version", "3.7.2 "),
+        ]);
+        assert_eq!(pick(&e, &h, None).unwrap().raw, b"3.7.2");
+        // Query: repeats, empty then real, and keys spelled differently.
+        let none = HeaderMap::new();
+        for q in [
+            "fw=&fw=3.8.0-b3",
+            "fw=3.7.2&FW=3.8.0-b3",
+            "fw=3.7.2&f%77=3.8.0-b3",
+            "fw=3.7.2&fw",
+        ] {
+            assert_eq!(
+                extract(&none, Some(q)).map(|x| x.0),
+                Some(Ambiguity::Repeated { source: 2 }),
+                "{q}"
+            );
+        }
+        assert_eq!(
+            pick(&e, &none, Some("f%77=3.8.0-b3")).unwrap().raw,
+            b"3.8.0-b3"
+        );
+        assert_eq!(
+            pick(&e, &none, Some("Fw=3.8.0-b3&fw=3.8.0%2Db3"))
+                .unwrap()
+                .raw,
+            b"3.8.0-b3"
+        );
+        // Two sources that disagree.
+        let h = headers(&[("x-firmware-version", "3.7.2")]);
+        let (why, text) = extract(&h, Some("fw=3.8.0-b3")).unwrap();
+        assert_eq!(
+            why,
+            Ambiguity::Conflicting {
+                first: 0,
+                second: 2
+            }
+        );
+        assert_eq!(text, "header x-firmware-version and query fw disagree");
+        let h = headers(&[
+            ("x-firmware-version", "3.7.2"),
+            ("user-agent", "Airtame/banana"),
+        ]);
+        assert!(
+            extract(&h, None).is_some(),
+            "an unparseable second value disagrees too"
+        );
     }
 
     #[test]
     fn empty_values_are_absent() {
         let e = airtame();
         let h = headers(&[("x-firmware-version", "  ")]);
-        assert!(e.extract(&h, Some("fw=")).is_none());
+        assert!(pick(&e, &h, Some("fw=")).is_none());
     }
 
     #[test]
     fn query_values_are_percent_decoded() {
         let e = airtame();
         let none = HeaderMap::new();
-        let f = e.extract(&none, Some("fw=3.8.0%2Bbuild.5")).unwrap();
+        let f = pick(&e, &none, Some("fw=3.8.0%2Bbuild.5")).unwrap();
         let v = f.parse_version().unwrap();
         assert_eq!(v.to_string(), "3.8.0");
-        let f = e.extract(&none, Some("fw=3.8.0-b3")).unwrap();
+        let f = pick(&e, &none, Some("fw=3.8.0-b3")).unwrap();
         assert_eq!(f.parse_version().unwrap().to_string(), "3.8.0-b3");
-        let f = e.extract(&none, Some("fw=%zz")).unwrap();
+        let f = pick(&e, &none, Some("fw=%zz")).unwrap();
         assert!(f.parse_version().is_err());
     }
 
@@ -379,25 +690,34 @@ mod tests {
         let none = HeaderMap::new();
         let id = Extractor::new(vec![Source::ClientCert { pattern: None }]);
         assert_eq!(
-            id.extract_with_cert(&none, None, Some("device-42"))
+            id.extract(&none, None, Some("device-42"), FIRMWARE)
+                .found()
+                .copied()
                 .unwrap()
                 .raw,
             b"device-42"
         );
         assert!(
-            id.extract_with_cert(&none, None, None).is_none(),
+            id.extract(&none, None, None, FIRMWARE)
+                .found()
+                .copied()
+                .is_none(),
             "no certificate: absent"
         );
-        assert!(id.extract(&none, None).is_none());
+        assert!(pick(&id, &none, None).is_none());
         let version = Extractor::new(vec![Source::ClientCert {
             pattern: Some(Pattern::new(r"/(?P<version>\S+)$", "version").unwrap()),
         }]);
         let f = version
-            .extract_with_cert(&none, None, Some("device-42/v3.8.0b3"))
+            .extract(&none, None, Some("device-42/v3.8.0b3"), FIRMWARE)
+            .found()
+            .copied()
             .unwrap();
         assert_eq!(f.parse_version().unwrap().to_string(), "3.8.0-b3");
         assert!(version
-            .extract_with_cert(&none, None, Some("device-42"))
+            .extract(&none, None, Some("device-42"), FIRMWARE)
+            .found()
+            .copied()
             .is_none());
     }
 
@@ -472,9 +792,9 @@ mod tests {
                     );
                 }
                 let e = airtame();
-                prop_assert_eq!(e.extract(&map, Some("fw=1.2.3")), e.extract(parsed, Some("fw=1.2.3")));
+                prop_assert_eq!(pick(&e, &map, Some("fw=1.2.3")), pick(&e, parsed, Some("fw=1.2.3")));
                 let no_query = Extractor::new(e.sources()[..2].to_vec());
-                prop_assert_eq!(no_query.extract(&map, None), no_query.extract(parsed, None));
+                prop_assert_eq!(pick(&no_query, &map, None), pick(&no_query, parsed, None));
             }
         }
     }

@@ -131,6 +131,69 @@ pub struct KillSwitchLabel {
     pub action: KillSwitchAction,
 }
 
+/// Which kind of fleet store (the only label of the fleet gauges, so that they exist only in
+/// fleet mode).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum FleetStoreKind {
+    /// etcd v3.
+    etcd,
+}
+
+/// Labels of the fleet gauges and histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FleetStoreLabel {
+    /// The store.
+    pub store: FleetStoreKind,
+}
+
+const FLEET: FleetStoreLabel = FleetStoreLabel {
+    store: FleetStoreKind::etcd,
+};
+
+fn propagation_histogram() -> Histogram {
+    // 1 ms to about 16 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// Why a fleet member's watch on the store was restarted.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum FleetRestartReason {
+    /// A request or the stream failed (store unreachable, refused, token expired).
+    error,
+    /// The store closed the stream.
+    closed,
+    /// Nothing arrived for `stall_timeout`.
+    stalled,
+    /// The resume revision was compacted: the whole state was read again.
+    compacted,
+}
+
+/// Labels of `fwgate_fleet_watch_restarts_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FleetRestartLabel {
+    /// Why.
+    pub reason: FleetRestartReason,
+}
+
+/// Kinds of document refused from the fleet store.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum FleetDocKind {
+    /// A kill-switch entry.
+    killswitch,
+    /// The rules document.
+    rules,
+}
+
+/// Labels of `fwgate_fleet_invalid_documents_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FleetDocLabel {
+    /// Which kind.
+    pub kind: FleetDocKind,
+}
+
 /// Why fwgate closed a connection (or hyper did, on bad input), as a label value.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -170,6 +233,36 @@ pub struct CloseLabel {
     pub reason: CloseReason,
 }
 
+/// Labels of `fwgate_backoff_held_back_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackoffKeyLabel {
+    /// What identified the device: `device` (id + address) or `ip`.
+    pub key: &'static str,
+}
+
+/// Backend health per admitting rule: the per-cohort figures of the census, with labels
+/// bounded by the rules file. Created only for deciders that can admit (a refusing rule or
+/// kill-switch entry never reaches the backend), so no series is exported that can never move.
+#[derive(Debug)]
+pub struct RuleHealth {
+    /// `fwgate_backend_response_seconds{rule}`: admission to the backend's response head or 101.
+    pub backend_seconds: Histogram,
+    /// `fwgate_backend_failures_total{rule}`: backend errors and timeouts (502/504).
+    pub backend_failures: Counter,
+    /// `fwgate_tunnel_duration_seconds{rule}`: how long tunnels lived.
+    pub tunnel_seconds: Histogram,
+    /// `fwgate_short_tunnels_total{rule}`: tunnels that ended on their own soon after opening.
+    pub short_tunnels: Counter,
+}
+
+fn backend_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 16)
+}
+
+fn tunnel_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.25, 4.0, 10)
+}
+
 /// Labels of `fwgate_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabel {
@@ -206,6 +299,8 @@ pub struct Metrics {
     pub limit_keys: Gauge,
     /// `fwgate_backoff_active`: devices/IPs currently held back by the reconnect backoff.
     pub backoff_active: Gauge,
+    /// `fwgate_backoff_held_back_total{key}`: requests refused by the reconnect backoff.
+    pub backoff_held_back: Family<BackoffKeyLabel, Counter>,
     /// `fwgate_upstream_pending`: backend TCP connects in progress.
     pub upstream_pending: Gauge,
     /// `fwgate_upstream_active`: backend exchanges (in-flight requests + open tunnels).
@@ -221,6 +316,25 @@ pub struct Metrics {
     pub killswitch_entries: Gauge,
     /// `fwgate_killswitch_state_errors_total`: unusable state files (start-up fallback to the backup, bad edits).
     pub killswitch_state_errors: Counter,
+    /// `fwgate_backend_response_seconds{rule}` (see [`RuleHealth`]).
+    backend_seconds: Family<RuleLabel, Histogram, fn() -> Histogram>,
+    /// `fwgate_backend_failures_total{rule}`.
+    backend_failures: Family<RuleLabel, Counter>,
+    /// `fwgate_tunnel_duration_seconds{rule}`.
+    tunnel_seconds: Family<RuleLabel, Histogram, fn() -> Histogram>,
+    /// `fwgate_short_tunnels_total{rule}`.
+    short_tunnels: Family<RuleLabel, Counter>,
+    /// `fwgate_fleet_store_connected{store}`: 1 while the fleet store's watch is established.
+    pub fleet_store_connected: Family<FleetStoreLabel, Gauge>,
+    /// `fwgate_fleet_applied_revision{store}`: the fleet state revision in force here.
+    pub fleet_applied_revision: Family<FleetStoreLabel, Gauge>,
+    /// `fwgate_fleet_propagation_seconds{store}`: from a change's write (writer's clock) to its
+    /// application here.
+    pub fleet_propagation_seconds: Family<FleetStoreLabel, Histogram, fn() -> Histogram>,
+    /// `fwgate_fleet_watch_restarts_total{reason}`.
+    pub fleet_watch_restarts: Family<FleetRestartLabel, Counter>,
+    /// `fwgate_fleet_invalid_documents_total{kind}`: documents refused from the store.
+    pub fleet_invalid_documents: Family<FleetDocLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -330,6 +444,12 @@ impl Metrics {
             "Devices or IPs currently held back by the reconnect backoff",
             backoff_active.clone(),
         );
+        let backoff_held_back = Family::<BackoffKeyLabel, Counter>::default();
+        registry.register(
+            "backoff_held_back",
+            "Requests refused by the reconnect backoff, by what identified the device",
+            backoff_held_back.clone(),
+        );
         let upstream_pending = Gauge::default();
         registry.register(
             "upstream_pending",
@@ -354,13 +474,82 @@ impl Metrics {
             "Tunnels ended, by how: closed, error, idle_timeout, closed_by_policy, kill_switch, shutdown",
             tunnels_closed.clone(),
         );
+        let backend_seconds: Family<RuleLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(backend_buckets()));
+        registry.register(
+            "backend_response_seconds",
+            "Time from admission to the backend's response head or 101, by admitting rule",
+            backend_seconds.clone(),
+        );
+        let backend_failures = Family::<RuleLabel, Counter>::default();
+        registry.register(
+            "backend_failures",
+            "Backend errors and timeouts (502/504) by admitting rule",
+            backend_failures.clone(),
+        );
+        let tunnel_seconds: Family<RuleLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(tunnel_buckets()));
+        registry.register(
+            "tunnel_duration_seconds",
+            "How long tunnels lived, by admitting rule",
+            tunnel_seconds.clone(),
+        );
+        let short_tunnels = Family::<RuleLabel, Counter>::default();
+        registry.register(
+            "short_tunnels",
+            "Tunnels that ended on their own soon after opening (the backoff's short_tunnel), by admitting rule",
+            short_tunnels.clone(),
+        );
+        let fleet_store_connected = Family::<FleetStoreLabel, Gauge>::default();
+        registry.register(
+            "fleet_store_connected",
+            "1 while the fleet store's watch is established (fleet mode only)",
+            fleet_store_connected.clone(),
+        );
+        let fleet_applied_revision = Family::<FleetStoreLabel, Gauge>::default();
+        registry.register(
+            "fleet_applied_revision",
+            "Fleet state revision in force on this instance",
+            fleet_applied_revision.clone(),
+        );
+        let fleet_propagation_seconds =
+            Family::<FleetStoreLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                propagation_histogram,
+            );
+        registry.register(
+            "fleet_propagation_seconds",
+            "Time from a fleet change's write to its application on this instance (writer's clock)",
+            fleet_propagation_seconds.clone(),
+        );
+        let fleet_watch_restarts = Family::<FleetRestartLabel, Counter>::default();
+        registry.register(
+            "fleet_watch_restarts",
+            "Restarts of the watch on the fleet store, by reason",
+            fleet_watch_restarts.clone(),
+        );
+        let fleet_invalid_documents = Family::<FleetDocLabel, Counter>::default();
+        registry.register(
+            "fleet_invalid_documents",
+            "Documents refused from the fleet store (the previous state stays in force)",
+            fleet_invalid_documents.clone(),
+        );
         Metrics {
+            backend_seconds,
+            backend_failures,
+            tunnel_seconds,
+            short_tunnels,
             registry,
             rule_series: std::sync::Mutex::default(),
+            fleet_store_connected,
+            fleet_applied_revision,
+            fleet_propagation_seconds,
+            fleet_watch_restarts,
+            fleet_invalid_documents,
             connections_closed,
             tunnels_closed,
             limit_keys,
             backoff_active,
+            backoff_held_back,
             upstream_pending,
             upstream_active,
             killswitch_changes,
@@ -450,6 +639,20 @@ impl Metrics {
         }
     }
 
+    /// The backend-health series of an admitting rule (see [`RuleHealth`]), resolved once at
+    /// compile time like its counters.
+    pub fn rule_health(&self, rule: &str) -> Arc<RuleHealth> {
+        let label = RuleLabel {
+            rule: rule.to_string(),
+        };
+        Arc::new(RuleHealth {
+            backend_seconds: self.backend_seconds.get_or_create(&label).clone(),
+            backend_failures: self.backend_failures.get_or_create(&label).clone(),
+            tunnel_seconds: self.tunnel_seconds.get_or_create(&label).clone(),
+            short_tunnels: self.short_tunnels.get_or_create(&label).clone(),
+        })
+    }
+
     fn rule_series(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<SeriesInUse>>> {
         // Only inserts and removes happen under this lock, so a poisoned one is still sound.
         self.rule_series.lock().unwrap_or_else(|e| e.into_inner())
@@ -473,6 +676,10 @@ impl Metrics {
                 return true;
             }
             self.active_connections.remove(&label);
+            self.backend_seconds.remove(&label);
+            self.backend_failures.remove(&label);
+            self.tunnel_seconds.remove(&label);
+            self.short_tunnels.remove(&label);
             for decision in DecisionKind::ALL {
                 self.decisions.remove(&DecisionLabels {
                     decision,
@@ -495,6 +702,41 @@ impl Metrics {
     pub fn killswitch_change(&self, action: KillSwitchAction) {
         self.killswitch_changes
             .get_or_create(&KillSwitchLabel { action })
+            .inc();
+    }
+
+    /// Sets `fwgate_fleet_store_connected`.
+    pub fn fleet_connected(&self, up: bool) {
+        self.fleet_store_connected
+            .get_or_create(&FLEET)
+            .set(i64::from(up));
+    }
+
+    /// Sets `fwgate_fleet_applied_revision`.
+    pub fn fleet_applied(&self, revision: i64) {
+        self.fleet_applied_revision
+            .get_or_create(&FLEET)
+            .set(revision);
+    }
+
+    /// Observes one change's propagation time.
+    pub fn fleet_propagation(&self, seconds: f64) {
+        self.fleet_propagation_seconds
+            .get_or_create(&FLEET)
+            .observe(seconds);
+    }
+
+    /// Counts a restart of the fleet watch.
+    pub fn fleet_watch_restart(&self, reason: FleetRestartReason) {
+        self.fleet_watch_restarts
+            .get_or_create(&FleetRestartLabel { reason })
+            .inc();
+    }
+
+    /// Counts a document refused from the fleet store.
+    pub fn fleet_invalid_document(&self, kind: FleetDocKind) {
+        self.fleet_invalid_documents
+            .get_or_create(&FleetDocLabel { kind })
             .inc();
     }
 

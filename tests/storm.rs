@@ -122,7 +122,11 @@ async fn fragile_backend() -> FragileBackend {
 }
 
 fn fleet(target: SocketAddr) -> Fleet {
-    Fleet::start(FleetConfig {
+    Fleet::start(fleet_config(target))
+}
+
+fn fleet_config(target: SocketAddr) -> FleetConfig {
+    FleetConfig {
         target,
         path: "/ws".into(),
         cohorts: vec![
@@ -139,7 +143,9 @@ fn fleet(target: SocketAddr) -> Fleet {
         ],
         reconnect_delay: (Duration::from_millis(10), Duration::from_millis(80)),
         handshake_timeout: Duration::from_secs(5),
-    })
+        device_ids: true,
+        hold: None,
+    }
 }
 
 /// Waits until the bad cohort has retried several times (the storm is on), bounded by a deadline.
@@ -240,4 +246,68 @@ async fn limit_rule_throttles_the_cohort_instead() {
     );
     assert!(refused_429 > 0, "{summary}");
     proxy.stop().await;
+}
+
+/// The most common deployment shape: every device behind one address (an office NAT, or a
+/// load balancer without PROXY protocol), no device ids, default settings. Good devices close
+/// and reconnect every ~200 ms (far more churn than any real fleet) while a refused cohort
+/// retries: fwgate's own storm protection must never refuse a good device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_devices_behind_one_address_are_never_held_back_for_each_other() {
+    let backend = ws_echo_backend().await;
+    let rules = format!("[[rule]]\nname = \"block-table-scan\"\nversions = \">={BAD_VERSION}\"\naction = \"deny\"\nstatus = 503\n");
+    let proxy = start_proxy(&rules, backend, "").await;
+    let mut config = fleet_config(proxy.addr);
+    config.cohorts[0].devices = 25;
+    config.cohorts[1].devices = 5;
+    config.device_ids = false;
+    config.hold = Some(Duration::from_millis(200));
+    let f = Fleet::start(config);
+    // 250 good handshakes from one address in a few seconds: the old per-address backoff
+    // (10 events a minute) held back most of them.
+    eventually("good devices reconnected many times", || async {
+        f.stats[0].admitted.load(Ordering::Relaxed) >= 250
+            && f.stats[1].attempts.load(Ordering::Relaxed) >= 25
+    })
+    .await;
+    let summary = f.summary(Duration::ZERO);
+    let good_refused = f.stats[0].refused.lock().unwrap().clone();
+    let good_errors = f.stats[0].errors.load(Ordering::Relaxed);
+    let bad_refused = f.stats[1].refused.lock().unwrap().clone();
+    let bad_admitted = f.stats[1].admitted.load(Ordering::Relaxed);
+    f.stop().await;
+    assert!(good_refused.is_empty(), "good devices refused\n{summary}");
+    assert_eq!(good_errors, 0, "{summary}");
+    assert_eq!(bad_admitted, 0, "{summary}");
+    assert_eq!(
+        bad_refused.keys().copied().collect::<Vec<_>>(),
+        vec![503],
+        "{summary}"
+    );
+    assert_eq!(
+        util::metric(
+            &proxy,
+            "fwgate_decisions_total{decision=\"limited\",rule=\"backoff\"}"
+        )
+        .await
+        .unwrap_or(0.0),
+        0.0
+    );
+    proxy.stop().await;
+}
+
+/// A WebSocket backend that accepts and holds every connection until the client closes it.
+async fn ws_echo_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await {
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+            });
+        }
+    });
+    addr
 }

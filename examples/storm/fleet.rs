@@ -37,6 +37,12 @@ pub struct FleetConfig {
     pub reconnect_delay: (Duration, Duration),
     /// Give up on one handshake after this long.
     pub handshake_timeout: Duration,
+    /// Send `X-Device-Id`. Without it, devices are told apart only by what fwgate can see
+    /// (here: one shared address, as behind an office NAT or a load balancer).
+    pub device_ids: bool,
+    /// Devices close their WebSocket themselves after about this long (±50%) and reconnect:
+    /// ordinary churn. None: they hold it until it is dropped.
+    pub hold: Option<Duration>,
 }
 
 /// What one cohort experienced.
@@ -167,6 +173,16 @@ async fn pause(config: &FleetConfig, stop: &mut tokio::sync::watch::Receiver<boo
     }
 }
 
+/// How an admitted connection ended.
+enum Ended {
+    /// fwgate or the backend dropped it.
+    Dropped,
+    /// The device closed it after its hold time.
+    Closed,
+    /// The fleet is stopping.
+    Stopped,
+}
+
 async fn device(
     config: FleetConfig,
     version: String,
@@ -186,8 +202,10 @@ async fn device(
         else {
             return;
         };
-        if let (Ok(v), Ok(d)) = (version.parse(), device_id.parse()) {
+        if let Ok(v) = version.parse() {
             req.headers_mut().insert("x-firmware-version", v);
+        }
+        if let (true, Ok(d)) = (config.device_ids, device_id.parse()) {
             req.headers_mut().insert("x-device-id", d);
         }
         stats.attempts.fetch_add(1, Ordering::Relaxed);
@@ -212,15 +230,32 @@ async fn device(
             Ok(Ok((mut ws, _))) => {
                 stats.admitted.fetch_add(1, Ordering::Relaxed);
                 stats.connected.fetch_add(1, Ordering::Relaxed);
-                let dropped = tokio::select! {
-                    _ = async { while let Some(Ok(_)) = ws.next().await {} } => true,
-                    _ = stop.wait_for(|s| *s) => false,
+                let held = async {
+                    match config.hold {
+                        Some(hold) => {
+                            let ms = hold.as_millis() as u64;
+                            let jittered = ms / 2 + fastrand::u64(0..=ms);
+                            tokio::time::sleep(Duration::from_millis(jittered)).await
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                let ended = tokio::select! {
+                    _ = async { while let Some(Ok(_)) = ws.next().await {} } => Ended::Dropped,
+                    _ = held => Ended::Closed,
+                    _ = stop.wait_for(|s| *s) => Ended::Stopped,
                 };
                 stats.connected.fetch_sub(1, Ordering::Relaxed);
-                if !dropped {
-                    return;
+                match ended {
+                    Ended::Stopped => return,
+                    Ended::Dropped => {
+                        stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ended::Closed => {
+                        let _ =
+                            tokio::time::timeout(config.handshake_timeout, ws.close(None)).await;
+                    }
                 }
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Err(e)) => {
                 let status = e

@@ -41,6 +41,14 @@ struct Args {
     /// Maximum reconnect delay in ms.
     #[arg(long, default_value_t = 500)]
     max_delay_ms: u64,
+    /// Send no X-Device-Id: every device looks alike from one address, as behind an office NAT
+    /// or a load balancer without PROXY protocol (the reconnect backoff must not hold them back).
+    #[arg(long)]
+    no_device_ids: bool,
+    /// Each device closes its WebSocket after about this many ms (±50%) and reconnects:
+    /// ordinary churn. Default: hold it until dropped.
+    #[arg(long)]
+    hold_ms: Option<u64>,
 }
 
 #[tokio::main]
@@ -48,8 +56,17 @@ async fn main() {
     let args = Args::parse();
     let seconds = args.seconds.min(600);
     println!(
-        "fwgate storm: {} good ({}) + {} bad ({}) devices against {} for {seconds}s",
-        args.good, args.good_version, args.bad, args.bad_version, args.target
+        "fwgate storm: {} good ({}) + {} bad ({}) devices against {} for {seconds}s{}",
+        args.good,
+        args.good_version,
+        args.bad,
+        args.bad_version,
+        args.target,
+        if args.no_device_ids {
+            ", no device ids (one shared address)"
+        } else {
+            ""
+        }
     );
     let fleet = Fleet::start(FleetConfig {
         target: args.target,
@@ -71,6 +88,8 @@ async fn main() {
             Duration::from_millis(args.max_delay_ms.max(args.min_delay_ms)),
         ),
         handshake_timeout: Duration::from_secs(10),
+        device_ids: !args.no_device_ids,
+        hold: args.hold_ms.map(Duration::from_millis),
     });
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(seconds)).await;

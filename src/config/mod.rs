@@ -5,6 +5,8 @@
 //! relative paths against the config file's directory. The rest of the crate sees only [`Config`].
 //! The rules file, which operators edit and fwgate hot-reloads, is [`crate::rules::file`].
 
+pub mod fleet;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,9 +16,11 @@ use toml::Spanned;
 
 use crate::diag::{FileError, FileErrors};
 use crate::duration::parse_duration;
-use crate::limits::backoff::BackoffConfig;
+use crate::limits::backoff::{BackoffConfig, BackoffKey};
 use crate::limits::{Rate, DEFAULT_MAX_KEYS};
 use ipnet::IpNet;
+
+pub use fleet::{EtcdEndpoint, FleetConfig};
 
 /// Where devices connect when no config says otherwise.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:8080";
@@ -119,6 +123,8 @@ pub struct RawConfig {
     /// Worker threads; 0 or absent: one per CPU (or `TOKIO_WORKER_THREADS`). 1 runs
     /// everything on one thread with tokio's single-threaded scheduler.
     pub workers: Option<Spanned<i64>>,
+    /// Fleet mode: kill-switch entries (and optionally the rules) shared through etcd.
+    pub fleet: Option<fleet::RawFleet>,
 }
 
 /// `[tls]` as written.
@@ -172,6 +178,10 @@ pub struct RawBackoff {
     pub max: Option<Spanned<String>>,
     /// Quiet time after which a device starts over. Default `"5m"`.
     pub quiet: Option<Spanned<String>>,
+    /// What identifies a device: `"device"` (device id + client address; default) or `"ip"`.
+    pub key: Option<Spanned<String>>,
+    /// A tunnel ending on its own sooner than this after opening is churn. Default `"10s"`.
+    pub short_tunnel: Option<Spanned<String>>,
 }
 
 /// `[listen]` as written.
@@ -292,6 +302,8 @@ pub struct Config {
     pub workers: usize,
     /// TLS on the device listener, if configured.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Fleet mode (`[fleet]`), if configured.
+    pub fleet: Option<FleetConfig>,
 }
 
 /// Validated `[listen]`.
@@ -426,6 +438,7 @@ impl Config {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             workers: 0,
             tls: None,
+            fleet: None,
             upstream: UpstreamConfig {
                 addr: DEFAULT_UPSTREAM_ADDR.to_string(),
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -584,6 +597,17 @@ impl Config {
         let b = &l.backoff;
         let backoff_defaults = BackoffConfig::default();
         let max_keys = v.bounded_int(&l.max_keys, DEFAULT_MAX_KEYS, 1, 100_000_000);
+        let backoff_key = match b.key.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("device", _)) => BackoffKey::Device,
+            Some(("ip", _)) => BackoffKey::Ip,
+            Some((other, span)) => {
+                v.error(
+                    span.start,
+                    format!("[limits.backoff] key must be \"device\" (device id + client address) or \"ip\" (client address alone: every device behind one NAT shares it), not {other:?}"),
+                );
+                BackoffKey::Device
+            }
+        };
         let limits = LimitsConfig {
             max_connections: v.bounded_int(&l.max_connections, 0, 0, 1 << 24),
             handshake_rate: v.rate(&l.handshake_rate),
@@ -604,6 +628,8 @@ impl Config {
                 max: v.duration(&b.max, backoff_defaults.max),
                 quiet: v.duration(&b.quiet, backoff_defaults.quiet),
                 max_keys,
+                key: backoff_key,
+                short_tunnel: v.duration(&b.short_tunnel, backoff_defaults.short_tunnel),
             },
         };
         let admin = AdminConfig {
@@ -647,6 +673,15 @@ impl Config {
         };
         let rules_path = raw.rules.as_ref().map(|p| base.join(p.get_ref()));
         let state_dir = raw.state_dir.as_ref().map(|p| base.join(p.get_ref()));
+        let fleet = raw.fleet.as_ref().map(|f| {
+            if state_dir.is_none() {
+                v.error(
+                    f.etcd.span().start,
+                    "[fleet] needs state_dir: each instance keeps its last-known-good copy of the fleet state there",
+                );
+            }
+            fleet::validate(f, &base, &mut v)
+        });
         if errors.is_empty() {
             Ok(Config {
                 source: path.map(Path::to_path_buf),
@@ -660,6 +695,7 @@ impl Config {
                 shutdown_grace,
                 workers,
                 tls,
+                fleet,
             })
         } else {
             Err(FileErrors(errors))

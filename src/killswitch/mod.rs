@@ -8,6 +8,8 @@
 //! is decided with the new entry. Expired entries stop applying on their own (checked at
 //! decision time) and are pruned from the file at the next change.
 
+pub mod layers;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,7 +22,7 @@ use crate::duration::{format_duration, parse_duration};
 use crate::metrics::Metrics;
 use crate::rules::range::VersionRange;
 use crate::rules::{Action, Decider, Refusal, VersionInput};
-use crate::version::VersionOrdering;
+use crate::version::{FirmwareVersion, VersionOrdering};
 
 /// Status of a kill-switch refusal unless the entry says otherwise.
 pub const DEFAULT_STATUS: u16 = 503;
@@ -132,8 +134,33 @@ pub struct NewEntry {
     pub drain: Option<String>,
 }
 
+/// Where an entry in force comes from (shown as `"scope"` in listings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// This instance only, persisted in `state_dir/killswitch.json`.
+    Local,
+    /// The fleet's shared store.
+    Fleet {
+        /// Store revision of the entry's last change (for compare-and-set).
+        revision: i64,
+    },
+    /// Put in force by fwgate itself: refusing everything until the fleet state is known.
+    System,
+}
+
+impl Scope {
+    /// `local`, `fleet` or `system`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Local => "local",
+            Scope::Fleet { .. } => "fleet",
+            Scope::System => "system",
+        }
+    }
+}
+
 /// A compiled entry: its spec, range and decider.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Entry {
     /// As persisted.
     pub spec: EntrySpec,
@@ -141,6 +168,8 @@ pub struct Entry {
     pub range: VersionRange,
     /// Name `killswitch:<id>`, the refusal, counters.
     pub decider: Decider,
+    /// Where it comes from ([`Scope::Local`] unless a layer says otherwise).
+    pub scope: Scope,
 }
 
 impl Entry {
@@ -204,6 +233,14 @@ pub enum KillSwitchError {
         /// What went wrong.
         message: String,
     },
+    /// The fleet's shared store could not be reached or did not confirm the change; the message
+    /// names the store. Nothing was applied anywhere (or, when the store went silent after the
+    /// request was sent, the message says the outcome is unknown).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Someone else changed the entry since this instance last saw it (compare-and-set failed).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Current unix time in seconds.
@@ -249,8 +286,28 @@ pub fn spec_from_request(
             "id {id:?} must be 1-64 characters of letters, digits, '-', '_', '.'"
         ));
     }
-    VersionRange::parse(&req.versions, ordering)
+    let range = VersionRange::parse(&req.versions, ordering)
         .map_err(|e| KillSwitchError::Invalid(format!("versions {:?}: {e}", req.versions)))?;
+    // In a rules file this is a warning; mid-incident, refusing 3.6.0 alone while 3.6.5 keeps
+    // connecting is too easy to miss, so a new entry must say which one it means.
+    if let Some(partial) = range.partial_bare_versions().first() {
+        let exact = match FirmwareVersion::parse(&partial.written) {
+            Ok(v) => v.to_string(),
+            Err(_) => partial.written.clone(),
+        };
+        return invalid(format!(
+            "versions {:?}: a bare {:?} means exactly {exact}, so {} would still connect; write {:?} for the whole line or \"={exact}\" for that one version",
+            req.versions,
+            partial.written,
+            // An example the entry would miss: 3.6.5 for `3.6`, 3.1.0 for `3`.
+            if partial.suggestion.matches('.').count() == 2 {
+                partial.suggestion.replace('*', "5")
+            } else {
+                partial.suggestion.replace('*', "1.0")
+            },
+            partial.suggestion,
+        ));
+    }
     let now = unix_now();
     let expires_at = match (req.ttl, req.expires_at) {
         (Some(_), Some(_)) => return invalid("give ttl or expires_at, not both".into()),
@@ -316,6 +373,7 @@ pub fn compile_entry(
     let decider = Decider {
         // An entry only ever refuses: no `allow`, `limited` or open-connection series.
         counters: metrics.rule_counters_for(&name, &[crate::metrics::DecisionKind::deny], false),
+        health: None,
         name: Arc::from(name),
         action: Action::Deny(Refusal {
             status,
@@ -330,6 +388,7 @@ pub fn compile_entry(
         spec,
         range,
         decider,
+        scope: Scope::Local,
     })
 }
 
@@ -528,7 +587,6 @@ pub fn load_at_startup(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::version::FirmwareVersion;
 
     fn req(versions: &str) -> NewEntry {
         NewEntry {
@@ -547,6 +605,32 @@ mod tests {
 
     fn parsed(v: &str) -> VersionInput {
         VersionInput::Parsed(FirmwareVersion::parse(v).unwrap())
+    }
+
+    #[test]
+    fn a_bare_partial_version_is_refused_with_both_readings() {
+        for (written, exact, example, line) in [
+            ("3.6", "3.6.0", "3.6.5", "3.6.*"),
+            ("v3", "3.0.0", "3.1.0", "3.*"),
+            (">=2.0.0, 3.6 || 4.0.0", "3.6.0", "3.6.5", "3.6.*"),
+        ] {
+            let e = spec_from_request(req(written), VersionOrdering::Firmware, None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("means exactly {exact}")), "{e}");
+            assert!(
+                e.contains(&format!("so {example} would still connect")),
+                "{e}"
+            );
+            assert!(e.contains(&format!("write {line:?}")), "{e}");
+            assert!(e.contains(&format!("\"={exact}\"")), "{e}");
+        }
+        for fine in ["3.6.*", "=3.6.0", "3.6.0", "=3.6", ">=3.6", "*"] {
+            assert!(
+                spec_from_request(req(fine), VersionOrdering::Firmware, None).is_ok(),
+                "{fine}"
+            );
+        }
     }
 
     #[test]

@@ -1,16 +1,56 @@
 //! Reconnect backoff: the feedback loop of the 2020-02-08 outage was devices reconnecting at
-//! once after every failure. A device (or IP, when no device id is known) that is refused or
-//! disconnects more than `threshold` times within `window` gets a penalty that doubles with
-//! each repeat (from `base` up to `max`); until it ends, its handshakes are refused without
-//! backend contact and told exactly when to come back. After `quiet` without events, the
-//! device starts over.
+//! once after every failure. A device that is refused, or whose tunnels end soon after they
+//! open, more than `threshold` times within `window` gets a penalty that doubles with each
+//! repeat (from `base` up to `max`); until it ends, its handshakes are refused without backend
+//! contact and told exactly when to come back. After `quiet` without events, it starts over.
+//!
+//! **Who is a device** ([`BackoffKey`]). By default, a device id *together with* the client
+//! address: many devices behind one address (an office NAT, a load balancer without PROXY
+//! protocol) are never held back for each other, and an id sent from another address is
+//! another key, so nobody can get a device held back by spoofing its id from elsewhere.
+//! Requests without a device id are not held back at all. Keying by address alone is opt-in
+//! (`key = "ip"`), for fleets where one address is one device.
+//!
+//! **What counts** is storm-shaped only: refusals, and tunnels that ended within
+//! `short_tunnel` of opening on their own (either side closed or failed). A long-lived tunnel
+//! ending is health, and closes fwgate causes (policy, kill switch, drain, shutdown, idle
+//! timeout) never count.
 //!
 //! State is 24 bytes of counters per key (plus the map's overhead), in 16 independently locked
 //! shards so two cores rarely contend; at most `max_keys` keys are kept, quiet ones are swept.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
+
+/// What identifies one device to the backoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackoffKey {
+    /// The device id together with the client address; no device id, no backoff.
+    #[default]
+    Device,
+    /// The client address alone (every device behind a NAT shares one key).
+    Ip,
+}
+
+impl BackoffKey {
+    /// The name in `fwgate.toml`, logs and the `key` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackoffKey::Device => "device",
+            BackoffKey::Ip => "ip",
+        }
+    }
+}
+
+/// How long a tunnel must have lived for its end to count as health rather than churn,
+/// unless `short_tunnel` says otherwise.
+pub const DEFAULT_SHORT_TUNNEL: Duration = Duration::from_secs(10);
+/// At most one WARN per this period says that devices are being held back.
+const WARN_EVERY_MS: u64 = 10_000;
 
 /// Reconnect backoff settings (`[limits.backoff]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +69,10 @@ pub struct BackoffConfig {
     pub quiet: Duration,
     /// Keys kept at most.
     pub max_keys: usize,
+    /// What identifies a device.
+    pub key: BackoffKey,
+    /// A tunnel that ends on its own sooner than this after opening counts as a storm event.
+    pub short_tunnel: Duration,
 }
 
 impl Default for BackoffConfig {
@@ -43,6 +87,8 @@ impl Default for BackoffConfig {
             max: Duration::from_secs(300),
             quiet: Duration::from_secs(300),
             max_keys: super::DEFAULT_MAX_KEYS,
+            key: BackoffKey::Device,
+            short_tunnel: DEFAULT_SHORT_TUNNEL,
         }
     }
 }
@@ -63,6 +109,10 @@ const SHARDS: usize = 16;
 pub struct Backoff {
     config: BackoffConfig,
     shards: [Mutex<HashMap<u64, Entry>>; SHARDS],
+    /// Refusals by the backoff since the last WARN about them.
+    held_since_warn: AtomicU64,
+    /// When that WARN was written (ms on the process clock, 0: never).
+    last_warn_ms: AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -75,7 +125,51 @@ impl Backoff {
         Backoff {
             config,
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            held_since_warn: AtomicU64::new(0),
+            last_warn_ms: AtomicU64::new(0),
         }
+    }
+
+    /// The key of a request from `ip` with `device` (raw id bytes), or None when this request
+    /// is not tracked (backoff off, or no device id with the default key).
+    pub fn key(&self, device: Option<&[u8]>, ip: IpAddr) -> Option<u64> {
+        if !self.config.enabled {
+            return None;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        match self.config.key {
+            BackoffKey::Device => {
+                0u8.hash(&mut h);
+                device?.hash(&mut h);
+            }
+            BackoffKey::Ip => 1u8.hash(&mut h),
+        }
+        ip.hash(&mut h);
+        Some(h.finish())
+    }
+
+    /// Whether a tunnel that lived `lifetime` and ended on its own counts as a storm event.
+    pub fn is_short(&self, lifetime: Duration) -> bool {
+        lifetime < self.config.short_tunnel
+    }
+
+    /// Notes one request held back; returns how many were held back since the last call that
+    /// returned something, at most once per 10 s, so the caller can WARN about it.
+    pub fn note_held_back(&self) -> Option<u64> {
+        self.note_held_back_at(now_ms())
+    }
+
+    fn note_held_back_at(&self, now: u64) -> Option<u64> {
+        self.held_since_warn.fetch_add(1, Ordering::Relaxed);
+        let now = now.max(1);
+        let last = self.last_warn_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < WARN_EVERY_MS {
+            return None;
+        }
+        self.last_warn_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .ok()?;
+        Some(self.held_since_warn.swap(0, Ordering::Relaxed))
     }
 
     /// The settings.
@@ -251,6 +345,50 @@ mod tests {
             Some(Duration::from_secs(2)),
             "level starts over after quiet"
         );
+    }
+
+    #[test]
+    fn a_device_is_its_id_together_with_its_address_and_no_id_is_not_tracked() {
+        let b = Backoff::new(cfg());
+        let (home, elsewhere) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
+        let key = b.key(Some(b"dev-1"), home).unwrap();
+        assert_eq!(b.key(Some(b"dev-1"), home), Some(key));
+        assert_ne!(
+            b.key(Some(b"dev-1"), elsewhere),
+            Some(key),
+            "same id elsewhere"
+        );
+        assert_ne!(
+            b.key(Some(b"dev-2"), home),
+            Some(key),
+            "another device, same address"
+        );
+        assert_eq!(b.key(None, home), None, "no id: never held back");
+
+        let by_ip = Backoff::new(BackoffConfig {
+            key: BackoffKey::Ip,
+            ..cfg()
+        });
+        assert_eq!(by_ip.key(Some(b"a"), home), by_ip.key(Some(b"b"), home));
+        assert_eq!(by_ip.key(None, home), by_ip.key(Some(b"a"), home));
+        assert_ne!(by_ip.key(None, home), by_ip.key(None, elsewhere));
+        let off = Backoff::new(BackoffConfig {
+            enabled: false,
+            ..cfg()
+        });
+        assert_eq!(off.key(Some(b"dev-1"), home), None);
+    }
+
+    #[test]
+    fn holding_back_is_reported_at_most_once_per_period_with_the_count() {
+        let b = Backoff::new(cfg());
+        assert_eq!(b.note_held_back_at(500), Some(1));
+        for t in 0..5 {
+            assert_eq!(b.note_held_back_at(600 + t), None);
+        }
+        assert_eq!(b.note_held_back_at(500 + WARN_EVERY_MS - 1), None);
+        assert_eq!(b.note_held_back_at(500 + WARN_EVERY_MS), Some(7));
+        assert_eq!(b.note_held_back_at(600 + WARN_EVERY_MS), None);
     }
 
     #[test]

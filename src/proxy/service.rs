@@ -18,16 +18,19 @@ use super::forward::{
     UpstreamStream,
 };
 use super::response::{self, BodyDone, ProxyFailure, ResponseBody};
-use super::tunnel::{self, TunnelStats};
+use super::tunnel::{self, TunnelEnd, TunnelStats};
 use super::{in_networks, ConnInfo};
+use crate::census::{BackendResult, Outcome};
+use crate::extract::Extracted;
 use crate::extract::MAX_DEVICE_ID_LEN;
 use crate::gate::Gate;
 use crate::gate::Verdict;
-use crate::limits::{key_hash, ConnPermit, LimitKey};
+use crate::limits::ConnPermit;
 use crate::logging::{millis, seconds};
-use crate::metrics::{CloseReason, UpstreamOutcome};
+use crate::metrics::RuleHealth;
+use crate::metrics::{BackoffKeyLabel, CloseReason, DecisionKind, UpstreamOutcome};
 use crate::registry::TrackedKind;
-use crate::rules::{jittered_wait_secs, VersionInput};
+use crate::rules::{jittered_wait_secs, DecidedBy, VersionInput};
 
 const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 
@@ -68,8 +71,23 @@ pub(super) struct Admitted {
     pub presented: Presented,
     pub rule: Arc<str>,
     pub active: Gauge,
-    pub backoff_key: u64,
+    /// The reconnect backoff's key for this device, when it is tracked.
+    pub backoff_key: Option<u64>,
+    /// The admitting rule's backend-health metrics.
+    pub health: Option<Arc<RuleHealth>>,
     pub held: Held,
+}
+
+/// The backend answered (a response head or 101) `took` after admission: counted for the
+/// census (per version) and the admitting rule. Both HTTP paths call this where the answer
+/// arrives.
+pub(super) fn backend_answered(gate: &Gate, admitted: &Admitted, took: Duration) {
+    gate.metrics.upstream(UpstreamOutcome::ok).inc();
+    gate.census
+        .record_backend(&admitted.presented.version, took, BackendResult::Answered);
+    if let Some(health) = &admitted.health {
+        health.backend_seconds.observe(took.as_secs_f64());
+    }
 }
 
 /// Handles one request: decide, then refuse or forward. Never fails: every outcome is a
@@ -80,23 +98,54 @@ pub async fn handle(
     connection_slot: Arc<ConnPermit>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let admitted = {
+    // Rules decide on the normalised path, and the backend gets that same path.
+    let (admitted, normalized) = {
+        let path = crate::path::normalize(req.uri().path());
         let head = RequestHead {
             headers: req.headers(),
             method: req.method().as_str(),
-            path: req.uri().path(),
+            path: &path,
             query: req.uri().query(),
             target_len: req.uri().path_and_query().map_or(0, |p| p.as_str().len()),
         };
-        admit(&gate, &conn, &connection_slot, &head)
+        let admitted = admit(&gate, &conn, &connection_slot, &head);
+        let normalized = match path {
+            std::borrow::Cow::Owned(p) => Some(p),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        (admitted, normalized)
     };
     match admitted {
-        Admission::Admit(admitted) => Ok(forward(gate.clone(), &conn, admitted, req).await),
+        Admission::Admit(admitted) => {
+            let mut req = req;
+            if let Some(path) = normalized {
+                set_path(&mut req, &path);
+            }
+            Ok(forward(gate.clone(), &conn, admitted, req).await)
+        }
         Admission::Refuse(answer) => Ok(answer.into_response()),
     }
 }
 
+/// Replaces the request's path (keeping its query): the backend gets the path the rules saw.
+fn set_path(req: &mut Request<Incoming>, path: &str) {
+    let target = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(p) = http::uri::PathAndQuery::try_from(target) {
+        parts.path_and_query = Some(p);
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
 /// What [`admit`] decided.
+// Returned once per request and matched at once: boxing `Admitted` would cost an allocation
+// per admitted request to save a copy of ~270 bytes.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Admission {
     /// Forward it, with its slots taken.
     Admit(Admitted),
@@ -124,24 +173,65 @@ pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
     let deciders = &gate.limit_deciders;
     if !gate.global.per_ip_ok(ip) {
         let verdict = gate.refuse_by(&deciders.per_ip, None);
-        return Admission::Refuse(refuse(gate, verdict, &deciders.per_ip, None, req, client));
+        let refused = Refused::new(verdict, &deciders.per_ip);
+        return Admission::Refuse(refuse(gate, refused, None, req, client));
     }
     let snap = gate.snapshot();
     let rules = &snap.rules;
     let (headers, query) = (req.headers, req.query);
     let cert = conn.cert_identity.as_deref();
-    let found = rules
+    let ordering = rules.ordering;
+    let found = match rules
         .version_sources
-        .extract_with_cert(headers, query, cert);
-    let device = rules.device_sources.extract_with_cert(headers, query, cert);
+        .extract(headers, query, cert, ordering)
+    {
+        Extracted::Ambiguous(why) => {
+            let what = format!("firmware version: {}", rules.version_sources.explain(why));
+            return Admission::Refuse(refuse_ambiguous(gate, what, req, client));
+        }
+        extracted => extracted.found().copied(),
+    };
+    let device = match rules.device_sources.extract(headers, query, cert, ordering) {
+        Extracted::Ambiguous(why) => {
+            let what = format!("device id: {}", rules.device_sources.explain(why));
+            return Admission::Refuse(refuse_ambiguous(gate, what, req, client));
+        }
+        extracted => extracted.found().copied(),
+    };
+    if let Some(name) = rules.source_header_in_connection(headers) {
+        let what = format!("Connection names {name}, which fwgate decides on: it would be removed before the backend sees it");
+        return Admission::Refuse(refuse_ambiguous(gate, what, req, client));
+    }
     let device_raw = device.as_ref().map(|d| d.raw);
-    let backoff_key = key_hash(device_raw, ip, LimitKey::Device);
-    let version = VersionInput::from_found(found.as_ref());
-    gate.census.record(&version);
+    let version = VersionInput::from_found(found.as_ref(), ordering);
+    // Only the access log reads these: no display strings when it is off.
+    let presented = || {
+        gate.config.log.access.then(|| Presented {
+            client,
+            device: device.map(|d| d.display(MAX_DEVICE_ID_LEN)),
+            raw_version: found.map(|f| f.display(crate::version::MAX_VERSION_LEN)),
+            version,
+        })
+    };
 
-    if let Some(remaining) = gate.backoff.penalty(backoff_key) {
+    let backoff_key = gate.backoff.key(device_raw, ip);
+    if let Some(remaining) = backoff_key.and_then(|key| gate.backoff.penalty(key)) {
+        gate.census.record(&version, Outcome::HeldBack);
+        let key_kind = gate.backoff.config().key.as_str();
+        gate.metrics
+            .backoff_held_back
+            .get_or_create(&BackoffKeyLabel { key: key_kind })
+            .inc();
+        if let Some(held) = gate.backoff.note_held_back() {
+            tracing::warn!(
+                held,
+                key = key_kind,
+                "reconnect backoff is holding back devices that reconnect too often ({held} refused since the last warning; see fwgate_backoff_held_back_total and /v1/versions)"
+            );
+        }
         let verdict = gate.refuse_by(&deciders.backoff, Some(jittered_wait_secs(remaining, 0.25)));
-        return Admission::Refuse(refuse(gate, verdict, &deciders.backoff, None, req, client));
+        let refused = Refused::new(verdict, &deciders.backoff).held_by(key_kind);
+        return Admission::Refuse(refuse(gate, refused, presented(), req, client));
     }
 
     let decision = gate.decide(&snap, &version, req.path);
@@ -154,28 +244,26 @@ pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
     let permit = match verdict {
         Verdict::Forward(permit) => permit,
         refused => {
-            gate.backoff.record(backoff_key);
-            // Only the access log reads these: no display strings when it is off.
-            let presented = gate.config.log.access.then(|| Presented {
-                client,
-                device: device.map(|d| d.display(MAX_DEVICE_ID_LEN)),
-                raw_version: found.map(|f| f.display(crate::version::MAX_VERSION_LEN)),
-                version,
-            });
-            return Admission::Refuse(refuse(gate, refused, decider, presented, req, client));
+            if let Some(key) = backoff_key {
+                gate.backoff.record(key);
+            }
+            let outcome = match refused {
+                _ if decision.by == DecidedBy::KillSwitch => Outcome::KillSwitch,
+                Verdict::Refuse(_, _, DecisionKind::deny) => Outcome::Denied,
+                _ => Outcome::Limited,
+            };
+            gate.census.record(&version, outcome);
+            let refused = Refused::new(refused, decider);
+            return Admission::Refuse(refuse(gate, refused, presented(), req, client));
         }
     };
     let Some(upstream_slot) = gate.upstream_capacity.try_take() else {
+        gate.census.record(&version, Outcome::Limited);
         let verdict = gate.refuse_by(&deciders.upstream_capacity, None);
-        return Admission::Refuse(refuse(
-            gate,
-            verdict,
-            &deciders.upstream_capacity,
-            None,
-            req,
-            client,
-        ));
+        let refused = Refused::new(verdict, &deciders.upstream_capacity);
+        return Admission::Refuse(refuse(gate, refused, presented(), req, client));
     };
+    gate.census.record(&version, Outcome::Admitted);
     if let Some(shadow) = decision.shadow {
         if gate.config.log.access {
             tracing::info!(target: "fwgate::access", client = %client, device = device.map(|d| d.display(MAX_DEVICE_ID_LEN)).as_deref().unwrap_or("-"), version = %version_str(&version), shadow_rule = %shadow.name, would = shadow.action.as_str(), "shadow rule matched; admitted anyway");
@@ -203,6 +291,7 @@ pub(super) fn admit<H: crate::extract::HeaderSource + ?Sized>(
         rule: decision.decider.name.clone(),
         active: decision.decider.counters.active.clone(),
         backoff_key,
+        health: decision.decider.health.clone(),
         held,
     })
 }
@@ -259,16 +348,62 @@ fn version_str(v: &VersionInput) -> String {
     }
 }
 
+/// A refusal on its way to the device: the verdict, who made it and, for the reconnect
+/// backoff, what identified the device.
+struct Refused<'a> {
+    verdict: Verdict<'a>,
+    decider: &'a crate::rules::Decider,
+    held_by: Option<&'static str>,
+}
+
+impl<'a> Refused<'a> {
+    fn new(verdict: Verdict<'a>, decider: &'a crate::rules::Decider) -> Refused<'a> {
+        Refused {
+            verdict,
+            decider,
+            held_by: None,
+        }
+    }
+
+    fn held_by(self, key_kind: &'static str) -> Refused<'a> {
+        Refused {
+            held_by: Some(key_kind),
+            ..self
+        }
+    }
+}
+
+/// Answers 400 to a request whose version or device id is ambiguous, saying why: fwgate
+/// never decides on one value while the backend may read another.
+fn refuse_ambiguous<H: ?Sized>(
+    gate: &Gate,
+    what: String,
+    req: &RequestHead<'_, H>,
+    client: SocketAddr,
+) -> response::Answer {
+    let decider = &gate.limit_deciders.ambiguous;
+    decider.counters.deny.inc();
+    gate.census.record_ambiguous();
+    if gate.config.log.access && gate.refusal_log.allow() {
+        tracing::info!(target: "fwgate::access", client = %client, rule = %decider.name, decision = "deny", status = 400, method = req.method, path = req.path, reason = %what, "refused");
+    }
+    response::Answer {
+        status: StatusCode::BAD_REQUEST,
+        body: bytes::Bytes::from(format!("ambiguous request: {what}\n")),
+        retry_after: None,
+    }
+}
+
 /// Builds a refusal answer and logs it (sampled).
 fn refuse<H: ?Sized>(
     gate: &Gate,
-    verdict: Verdict<'_>,
-    decider: &crate::rules::Decider,
+    refused: Refused<'_>,
     presented: Option<Presented>,
     req: &RequestHead<'_, H>,
     client: SocketAddr,
 ) -> response::Answer {
-    let Verdict::Refuse(refusal, retry, kind) = verdict else {
+    let decider = refused.decider;
+    let Verdict::Refuse(refusal, retry, kind) = refused.verdict else {
         return response::Answer::plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
     };
     let answer = response::Answer::refusal(refusal, retry);
@@ -282,6 +417,7 @@ fn refuse<H: ?Sized>(
             version = %p.map(|p| p.version_str()).unwrap_or_else(|| "-".into()),
             rule = %decider.name,
             decision = kind.as_str(),
+            held_by = refused.held_by.unwrap_or("-"),
             status = answer.status.as_u16(),
             method = req.method,
             path = req.path,
@@ -341,19 +477,11 @@ async fn forward(
     let (mut resp, lease) = match sent.await {
         Ok(r) => r,
         Err(failure) => {
-            return backend_failed(
-                &gate,
-                &admitted.presented,
-                &admitted.rule,
-                failure,
-                method.as_str(),
-                &path,
-                started,
-            )
+            return backend_failed(&gate, &admitted, failure, method.as_str(), &path, started)
         }
     };
-    gate.metrics.upstream(UpstreamOutcome::ok).inc();
     let backend_time = started.elapsed();
+    backend_answered(&gate, &admitted, backend_time);
 
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status())
     {
@@ -466,6 +594,7 @@ impl OpenTunnel {
             rule,
             active,
             backoff_key,
+            health,
             held,
         } = admitted;
         drop(held);
@@ -476,7 +605,22 @@ impl OpenTunnel {
                 end: stats.end.as_str(),
             })
             .inc();
-        gate.backoff.record(backoff_key);
+        let lifetime = started.elapsed().saturating_sub(backend_time);
+        // Churn is a tunnel that ended on its own soon after it opened; a long-lived tunnel
+        // ending is health, and closes fwgate caused never count against the device.
+        let on_its_own = matches!(stats.end, TunnelEnd::Closed | TunnelEnd::Error);
+        let short = on_its_own && gate.backoff.is_short(lifetime);
+        if let (Some(key), true) = (backoff_key, short) {
+            gate.backoff.record(key);
+        }
+        gate.census
+            .record_tunnel_end(&presented.version, lifetime, short);
+        if let Some(health) = &health {
+            health.tunnel_seconds.observe(lifetime.as_secs_f64());
+            if short {
+                health.short_tunnels.inc();
+            }
+        }
         if gate.config.log.access {
             tracing::info!(target: "fwgate::access", client = %presented.client, device = presented.device.as_deref().unwrap_or("-"), raw_version = presented.raw_version.as_deref().unwrap_or("-"), version = %presented.version_str(), rule = %rule, decision = "allow", status = 101, path = &*path, backend_ms = millis(backend_time), bytes_in = stats.client_to_upstream, bytes_out = stats.upstream_to_client, end = stats.end.as_str(), duration_s = seconds(started.elapsed()), "tunnel closed");
         }
@@ -486,8 +630,7 @@ impl OpenTunnel {
 /// Counts and logs a request whose backend exchange failed; the response says why.
 pub(super) fn backend_failed(
     gate: &Gate,
-    presented: &Presented,
-    rule: &str,
+    admitted: &Admitted,
     failure: ProxyFailure,
     method: &str,
     path: &str,
@@ -502,6 +645,27 @@ pub(super) fn backend_failed(
         }
         _ => {
             gate.metrics.upstream(outcome_of(failure)).inc();
+        }
+    }
+    let (presented, rule) = (&admitted.presented, &admitted.rule);
+    let result = match failure {
+        ProxyFailure::UpstreamUnreachable | ProxyFailure::UpstreamBroken => {
+            Some(BackendResult::Error)
+        }
+        ProxyFailure::UpstreamConnectTimeout | ProxyFailure::UpstreamResponseTimeout => {
+            Some(BackendResult::Timeout)
+        }
+        // fwgate's own refusals, or the client's doing: not the backend's.
+        ProxyFailure::UpstreamBusy
+        | ProxyFailure::ClosedByPolicy
+        | ProxyFailure::ClientBodyMalformed
+        | ProxyFailure::ClientBodyTimeout => None,
+    };
+    if let Some(result) = result {
+        gate.census
+            .record_backend(&presented.version, started.elapsed(), result);
+        if let Some(health) = &admitted.health {
+            health.backend_failures.inc();
         }
     }
     let (status, _) = failure.status_and_body();

@@ -190,6 +190,7 @@ pub fn compile_with_limits(
         Decider {
             name: Arc::from(name),
             counters: metrics.rule_counters_for(name, kinds, admits),
+            health: (!matches!(action, Action::Deny(_))).then(|| metrics.rule_health(name)),
             action,
             close_existing: false,
             drain: DEFAULT_DRAIN,
@@ -203,6 +204,8 @@ pub fn compile_with_limits(
 
     let mut names = HashSet::new();
     let mut rules = Vec::with_capacity(raw.rule.len());
+    // Where each compiled rule starts in the file, for warnings about it.
+    let mut rule_offsets = Vec::with_capacity(raw.rule.len());
     for spanned in &raw.rule {
         let r = spanned.get_ref();
         let name = r.name.get_ref();
@@ -252,7 +255,7 @@ pub fn compile_with_limits(
                     c.error(offset, format!("{key} only applies to action = \"limit\""));
                 }
             }
-            c.action(&Some(r.action.clone()), "allow", &refusal)
+            c.rule_action(&r.action, &refusal)
         };
         if matches!(action, Action::Allow)
             && (r.status.is_some() || r.retry_after.is_some() || r.body.is_some())
@@ -279,12 +282,21 @@ pub fn compile_with_limits(
                     p.span().start,
                     format!("path_prefix {:?} must start with '/'", p.get_ref()),
                 );
+            } else {
+                let normal = crate::path::normalize(p.get_ref());
+                if normal != p.get_ref().as_str() {
+                    c.error(
+                        p.span().start,
+                        format!("path_prefix {:?} is compared with normalised request paths (no '//', '.' or '..' segments, unreserved characters decoded); write {:?}", p.get_ref(), &*normal),
+                    );
+                }
             }
             p.get_ref().clone().into_boxed_str()
         });
         let drain = c.duration(&r.drain).unwrap_or(DEFAULT_DRAIN);
         let (line, _) = crate::diag::line_col(text, spanned.span().start);
         if let Some(range) = range {
+            rule_offsets.push(spanned.span().start);
             rules.push(Rule {
                 decider: Decider {
                     name: Arc::from(name.as_str()),
@@ -292,6 +304,9 @@ pub fn compile_with_limits(
                         let (kinds, admits) = action.possible_decisions(mode == Mode::Shadow);
                         metrics.rule_counters_for(name, kinds, admits)
                     },
+                    // A shadow deny rule never decides, so it never admits either.
+                    health: (!matches!(action, Action::Deny(_)) && mode == Mode::Enforce)
+                        .then(|| metrics.rule_health(name)),
                     action,
                     close_existing: r.close_existing.unwrap_or(false),
                     drain,
@@ -307,8 +322,21 @@ pub fn compile_with_limits(
     if !c.errors.is_empty() {
         return Err(FileErrors(c.errors));
     }
+    let mut source_headers: Vec<HeaderName> = Vec::new();
+    for source in version_sources
+        .sources()
+        .iter()
+        .chain(device_sources.sources())
+    {
+        if let Source::Header { name, .. } = source {
+            if !source_headers.contains(name) {
+                source_headers.push(name.clone());
+            }
+        }
+    }
     let index = VersionIndex::build(rules.iter().map(|r| (&r.range, r.is_terminal())), ordering)
         .map_err(|e| FileError::whole(shown, format!("rules cannot be indexed: {e}")))?;
+    warn_about_rules_that_never_apply(&mut c, &rules, &index, &rule_offsets);
     Ok(RuleSet {
         version_sources,
         device_sources,
@@ -319,12 +347,62 @@ pub fn compile_with_limits(
         source: RuleSetSource {
             path: path.map(Path::to_path_buf),
             content_hash: content_hash(text.as_bytes()),
+            text: Arc::from(text),
             loaded_at: SystemTime::now(),
             generation,
         },
         warnings: c.warnings,
+        source_headers,
     })
 }
+
+/// Warns about every rule that no version can reach: each version it covers is decided first
+/// by an earlier enforced rule without conditions. Such a rule never decides (or, in shadow
+/// mode or with a `path_prefix`, never even matches), which is easy to miss when an earlier
+/// rule is widened or switched from shadow to enforce.
+fn warn_about_rules_that_never_apply(
+    c: &mut Compiler<'_>,
+    rules: &[Rule],
+    index: &VersionIndex,
+    rule_offsets: &[usize],
+) {
+    let reachable = index.reachable_entries();
+    for (i, rule) in rules.iter().enumerate() {
+        if reachable.get(i).copied().unwrap_or(true) {
+            continue;
+        }
+        let takers: Vec<String> = rules[..i]
+            .iter()
+            .filter(|earlier| earlier.is_terminal() && earlier.range.overlaps(&rule.range))
+            .map(|earlier| format!("{:?} (line {})", &*earlier.decider.name, earlier.line))
+            .collect();
+        let what = if rule.is_terminal() {
+            "can never decide"
+        } else {
+            "can never match"
+        };
+        let offset = rule_offsets.get(i).copied().unwrap_or(0);
+        c.warnings.push(format!(
+            "{}: rule {:?} {what}: every version in {:?} is decided first by {} {}; move it above, narrow the earlier rule, or remove it",
+            c.pos(offset),
+            &*rule.decider.name,
+            rule.range.as_str(),
+            if takers.len() == 1 { "rule" } else { "rules" },
+            takers.join(", "),
+        ));
+    }
+}
+
+/// Headers removed on every hop (RFC 9110 §7.6.1): never a source.
+const HOP_BY_HOP_HEADERS: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// Collects errors and warnings while compiling one file.
 struct Compiler<'a> {
@@ -375,6 +453,20 @@ impl Compiler<'_> {
                             continue;
                         }
                     };
+                    if HOP_BY_HOP_HEADERS.contains(&name.as_str()) {
+                        self.error(
+                            h.span().start,
+                            format!("{name} is a hop-by-hop header (RFC 9110 §7.6.1), removed before the backend sees it: a version or device id cannot come from it"),
+                        );
+                        continue;
+                    }
+                    if name.as_str().contains('_') {
+                        self.error(
+                            h.span().start,
+                            format!("{name:?}: header names with '_' are dropped before the backend (as nginx does), so they cannot be a source; use '-'"),
+                        );
+                        continue;
+                    }
                     let Ok(pattern) = self.pattern(pattern, group) else {
                         continue;
                     };
@@ -430,6 +522,14 @@ impl Compiler<'_> {
                         "{}: rule {rule:?}: versions {:?} uses a partial version without an operator, which means exactly that version (e.g. \"3.8\" is only 3.8.0); write \"3.8.*\" for the whole 3.8 line",
                         self.pos(versions.span().start),
                         versions.get_ref()
+                    ));
+                }
+                for bound in range.pre_release_upper_bounds() {
+                    let release = bound.release;
+                    self.warnings.push(format!(
+                        "{}: rule {rule:?}: {:?} also takes {release}'s pre-releases (e.g. {release}-b1 sorts before {release}); write \"<{release}-0\" to stop before them, or keep it if they belong to this rule",
+                        self.pos(versions.span().start + bound.column),
+                        bound.written,
                     ));
                 }
                 Some(range)
@@ -594,10 +694,32 @@ impl Compiler<'_> {
         match text {
             "allow" => Action::Allow,
             "deny" => Action::Deny(refusal.clone()),
+            "limit" => {
+                self.error(
+                    offset,
+                    "a default must be \"allow\" or \"deny\": \"limit\" is only valid in a [[rule]] (with rate, burst, key, max_connections)",
+                );
+                Action::Allow
+            }
             other => {
                 self.error(
                     offset,
-                    format!("action must be \"allow\" or \"deny\", not {other:?}"),
+                    format!("a default must be \"allow\" or \"deny\", not {other:?}"),
+                );
+                Action::Allow
+            }
+        }
+    }
+
+    /// A rule's `action` other than `limit` (compiled by [`Compiler::limit`]).
+    fn rule_action(&mut self, value: &Spanned<String>, refusal: &Refusal) -> Action {
+        match value.get_ref().as_str() {
+            "allow" => Action::Allow,
+            "deny" => Action::Deny(refusal.clone()),
+            other => {
+                self.error(
+                    value.span().start,
+                    format!("action must be \"allow\", \"deny\" or \"limit\", not {other:?}"),
                 );
                 Action::Allow
             }
@@ -798,6 +920,76 @@ action = "allow"
         let r = compile_ok("[[rule]]\nname = \"a\"\nversions = \"3.8\"\naction = \"deny\"\n");
         assert_eq!(r.warnings.len(), 1);
         assert!(r.warnings[0].contains("3.8.*"), "{:?}", r.warnings);
+    }
+
+    #[test]
+    fn rules_that_can_never_apply_are_named_with_the_rule_that_takes_their_versions() {
+        let text = "[[rule]]\nname = \"block\"\nversions = \">=3.8.0-b3\"\naction = \"deny\"\n\n[[rule]]\nname = \"beta\"\nversions = \">=3.9.0-0, <3.9.0-rc1\"\naction = \"limit\"\nrate = \"5/s\"\n\n[[rule]]\nname = \"old\"\nversions = \"<2.0.0-0\"\naction = \"deny\"\n";
+        let r = compile_ok(text);
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        let w = &r.warnings[0];
+        assert!(
+            w.starts_with("rules.toml:6:1: rule \"beta\" can never decide"),
+            "{w}"
+        );
+        assert!(
+            w.contains("decided first by rule \"block\" (line 1)"),
+            "{w}"
+        );
+        // In shadow mode, the earlier rule takes nothing, and the later one decides again.
+        let shadowed = text.replacen(
+            "action = \"deny\"\n",
+            "action = \"deny\"\nmode = \"shadow\"\n",
+            1,
+        );
+        assert!(compile_ok(&shadowed).warnings.is_empty());
+        // Covered by two earlier rules together, and a shadow rule that never matches.
+        let split = "[[rule]]\nname = \"a\"\nversions = \"<3.0.0-0\"\naction = \"allow\"\n[[rule]]\nname = \"b\"\nversions = \">=3.0.0-0\"\naction = \"deny\"\n[[rule]]\nname = \"c\"\nversions = \"2.* || 4.*\"\naction = \"deny\"\nmode = \"shadow\"\n";
+        let r = compile_ok(split);
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(
+            r.warnings[0].contains("rule \"c\" can never match"),
+            "{:?}",
+            r.warnings
+        );
+        assert!(
+            r.warnings[0].contains("rules \"a\" (line 1), \"b\" (line 5)"),
+            "{:?}",
+            r.warnings
+        );
+    }
+
+    #[test]
+    fn an_upper_bound_on_a_release_warns_that_it_takes_the_pre_releases() {
+        let r =
+            compile_ok("[[rule]]\nname = \"a\"\nversions = \">=3.8.0, <3.9\"\naction = \"deny\"\n");
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(
+            r.warnings[0].starts_with("rules.toml:3:22:"),
+            "{:?}",
+            r.warnings
+        );
+        assert!(r.warnings[0].contains("\"<3.9.0-0\""), "{:?}", r.warnings);
+        for quiet in [
+            ">=3.9.0-0, <3.9.0",
+            "<3.9.0-0",
+            "3.8.*",
+            "<=3.9.0",
+            ">=3.8.0-b3",
+        ] {
+            let r = compile_ok(&format!(
+                "[[rule]]\nname = \"a\"\nversions = \"{quiet}\"\naction = \"deny\"\n"
+            ));
+            assert!(r.warnings.is_empty(), "{quiet}: {:?}", r.warnings);
+        }
+    }
+
+    #[test]
+    fn action_errors_list_every_valid_value() {
+        let e = compile_err("[[rule]]\nname = \"a\"\nversions = \"*\"\naction = \"block\"\n");
+        assert!(e.contains("\"allow\", \"deny\" or \"limit\""), "{e}");
+        let e = compile_err("[defaults]\naction = \"limit\"\n");
+        assert!(e.contains("only valid in a [[rule]]"), "{e}");
     }
 
     #[test]

@@ -174,6 +174,18 @@ impl VersionIndex {
         &self.candidates[start..end]
     }
 
+    /// For each entry, whether some version gets it as a candidate. An entry that none does
+    /// is covered entirely by earlier terminal entries: it can never apply.
+    pub fn reachable_entries(&self) -> Vec<bool> {
+        let mut reachable = vec![false; self.entry_count];
+        for &entry in &self.candidates {
+            if let Some(r) = reachable.get_mut(entry as usize) {
+                *r = true;
+            }
+        }
+        reachable
+    }
+
     /// Number of entries indexed.
     pub fn len(&self) -> usize {
         self.entry_count
@@ -562,6 +574,8 @@ mod tests {
                 }
                 let index = index(&rules, &terminal, ordering);
                 for version in probes(&rules) {
+                    // Versions reach a decision in their canonical spelling.
+                    let version = version.canonical(ordering);
                     // Reference: each comparator evaluated directly with cmp_with.
                     let mut expected = Vec::new();
                     for (i, reference) in references.iter().enumerate() {

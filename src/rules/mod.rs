@@ -18,9 +18,9 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::StatusCode;
 
-use crate::extract::{Extractor, Found};
+use crate::extract::{Extractor, Found, HeaderSource};
 use crate::limits::LimitState;
-use crate::metrics::{DecisionKind, RuleCounters};
+use crate::metrics::{DecisionKind, RuleCounters, RuleHealth};
 use crate::version::{FirmwareVersion, VersionOrdering};
 use index::VersionIndex;
 use range::VersionRange;
@@ -172,6 +172,8 @@ pub struct Decider {
     pub close_existing: bool,
     /// Over how long those closures are spread.
     pub drain: Duration,
+    /// Backend-health metrics of what it admits; None for deciders that only refuse.
+    pub health: Option<Arc<RuleHealth>>,
 }
 
 /// One `[[rule]]`.
@@ -214,14 +216,24 @@ pub enum VersionInput {
 }
 
 impl VersionInput {
-    /// Parses what extraction found.
-    pub fn from_found(found: Option<&Found<'_>>) -> VersionInput {
+    /// Parses what extraction found, in the spelling decisions use under `ordering`
+    /// ([`FirmwareVersion::canonical`]): every version that reaches a decision goes through here.
+    pub fn from_found(found: Option<&Found<'_>>, ordering: VersionOrdering) -> VersionInput {
         match found {
             None => VersionInput::Missing,
             Some(f) => match f.parse_version() {
-                Ok(v) => VersionInput::Parsed(v),
+                Ok(v) => VersionInput::Parsed(v.canonical(ordering)),
                 Err(_) => VersionInput::Unparseable,
             },
+        }
+    }
+
+    /// A version written as text (an operator's input, a test), as [`VersionInput::from_found`]
+    /// would take it from the wire.
+    pub fn from_text(text: &str, ordering: VersionOrdering) -> VersionInput {
+        match FirmwareVersion::parse(text) {
+            Ok(v) => VersionInput::Parsed(v.canonical(ordering)),
+            Err(_) => VersionInput::Unparseable,
         }
     }
 }
@@ -281,6 +293,8 @@ pub struct RuleSetSource {
     pub loaded_at: SystemTime,
     /// Monotonic generation within this process.
     pub generation: u64,
+    /// The file's text, for the diff against the next generation.
+    pub text: Arc<str>,
 }
 
 /// A compiled, immutable rule set.
@@ -302,6 +316,9 @@ pub struct RuleSet {
     pub source: RuleSetSource,
     /// Non-fatal findings (e.g. a bare `3.8` that means exactly 3.8.0), shown by `check`.
     pub warnings: Vec<String>,
+    /// Every header a version or device-id source reads: a request whose `Connection` header
+    /// names one is refused, as hop-by-hop removal would take it from the backend.
+    pub source_headers: Vec<http::HeaderName>,
 }
 
 impl RuleSet {
@@ -347,6 +364,27 @@ impl RuleSet {
             by,
             shadow,
         }
+    }
+
+    /// The first header this rule set decides on that the request's `Connection` header
+    /// names, if any. One pass over `Connection`'s tokens; most requests name none.
+    pub fn source_header_in_connection<H: HeaderSource + ?Sized>(
+        &self,
+        headers: &H,
+    ) -> Option<&http::HeaderName> {
+        let mut named = None;
+        headers.each_value(&http::header::CONNECTION, |value| {
+            named = value
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .find_map(|token| {
+                    self.source_headers
+                        .iter()
+                        .find(|h| h.as_str().as_bytes().eq_ignore_ascii_case(token))
+                });
+            named.is_none()
+        });
+        named
     }
 
     /// The rule at `index`, when a decision names one.

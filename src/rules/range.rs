@@ -91,6 +91,19 @@ pub struct PartialBareVersion {
     pub suggestion: String,
 }
 
+/// An upper bound `<X.Y.Z` on a release: the set includes X.Y.Z's pre-releases (they sort
+/// before X.Y.Z), which surprises whoever meant "below the X.Y.Z line". Reported so that
+/// `fwgate check` can say so and suggest `<X.Y.Z-0`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreReleaseUpperBound {
+    /// 1-based byte column of the comparator within the range text.
+    pub column: usize,
+    /// The comparator as written, e.g. `<3.9`.
+    pub written: String,
+    /// The release bound, e.g. `3.9.0`.
+    pub release: FirmwareVersion,
+}
+
 /// A parsed version range: the set of versions a rule applies to, in one ordering.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VersionRange {
@@ -99,6 +112,7 @@ pub struct VersionRange {
     /// Sorted, pairwise disjoint and non-touching, none empty.
     intervals: Vec<Interval>,
     partial_bare_versions: Vec<PartialBareVersion>,
+    pre_release_upper_bounds: Vec<PreReleaseUpperBound>,
 }
 
 impl VersionRange {
@@ -116,7 +130,7 @@ impl VersionRange {
         }
         let alternatives = split_with_offsets(text, 0, "||");
         let mut cut_intervals = Vec::with_capacity(alternatives.len());
-        let mut partial_bare_versions = Vec::new();
+        let mut notes = Notes::default();
         for (index, &(offset, alternative)) in alternatives.iter().enumerate() {
             if alternative.trim_ascii().is_empty() {
                 // Point at the `||` next to the hole: the following one, else the preceding one.
@@ -130,8 +144,7 @@ impl VersionRange {
                     "empty alternative: `||` needs a range on both sides",
                 ));
             }
-            let interval =
-                parse_alternative(alternative, offset, ordering, &mut partial_bare_versions)?;
+            let interval = parse_alternative(alternative, offset, ordering, &mut notes)?;
             cut_intervals.push(interval);
         }
         let intervals = merge(cut_intervals, ordering)
@@ -142,12 +155,15 @@ impl VersionRange {
             text: text.to_string(),
             ordering,
             intervals,
-            partial_bare_versions,
+            partial_bare_versions: notes.partial_bare_versions,
+            pre_release_upper_bounds: notes.pre_release_upper_bounds,
         })
     }
 
     /// Whether `version` is in the range: a linear check over the intervals, used for single
-    /// ranges and as the reference for [`crate::rules::index::VersionIndex`].
+    /// ranges and as the reference for [`crate::rules::index::VersionIndex`]. `version` must be
+    /// in its [`FirmwareVersion::canonical`] spelling for the range's ordering, as every
+    /// [`crate::rules::VersionInput`] is (the endpoints are).
     pub fn contains(&self, version: &FirmwareVersion) -> bool {
         self.intervals
             .iter()
@@ -184,6 +200,23 @@ impl VersionRange {
     /// Whether the text uses a bare partial version (see [`VersionRange::partial_bare_versions`]).
     pub fn uses_partial_bare_version(&self) -> bool {
         !self.partial_bare_versions.is_empty()
+    }
+
+    /// Every `<X.Y.Z` comparator on a release, which also takes X.Y.Z's pre-releases.
+    pub fn pre_release_upper_bounds(&self) -> &[PreReleaseUpperBound] {
+        &self.pre_release_upper_bounds
+    }
+
+    /// Whether some version lies in both ranges (parsed for the same ordering).
+    pub fn overlaps(&self, other: &VersionRange) -> bool {
+        let ordering = self.ordering;
+        self.intervals.iter().any(|a| {
+            other.intervals.iter().any(|b| {
+                !CutInterval::from_interval(a)
+                    .intersect(CutInterval::from_interval(b), ordering)
+                    .is_empty(ordering)
+            })
+        })
     }
 }
 
@@ -302,6 +335,21 @@ impl CutInterval {
         self.lower.cmp(&self.upper, ordering) != Ordering::Less
     }
 
+    fn from_interval(interval: &Interval) -> CutInterval {
+        CutInterval {
+            lower: match interval.lower {
+                Bound::Unbounded => Cut::BelowAll,
+                Bound::Included(v) => Cut::below(v),
+                Bound::Excluded(v) => Cut::above(v),
+            },
+            upper: match interval.upper {
+                Bound::Unbounded => Cut::AboveAll,
+                Bound::Included(v) => Cut::above(v),
+                Bound::Excluded(v) => Cut::below(v),
+            },
+        }
+    }
+
     fn to_interval(self) -> Interval {
         Interval {
             lower: self.lower.as_lower_bound(),
@@ -337,15 +385,23 @@ fn split_with_offsets<'a>(text: &'a str, base: usize, separator: &str) -> Vec<(u
     parts
 }
 
+/// What parsing noticed about how a range was written, for `fwgate check`.
+#[derive(Default)]
+struct Notes {
+    partial_bare_versions: Vec<PartialBareVersion>,
+    pre_release_upper_bounds: Vec<PreReleaseUpperBound>,
+}
+
 /// Parses one `||` alternative (a `,`-separated intersection) at byte `offset` of the text.
 fn parse_alternative(
     text: &str,
     offset: usize,
     ordering: VersionOrdering,
-    partial_bare_versions: &mut Vec<PartialBareVersion>,
+    notes: &mut Notes,
 ) -> Result<CutInterval, RangeError> {
     let comparators = split_with_offsets(text, offset, ",");
     let mut interval = CutInterval::EVERYTHING;
+    let mut upper_bounds = Vec::new();
     for (index, &(comparator_offset, comparator)) in comparators.iter().enumerate() {
         if comparator.trim_ascii().is_empty() {
             // Point at the `,` next to the hole: the preceding one, else the following one.
@@ -359,7 +415,7 @@ fn parse_alternative(
                 "empty comparator: `,` needs a comparator on both sides",
             ));
         }
-        let parsed = parse_comparator(comparator, comparator_offset)?;
+        let parsed = parse_comparator(comparator, comparator_offset, ordering)?;
         interval = interval.intersect(parsed.interval, ordering);
         if interval.is_empty(ordering) {
             return Err(RangeError::new(
@@ -370,8 +426,23 @@ fn parse_alternative(
                 ),
             ));
         }
-        partial_bare_versions.extend(parsed.partial_bare_version);
+        notes
+            .partial_bare_versions
+            .extend(parsed.partial_bare_version);
+        upper_bounds.extend(parsed.pre_release_upper_bound);
     }
+    // `>=3.9.0-0, <3.9.0` is about 3.9.0's pre-releases on purpose; `<3.9.0` alone, or
+    // `>=3.8.0, <3.9.0`, takes them along with what comes before them: worth a word.
+    notes
+        .pre_release_upper_bounds
+        .extend(upper_bounds.into_iter().filter(|bound| {
+            let line_start = FirmwareVersion::lowest_of_core(
+                bound.release.major(),
+                bound.release.minor(),
+                bound.release.patch(),
+            );
+            interval.lower.cmp(&Cut::below(line_start), ordering) == Ordering::Less
+        }));
     Ok(interval)
 }
 
@@ -394,10 +465,16 @@ struct ParsedComparator<'a> {
     /// The comparator as written (trimmed).
     token: &'a str,
     partial_bare_version: Option<PartialBareVersion>,
+    pre_release_upper_bound: Option<PreReleaseUpperBound>,
 }
 
-/// Parses one comparator at byte `offset` of the whole text.
-fn parse_comparator(text: &str, offset: usize) -> Result<ParsedComparator<'_>, RangeError> {
+/// Parses one comparator at byte `offset` of the whole text. The version is taken in its
+/// [`FirmwareVersion::canonical`] spelling for `ordering`, as versions from the wire are.
+fn parse_comparator(
+    text: &str,
+    offset: usize,
+    ordering: VersionOrdering,
+) -> Result<ParsedComparator<'_>, RangeError> {
     let token = text.trim_ascii();
     let start = offset + (text.len() - text.trim_ascii_start().len());
     let column = start + 1;
@@ -463,6 +540,7 @@ fn parse_comparator(text: &str, offset: usize) -> Result<ParsedComparator<'_>, R
                 column,
                 token,
                 partial_bare_version: None,
+                pre_release_upper_bound: None,
             })
         }
         Ok(None) => {
@@ -473,6 +551,7 @@ fn parse_comparator(text: &str, offset: usize) -> Result<ParsedComparator<'_>, R
                         format!("malformed version `{version_token}`: {e}"),
                     )
                 })?;
+            let version = version.canonical(ordering);
             let is_partial_bare =
                 operator.is_none() && details.core_components < 3 && !version.is_prerelease();
             let partial_bare_version = is_partial_bare.then(|| PartialBareVersion {
@@ -484,11 +563,19 @@ fn parse_comparator(text: &str, offset: usize) -> Result<ParsedComparator<'_>, R
                     format!("{}.{}.*", version.major(), version.minor())
                 },
             });
+            let pre_release_upper_bound = (operator == Some(Operator::Lt)
+                && !version.is_prerelease())
+            .then(|| PreReleaseUpperBound {
+                column,
+                written: token.to_string(),
+                release: version,
+            });
             Ok(ParsedComparator {
                 interval: operator.unwrap_or(Operator::Eq).interval(version),
                 column,
                 token,
                 partial_bare_version,
+                pre_release_upper_bound,
             })
         }
     }
@@ -783,13 +870,16 @@ pub(crate) mod test_support {
             }
         }
 
-        /// Brute force: the comparator evaluated directly with `cmp_with`.
+        /// Brute force: the comparator evaluated directly with `cmp_with`, both sides in the
+        /// spelling decisions use.
         pub(crate) fn contains(&self, v: &FirmwareVersion, ordering: VersionOrdering) -> bool {
             match self {
                 TestComparator::Compare {
                     operator, version, ..
                 } => {
-                    let order = v.cmp_with(version, ordering);
+                    let order = v
+                        .canonical(ordering)
+                        .cmp_with(&version.canonical(ordering), ordering);
                     match operator {
                         TestOperator::None | TestOperator::Eq => order == Ordering::Equal,
                         TestOperator::Gt => order == Ordering::Greater,
@@ -1298,8 +1388,106 @@ mod tests {
         assert!(e.message.contains("matches no version"));
     }
 
+    /// `text` spelled differently but equal under the firmware ordering: letters of the
+    /// pre-release in mixed case (by `case_bits`), zeros put before runs of digits (by
+    /// `zero_bits`), and a `V` prefix on odd seeds.
+    fn respelled(version: &FirmwareVersion, case_bits: u64, zero_bits: u64) -> String {
+        let mut pre = String::new();
+        let mut previous_is_digit = false;
+        for (i, c) in version.pre().chars().enumerate() {
+            let bit = 1u64 << (i % 64);
+            if c.is_ascii_digit() && !previous_is_digit && zero_bits & bit != 0 {
+                pre.push('0');
+            }
+            previous_is_digit = c.is_ascii_digit();
+            pre.push(if case_bits & bit != 0 {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            });
+        }
+        let prefix = if case_bits & 1 == 1 { "V" } else { "" };
+        let core = format!(
+            "{prefix}{}.{}.{}",
+            version.major(),
+            version.minor(),
+            version.patch()
+        );
+        if pre.is_empty() {
+            core
+        } else {
+            format!("{core}-{pre}")
+        }
+    }
+
+    #[test]
+    fn the_incident_spellings_are_inside_the_blocked_range() {
+        let blocked = range(">=3.8.0-b3", FIRMWARE);
+        for written in [
+            "3.8.0-B3",
+            "3.8.0-b03",
+            "3.8.0-RC1",
+            "V3.8.0-B10",
+            "3.8.0-B004",
+        ] {
+            let input = crate::rules::VersionInput::from_text(written, FIRMWARE);
+            let crate::rules::VersionInput::Parsed(version) = input else {
+                panic!("{written} did not parse");
+            };
+            assert!(blocked.contains(&version), "{written} slipped through");
+        }
+        let below = crate::rules::VersionInput::from_text("3.8.0-B2", FIRMWARE);
+        assert!(matches!(below, crate::rules::VersionInput::Parsed(v) if !blocked.contains(&v)));
+        // Endpoints are spelled the same way: `>=3.8.0-B03` is `>=3.8.0-b3`.
+        assert_eq!(
+            range(">=3.8.0-B03", FIRMWARE).intervals(),
+            blocked.intervals()
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn equal_spellings_get_the_same_answer_from_every_range(
+            test_range in range_strategy(),
+            version in version_strategy(),
+            case_bits in any::<u64>(),
+            zero_bits in any::<u64>(),
+            range_case_bits in any::<u64>(),
+        ) {
+            use crate::rules::VersionInput;
+            let text = test_range.render();
+            let Ok(parsed) = VersionRange::parse(&text, FIRMWARE) else {
+                return Ok(());
+            };
+            // The same range with its endpoints' letters in another case.
+            let shouted: String = text
+                .chars()
+                .enumerate()
+                .map(|(i, c)| {
+                    if c != 'x' && c != 'X' && range_case_bits & (1 << (i % 64)) != 0 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            let Ok(shouted) = VersionRange::parse(&shouted, FIRMWARE) else {
+                return Err(TestCaseError::fail(format!("{shouted:?} refused")));
+            };
+            let written = version.to_string();
+            let other = respelled(&version, case_bits, zero_bits);
+            let (VersionInput::Parsed(a), VersionInput::Parsed(b)) = (
+                VersionInput::from_text(&written, FIRMWARE),
+                VersionInput::from_text(&other, FIRMWARE),
+            ) else {
+                return Err(TestCaseError::fail(format!("{written} or {other} did not parse")));
+            };
+            prop_assert_eq!(a, b, "{} and {} are one version", written, other);
+            prop_assert_eq!(parsed.contains(&a), parsed.contains(&b), "{:?}: {} vs {}", text, written, other);
+            prop_assert_eq!(parsed.contains(&a), shouted.contains(&b), "{:?} respelled", text);
+        }
 
         #[test]
         fn contains_equals_the_brute_force_reference(test_range in range_strategy()) {
@@ -1310,7 +1498,7 @@ mod tests {
                     Ok(parsed) => {
                         for version in &versions {
                             prop_assert_eq!(
-                                parsed.contains(version),
+                                parsed.contains(&version.canonical(ordering)),
                                 test_range.contains(version, ordering),
                                 "{} {:?} {}", ordering, text, version
                             );

@@ -24,7 +24,14 @@
 //! two different pre-releases can have equal precedence (`b03` and `b3`, `03` and `3`). Such
 //! a tie is broken by comparing the raw pre-release bytes (ASCII), so `3.8.0-b03 < 3.8.0-b3`
 //! and `3.8.0-0 < 3.8.0-00`. This only decides between versions that are equal under the
-//! rules above; it makes `cmp_with` a total order consistent with `==`.
+//! rules above; it makes `cmp_with` a total order consistent with `==`, for sorting.
+//!
+//! **Deciding uses one spelling per version.** Under the firmware ordering, letters compare
+//! case-insensitively and digits by value when deciding whether a version is inside a range:
+//! every version from the wire and every range endpoint is first put in its
+//! [`FirmwareVersion::canonical`] form (lower-case letters, no leading zeros), so `3.8.0-B03`,
+//! `3.8.0-b3` and `V3.8.0-b003` are one version and no range can tell them apart. The
+//! `semver` ordering keeps the text as written (strict SemVer 2.0).
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -267,6 +274,49 @@ impl FirmwareVersion {
         &self.pre[..self.pre_len as usize]
     }
 
+    /// The spelling every decision uses in `ordering`. Under [`VersionOrdering::Firmware`]
+    /// letters are lower-cased and leading zeros are dropped from every run of digits in the
+    /// pre-release, so spellings the firmware ordering means as one version (`3.8.0-RC01`,
+    /// `3.8.0-rc1`; `3.8.0-B03`, `3.8.0-b3`) become one value: no range can tell them apart and
+    /// nobody dodges a rule by spelling a tag differently. [`VersionOrdering::Semver`] keeps
+    /// the text as written (strict SemVer 2.0 precedence is case-sensitive).
+    ///
+    /// Allocation-free; a version already in that form is returned as is after one scan.
+    pub fn canonical(self, ordering: VersionOrdering) -> FirmwareVersion {
+        if ordering == VersionOrdering::Semver || is_firmware_canonical(self.pre_bytes()) {
+            return self;
+        }
+        let mut out = FirmwareVersion::new(self.major, self.minor, self.patch);
+        let pre = self.pre_bytes();
+        let mut n = 0;
+        let mut i = 0;
+        while i < pre.len() {
+            if pre[i].is_ascii_digit() {
+                let start = i;
+                while i < pre.len() && pre[i].is_ascii_digit() {
+                    i += 1;
+                }
+                let digits = strip_leading_zeros(&pre[start..i]);
+                let digits: &[u8] = if digits.is_empty() { b"0" } else { digits };
+                // The canonical form is never longer than the original, so it fits.
+                out.pre[n..n + digits.len()].copy_from_slice(digits);
+                n += digits.len();
+            } else {
+                out.pre[n] = pre[i].to_ascii_lowercase();
+                n += 1;
+                i += 1;
+            }
+        }
+        // n <= pre.len() < PRE_CAPACITY.
+        out.pre_len = n as u8;
+        out
+    }
+
+    /// Whether this is already the spelling [`FirmwareVersion::canonical`] gives in `ordering`.
+    pub fn is_canonical(&self, ordering: VersionOrdering) -> bool {
+        ordering == VersionOrdering::Semver || is_firmware_canonical(self.pre_bytes())
+    }
+
     /// Compares two versions in the given ordering. A total order: `Equal` exactly when the
     /// versions are `==` (see the tie-break in the module docs).
     pub fn cmp_with(&self, other: &FirmwareVersion, ordering: VersionOrdering) -> Ordering {
@@ -369,6 +419,26 @@ impl FromStr for VersionOrdering {
             .find(|ordering| ordering.as_str().eq_ignore_ascii_case(name))
             .ok_or_else(|| UnknownOrdering(text.to_string()))
     }
+}
+
+/// No upper-case letter and no run of digits with a leading zero (other than a lone `0`).
+fn is_firmware_canonical(pre: &[u8]) -> bool {
+    let mut previous_is_digit = false;
+    for (i, &b) in pre.iter().enumerate() {
+        if b.is_ascii_uppercase() {
+            return false;
+        }
+        let is_digit = b.is_ascii_digit();
+        if is_digit
+            && !previous_is_digit
+            && b == b'0'
+            && pre.get(i + 1).is_some_and(u8::is_ascii_digit)
+        {
+            return false;
+        }
+        previous_is_digit = is_digit;
+    }
+    true
 }
 
 /// Reads leading ASCII digits: (value, number of digits). Zero digits gives (0, 0).
@@ -991,6 +1061,36 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn canonical_spelling_folds_case_and_leading_zeros_under_firmware_only() {
+        for (written, canonical) in [
+            ("3.8.0-B3", "3.8.0-b3"),
+            ("3.8.0-b03", "3.8.0-b3"),
+            ("3.8.0-RC1", "3.8.0-rc1"),
+            ("V3.8.0-B10", "3.8.0-b10"),
+            ("3.8.0-00", "3.8.0-0"),
+            ("3.8.0-0", "3.8.0-0"),
+            ("3.8.0-b3.007", "3.8.0-b3.7"),
+            ("3.8.0-Rc-01X", "3.8.0-rc-1x"),
+            ("3.8.0-b0a00", "3.8.0-b0a0"),
+            ("3.8.0-b10", "3.8.0-b10"),
+            ("3.8.0", "3.8.0"),
+        ] {
+            let version = v(written).canonical(FIRMWARE);
+            assert_eq!(version.to_string(), canonical, "{written}");
+            assert!(version.is_canonical(FIRMWARE), "{written}");
+            assert_eq!(
+                version.canonical(FIRMWARE),
+                version,
+                "idempotent: {written}"
+            );
+            // semver keeps the text: RC1 and rc1 differ there (ASCII precedence).
+            assert_eq!(v(written).canonical(SEMVER), v(written), "{written}");
+        }
+        assert!(!v("3.8.0-RC1").is_canonical(FIRMWARE));
+        assert!(v("3.8.0-RC1").is_canonical(SEMVER));
     }
 
     #[test]

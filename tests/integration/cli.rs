@@ -94,6 +94,38 @@ fn explain_runs_the_configured_extraction() {
     assert!(out.contains("DENY 426"), "{out}");
 }
 
+#[test]
+fn check_warns_about_rules_that_can_never_decide_and_bounds_that_take_pre_releases() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fwgate.toml"), "rules = \"rules.toml\"\n").unwrap();
+    // The shipped rules with the shadow rule switched to enforce, and an old-firmware bound
+    // written without "-0".
+    let shipped =
+        std::fs::read_to_string(format!("{}/config/rules.toml", env!("CARGO_MANIFEST_DIR")))
+            .unwrap()
+            .replace("mode = \"shadow\"", "mode = \"enforce\"")
+            .replace("versions = \"<2.0.0-0\"", "versions = \"<2.0.0\"");
+    std::fs::write(dir.path().join("rules.toml"), shipped).unwrap();
+    let (ok, out) = fwgate(&[
+        "check",
+        "--config",
+        dir.path().join("fwgate.toml").to_str().unwrap(),
+    ]);
+    assert!(ok, "warnings do not fail check:\n{out}");
+    assert!(
+        out.contains("rule \"throttle-3-9-beta\" can never decide")
+            && out.contains("decided first by rule \"block-table-scan\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("\"<2.0.0\" also takes 2.0.0's pre-releases"),
+        "{out}"
+    );
+    // The shipped examples themselves are clean.
+    let (_, out) = fwgate(&["check", "--config", &repo_config()]);
+    assert!(!out.contains("warning"), "{out}");
+}
+
 /// `fwgate run` with its log going to a pipe (a log shipper, `journalctl`, `> file`): plain
 /// text, no colour codes; floats short.
 #[test]

@@ -371,6 +371,67 @@ async fn cli_acts_on_two_instances_at_once() {
     b.stop().await;
 }
 
+#[tokio::test]
+async fn a_bare_partial_version_is_refused_and_a_dry_run_fails_where_the_add_would() {
+    let backend = http_backend().await;
+    let proxy = start_proxy(RULES, backend.addr, "").await;
+    let (status, body) = admin_post(
+        &proxy,
+        "/v1/killswitch",
+        Some(TEST_TOKEN),
+        r#"{"versions": "3.6", "reason": "INC-1"}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("means exactly 3.6.0"), "{body}");
+    assert!(body.contains("3.6.*") && body.contains("=3.6.0"), "{body}");
+    // Nothing was added: 3.6.5 still connects.
+    assert_eq!(status_for(&proxy, Some("3.6.5")).await, 200);
+    // The CLI gets the same answer, dry run or not.
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let mut args = vec![
+            "kill".to_string(),
+            "add".into(),
+            "3.6".into(),
+            "--reason".into(),
+            "INC-1".into(),
+            "--admin".into(),
+            format!("http://{}", proxy.admin),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_fwgate"))
+                .args(&args)
+                .env("FWGATE_ADMIN_TOKEN", TEST_TOKEN)
+                .env_remove("FWGATE_CONFIG")
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert!(text.contains("3.6.*"), "{text}");
+    }
+    proxy.stop().await;
+
+    // Without a state_dir an entry cannot be created, and a dry run says so too.
+    let proxy = start_proxy(RULES, backend.addr, "# no state_dir\n").await;
+    for path in ["/v1/killswitch?dry_run=true", "/v1/killswitch"] {
+        let (status, body) = admin_post(
+            &proxy,
+            path,
+            Some(TEST_TOKEN),
+            r#"{"versions": "3.6.*", "reason": "INC-1"}"#,
+        )
+        .await;
+        assert!(status >= 400, "{path}: {status} {body}");
+        assert!(body.contains("state_dir"), "{path}: {body}");
+    }
+    proxy.stop().await;
+}
+
 /// A reason cannot forge audit lines, and one too long for every refused device is a 400.
 #[tokio::test]
 async fn a_reason_with_line_breaks_stays_on_its_audit_line_and_a_huge_one_is_refused() {

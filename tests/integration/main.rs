@@ -4,13 +4,19 @@
 mod util;
 
 mod admin;
+mod backoff;
+mod census;
 mod cli;
 mod edge;
+mod etcd;
 mod fast_path;
+mod fleet;
 mod http_proxy;
+mod integrity;
 mod kill_cli;
 mod killswitch;
 mod limits;
+mod preview;
 mod protocol_edges;
 mod reload;
 mod semver_oracle;

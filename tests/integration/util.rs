@@ -130,6 +130,13 @@ async fn backend_handle(req: Request<Incoming>) -> Result<Response<BackendBody>,
         }
         return Ok(Response::new(Full::new(Bytes::from(out)).boxed()));
     }
+    if path.starts_with("/echo") {
+        // The request target exactly as the backend received it.
+        let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+        return Ok(Response::new(
+            Full::new(Bytes::from(target.to_string())).boxed(),
+        ));
+    }
     if path == "/upload" {
         let mut body = req.into_body();
         let mut n = 0usize;
@@ -259,8 +266,13 @@ pub async fn start_proxy_in(dir: tempfile::TempDir, upstream: SocketAddr, extra:
     } else {
         "shutdown_grace = \"1s\"\n"
     };
-    let config_text =
-        format!("rules = \"rules.toml\"\nstate_dir = \"state\"\n{grace}{top}{upstream_table}\n");
+    // `# no state_dir` in `extra` runs without one (kill-switch entries cannot be created).
+    let state = if extra.contains("# no state_dir") {
+        ""
+    } else {
+        "state_dir = \"state\"\n"
+    };
+    let config_text = format!("rules = \"rules.toml\"\n{state}{grace}{top}{upstream_table}\n");
     std::fs::write(dir.path().join("fwgate.toml"), &config_text).unwrap();
     let config = Config::load(&dir.path().join("fwgate.toml"))
         .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{config_text}"));
@@ -474,4 +486,46 @@ pub async fn ws_connect(
         .await
         .expect("websocket handshake timed out")
         .map(|(ws, _)| ws)
+}
+
+/// A TCP connection to `addr` from the loopback address `source` (e.g. 127.0.0.2): a second
+/// client address on one machine.
+pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    tokio::time::timeout(DEADLINE, socket.connect(addr))
+        .await
+        .expect("connect timed out")
+        .unwrap()
+}
+
+/// [`ws_connect`] from the loopback address `source`; the error keeps the refusal's status.
+pub async fn ws_connect_from(
+    source: std::net::IpAddr,
+    proxy: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{proxy}{path}").into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let stream = connect_from(source, proxy).await;
+    tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(req, stream))
+        .await
+        .expect("websocket handshake timed out")
+        .map(|(ws, _)| ws)
+}
+
+/// The status a WebSocket handshake got: 101, or the refusal's status.
+pub fn handshake_status<S>(result: &Result<S, tokio_tungstenite::tungstenite::Error>) -> u16 {
+    match result {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("handshake failed without an HTTP answer: {e}"),
+    }
 }

@@ -42,16 +42,26 @@ async fn each_source_kind_and_their_order() {
         ("/", &[("User-Agent", "Airtame/3.8.0-b3 (linux)")], 503),
         ("/?fw=3.8.0-b3", &[], 503),
         ("/", &[("User-Agent", "Airtame/3.8.0-b2")], 200),
-        // Header beats user-agent beats query.
+        // Sources that agree: the first is decided on.
+        (
+            "/?fw=3.7.0",
+            &[
+                ("X-Firmware-Version", "v3.7"),
+                ("User-Agent", "Airtame/3.7.0"),
+            ],
+            200,
+        ),
+        // Sources that disagree: never decided on one while the backend may read another.
         (
             "/?fw=3.8.0-b3",
             &[
                 ("X-Firmware-Version", "3.7.0"),
                 ("User-Agent", "Airtame/3.9.0"),
             ],
-            200,
+            400,
         ),
-        ("/?fw=3.7.0", &[("User-Agent", "Airtame/3.9.0")], 503),
+        ("/?fw=3.7.0", &[("User-Agent", "Airtame/3.9.0")], 400),
+        // A user agent the pattern does not match yields nothing.
         ("/?fw=3.8.0-b3", &[("User-Agent", "Mozilla/5.0")], 503),
     ];
     for (path, headers, want) in cases {
@@ -78,7 +88,26 @@ async fn lenient_forms_are_understood() {
         let (status, _, _) = get(proxy.addr, "/", &[("X-Firmware-Version", v)]).await;
         assert_eq!(status, 503, "{v:?} should be refused by >=3.8.0-b3");
     }
-    for v in ["3.8.0-b2", "v3.7", "3.8.0b1", "3.7.99+build.9"] {
+    // Spellings the firmware ordering means as the same tag: letters in any case, numbers
+    // with leading zeros.
+    for v in [
+        "3.8.0-B3",
+        "3.8.0-b03",
+        "3.8.0-RC1",
+        "V3.8.0-B10",
+        "3.8.0-Rc-1",
+    ] {
+        let (status, _, _) = get(proxy.addr, "/", &[("X-Firmware-Version", v)]).await;
+        assert_eq!(status, 503, "{v:?} should be refused by >=3.8.0-b3");
+    }
+    for v in [
+        "3.8.0-b2",
+        "v3.7",
+        "3.8.0b1",
+        "3.7.99+build.9",
+        "3.8.0-B02",
+        "3.8.0-A9",
+    ] {
         let (status, _, _) = get(proxy.addr, "/", &[("X-Firmware-Version", v)]).await;
         assert_eq!(status, 200, "{v:?} should be admitted");
     }
@@ -205,5 +234,52 @@ async fn refusals_are_logged_with_decision_fields() {
     ] {
         assert!(line.contains(field), "missing {field} in {line}");
     }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn junk_versions_cannot_blind_the_census() {
+    let backend = http_backend().await;
+    let proxy = start_proxy(RULES, backend.addr, "").await;
+    // One connection pipelines 1,500 refused requests, each with a version never seen before.
+    let mut pipelined = Vec::new();
+    for i in 0..1_500 {
+        let close = if i == 1_499 {
+            "Connection: close\r\n"
+        } else {
+            ""
+        };
+        pipelined.extend_from_slice(
+            format!("GET / HTTP/1.1\r\nHost: x\r\n{close}X-Firmware-Version: 9.{i}.0\r\n\r\n")
+                .as_bytes(),
+        );
+    }
+    let responses = raw_exchange(proxy.addr, &pipelined).await;
+    assert_eq!(responses.matches("HTTP/1.1 503").count(), 1_500);
+    // Then a real version connects 50 times.
+    for _ in 0..50 {
+        let (status, _, _) = get(proxy.addr, "/", &[("X-Firmware-Version", "3.7.2")]).await;
+        assert_eq!(status, 200);
+    }
+    let (_, body) = admin_get(&proxy, "/v1/versions").await;
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rows = report["versions"].as_array().unwrap();
+    assert!(rows.len() <= 100, "bounded report");
+    assert_eq!(
+        rows[0]["version"], "3.7.2",
+        "the real cohort is listed first: {}",
+        rows[0]
+    );
+    assert_eq!(rows[0]["handshakes_last_minute"], 50);
+    assert_eq!(rows[0]["admitted_last_minute"], 50);
+    // Every junk refusal is still counted: in its own row or in `other`.
+    let junk_listed: u64 = rows[1..]
+        .iter()
+        .map(|r| r["refused_last_minute"]["deny"].as_u64().unwrap())
+        .sum();
+    let other = report["other"]["refused_last_minute"]["deny"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(junk_listed + other, 1_500, "{}", report["other"]);
     proxy.stop().await;
 }

@@ -98,6 +98,13 @@ pub(super) fn listed_in_connection(headers: &[httparse::Header<'_>], name: &str)
         .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
 }
 
+/// Header names with `_` are dropped, as nginx does by default: CGI-style backends fold
+/// `X_Firmware_Version` and `X-Firmware-Version` into one variable, and fwgate reads only the
+/// latter.
+pub(crate) fn has_underscore(name: &str) -> bool {
+    name.as_bytes().contains(&b'_')
+}
+
 /// The request head for the backend: the same rewrite as hyper's path (hop-by-hop removed,
 /// `Upgrade` kept with `Connection: upgrade`, `Host` kept or set to the backend's address,
 /// `X-Forwarded-For`/`Forwarded` appended, `X-Forwarded-Proto` set), in one buffer.
@@ -127,7 +134,7 @@ pub(super) fn upstream_request_head(
     let mut host_kept = false;
     for h in headers {
         let name = h.name;
-        if is_hop_by_hop(name) || is_forwarding(name) || dropped(name) {
+        if is_hop_by_hop(name) || is_forwarding(name) || has_underscore(name) || dropped(name) {
             continue;
         }
         host_kept |= name.len() == 4 && name.eq_ignore_ascii_case("host");

@@ -304,10 +304,12 @@ fn prepare(
     };
     let upgrade = shape.upgrade.filter(|_| shape.connection_upgrade);
     let close = shape.close || draining;
+    // Rules decide on the normalised path, and the backend gets that same path.
+    let path = crate::path::normalize(target.path());
     let head = RequestHead {
         headers,
         method: method.as_str(),
-        path: target.path(),
+        path: &path,
         query: target.query(),
         target_len: target.as_str().len(),
     };
@@ -321,9 +323,18 @@ fn prepare(
             })
         }
     };
+    let normalized_target;
+    let upstream_target = match (&path, target.query()) {
+        (std::borrow::Cow::Borrowed(_), _) => target.as_str(),
+        (std::borrow::Cow::Owned(p), None) => p.as_str(),
+        (std::borrow::Cow::Owned(p), Some(q)) => {
+            normalized_target = format!("{p}?{q}");
+            normalized_target.as_str()
+        }
+    };
     let upstream_head = upstream_request_head(
         &method,
-        target.as_str(),
+        upstream_target,
         headers,
         &shape,
         upgrade,
@@ -335,7 +346,7 @@ fn prepare(
         upstream_head,
         admitted,
         method,
-        path: Arc::from(target.path()),
+        path: Arc::from(&*path),
         close,
     });
     Some(match upgrade {
