@@ -1,5 +1,13 @@
 //! The end of a chunked body, found without decoding it.
 
+/// Most trailer fields accepted: hyper's client limit (its `max_headers` default).
+const MAX_TRAILERS: u8 = 100;
+
+/// A token character (RFC 9110 §5.6.2), as in a field name.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// Finds where a chunked body ends (after the last chunk and the trailers) without decoding
 /// it, so the body is relayed byte for byte and the connection's next message is not touched.
 #[derive(Debug, Default)]
@@ -7,6 +15,8 @@ pub(super) struct ChunkedEnd {
     state: ChunkState,
     size: u64,
     digits: u8,
+    /// Trailer lines seen (hyper's client takes at most [`MAX_TRAILERS`]).
+    trailers: u8,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +38,9 @@ enum ChunkState {
     DataLf,
     /// At the start of a trailer line (or the final empty line).
     TrailerStart,
-    /// Inside a trailer line.
+    /// In a trailer field's name (a token), up to its colon.
+    TrailerName,
+    /// In a trailer field's value, up to the line end.
     TrailerLine,
     /// Expecting the LF that ends a trailer line.
     TrailerLf,
@@ -99,15 +111,27 @@ impl ChunkedEnd {
                     }
                     self.next_chunk();
                 }
+                // Trailer fields are read as hyper reads them (httparse's header grammar): a
+                // token, a colon, a value without control characters but HTAB.
                 ChunkState::TrailerStart => match b {
                     b'\r' => self.state = ChunkState::EndLf,
-                    _ => self.state = ChunkState::TrailerLine,
-                },
-                ChunkState::TrailerLine => {
-                    if b == b'\r' {
-                        self.state = ChunkState::TrailerLf;
+                    _ if is_tchar(b) && self.trailers < MAX_TRAILERS => {
+                        self.trailers += 1;
+                        self.state = ChunkState::TrailerName;
                     }
-                }
+                    _ => return Err(()),
+                },
+                ChunkState::TrailerName => match b {
+                    b':' => self.state = ChunkState::TrailerLine,
+                    _ if is_tchar(b) => {}
+                    _ => return Err(()),
+                },
+                ChunkState::TrailerLine => match b {
+                    b'\r' => self.state = ChunkState::TrailerLf,
+                    b'\t' => {}
+                    _ if b < 0x20 || b == 0x7f => return Err(()),
+                    _ => {}
+                },
                 ChunkState::TrailerLf => {
                     if b != b'\n' {
                         return Err(());
@@ -182,7 +206,10 @@ mod tests {
         );
         // Found by differential fuzzing against hyper's client: hyper refuses these.
         for bad in [
-            &b"3\nabc\n0\n\n"[..],
+            &b"0\r\ndd\0wxrz\r\n0\r\nX-T: 1\r\n\r\n"[..],
+            b"0\r\nno colon\r\n\r\n",
+            b"0\r\nX: a\x01b\r\n\r\n",
+            b"3\nabc\n0\n\n",
             b"3\r\nabc\n0\r\n\r\n",
             b"3;a\nb\r\nabc\r\n0\r\n\r\n",
             b"3 x\r\nabc\r\n0\r\n\r\n",
@@ -193,6 +220,20 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+        let trailers = |n: usize| {
+            let mut body = b"0\r\n".to_vec();
+            for i in 0..n {
+                body.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+            }
+            body.extend_from_slice(b"\r\n");
+            body
+        };
+        let hundred = trailers(100);
+        assert_eq!(
+            ChunkedEnd::default().feed(&hundred),
+            Ok(Some(hundred.len()))
+        );
+        assert!(ChunkedEnd::default().feed(&trailers(101)).is_err());
     }
 
     #[test]
