@@ -145,7 +145,6 @@ impl LimitDeciders {
                     retry_after: None,
                     jitter: 0.0,
                 }),
-                // Only ever refuses, counted `deny`.
                 counters: metrics.rule_counters_for("ambiguous", &[DecisionKind::deny], false),
                 close_existing: false,
                 drain: std::time::Duration::ZERO,

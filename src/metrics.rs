@@ -468,12 +468,6 @@ impl Metrics {
             "Connections refused or cut at the connection level, by reason",
             connections_closed.clone(),
         );
-        let tunnels_closed = Family::<TunnelEndLabel, Counter>::default();
-        registry.register(
-            "tunnels_closed",
-            "Tunnels ended, by how: closed, error, idle_timeout, closed_by_policy, kill_switch, shutdown",
-            tunnels_closed.clone(),
-        );
         let backend_seconds: Family<RuleLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(|| Histogram::new(backend_buckets()));
         registry.register(
@@ -532,6 +526,12 @@ impl Metrics {
             "fleet_invalid_documents",
             "Documents refused from the fleet store (the previous state stays in force)",
             fleet_invalid_documents.clone(),
+        );
+        let tunnels_closed = Family::<TunnelEndLabel, Counter>::default();
+        registry.register(
+            "tunnels_closed",
+            "Tunnels ended, by how: closed, error, idle_timeout, closed_by_policy, kill_switch, shutdown",
+            tunnels_closed.clone(),
         );
         Metrics {
             backend_seconds,

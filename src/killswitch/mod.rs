@@ -371,9 +371,9 @@ pub fn compile_entry(
         spec.id, spec.reason
     );
     let decider = Decider {
+        health: None,
         // An entry only ever refuses: no `allow`, `limited` or open-connection series.
         counters: metrics.rule_counters_for(&name, &[crate::metrics::DecisionKind::deny], false),
-        health: None,
         name: Arc::from(name),
         action: Action::Deny(Refusal {
             status,

@@ -655,11 +655,8 @@ pub(super) fn backend_failed(
         ProxyFailure::UpstreamConnectTimeout | ProxyFailure::UpstreamResponseTimeout => {
             Some(BackendResult::Timeout)
         }
-        // fwgate's own refusals, or the client's doing: not the backend's.
-        ProxyFailure::UpstreamBusy
-        | ProxyFailure::ClosedByPolicy
-        | ProxyFailure::ClientBodyMalformed
-        | ProxyFailure::ClientBodyTimeout => None,
+        // fwgate's own refusals and the client's faults, not the backend's doing.
+        _ => None,
     };
     if let Some(result) = result {
         gate.census

@@ -189,8 +189,8 @@ pub fn compile_with_limits(
         let (kinds, admits) = action.possible_decisions(false);
         Decider {
             name: Arc::from(name),
-            counters: metrics.rule_counters_for(name, kinds, admits),
             health: (!matches!(action, Action::Deny(_))).then(|| metrics.rule_health(name)),
+            counters: metrics.rule_counters_for(name, kinds, admits),
             action,
             close_existing: false,
             drain: DEFAULT_DRAIN,
@@ -300,13 +300,13 @@ pub fn compile_with_limits(
             rules.push(Rule {
                 decider: Decider {
                     name: Arc::from(name.as_str()),
+                    // A shadow deny rule never decides, so it never admits either.
+                    health: (!matches!(action, Action::Deny(_)) && mode == Mode::Enforce)
+                        .then(|| metrics.rule_health(name)),
                     counters: {
                         let (kinds, admits) = action.possible_decisions(mode == Mode::Shadow);
                         metrics.rule_counters_for(name, kinds, admits)
                     },
-                    // A shadow deny rule never decides, so it never admits either.
-                    health: (!matches!(action, Action::Deny(_)) && mode == Mode::Enforce)
-                        .then(|| metrics.rule_health(name)),
                     action,
                     close_existing: r.close_existing.unwrap_or(false),
                     drain,
