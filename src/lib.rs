@@ -73,11 +73,11 @@ pub struct Listeners {
     pub tls: Option<TlsListener>,
 }
 
-/// TLS termination for the device listener: the acceptor and the watcher that reloads the
-/// certificate when its files change (new handshakes use the new one; open ones are unaffected).
+/// TLS termination for the device listener: the server configuration in force and the watcher
+/// that reloads the certificate and the client CA when their files change (new handshakes use
+/// the new ones; open connections are unaffected).
 pub struct TlsListener {
-    /// Performs handshakes with the current certificate.
-    pub acceptor: tokio_rustls::TlsAcceptor,
+    config: tls::SharedServerConfig,
     _watcher: tls::CertWatcher,
 }
 
@@ -91,11 +91,17 @@ impl TlsListener {
         let key = tls::load_certified_key(files)?;
         let resolver = tls::ReloadingCert::new(key);
         let server = tls::server_config(files, resolver.clone())?;
-        let watcher = tls::watch_cert_files(files.clone(), resolver)?;
+        let shared = std::sync::Arc::new(arc_swap::ArcSwap::new(server));
+        let watcher = tls::watch_tls_files(files.clone(), resolver, Some(shared.clone()))?;
         Ok(Some(TlsListener {
-            acceptor: tokio_rustls::TlsAcceptor::from(server),
+            config: shared,
             _watcher: watcher,
         }))
+    }
+
+    /// Performs handshakes with the configuration in force now (one atomic load).
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.config.load_full())
     }
 }
 

@@ -714,8 +714,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Removes header names with `_` (as nginx does by default): CGI-style backends fold
+/// `X_Firmware_Version` and `X-Firmware-Version` into one variable, and fwgate reads only the
+/// latter. One pass over the names; most requests have none.
+pub(super) fn drop_underscored_headers(headers: &mut http::HeaderMap) {
+    if !headers.keys().any(|k| k.as_str().contains('_')) {
+        return;
+    }
+    let names: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(&name);
+    }
+}
+
 /// The request headers as hyper's path sends them to the backend: hop-by-hop headers removed
-/// (`Upgrade` kept for an upgrade), `Content-Length` in plain decimal, `Host` from the
+/// (`Upgrade` kept for an upgrade), names with `_` dropped, `Content-Length` in plain decimal, `Host` from the
 /// request's authority when it has none (HTTP/2 carries it in `:authority`; a request with
 /// neither gets the backend's address from [`Upstream::send`]), and the forwarding headers.
 pub fn rewrite_request_headers(
@@ -726,6 +743,7 @@ pub fn rewrite_request_headers(
     proto: &'static str,
 ) {
     strip_hop_by_hop(headers, upgrade);
+    drop_underscored_headers(headers);
     normalize_content_length(headers);
     if !headers.contains_key(http::header::HOST) {
         if let Some(host) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {

@@ -310,7 +310,8 @@ async fn serve_tls(
     let listen = &gate.config.listen;
     // Bounded like the request head: a client stalling mid-handshake is a slowloris too.
     let stream =
-        match tokio::time::timeout(listen.header_read_timeout, tls.acceptor.accept(stream)).await {
+        match tokio::time::timeout(listen.header_read_timeout, tls.acceptor().accept(stream)).await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 gate.metrics.connection_closed(CloseReason::tls_handshake);

@@ -146,23 +146,6 @@ fn set_path(req: &mut Request<Incoming>, path: &str) {
     }
 }
 
-/// Removes header names with `_` (as nginx does by default): CGI-style backends fold
-/// `X_Firmware_Version` and `X-Firmware-Version` into one variable, and fwgate reads only the
-/// latter. One pass over the names; most requests have none.
-fn drop_underscored_headers(headers: &mut http::HeaderMap) {
-    if !headers.keys().any(|k| k.as_str().contains('_')) {
-        return;
-    }
-    let names: Vec<http::HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().contains('_'))
-        .cloned()
-        .collect();
-    for name in names {
-        headers.remove(&name);
-    }
-}
-
 /// What [`admit`] decided.
 // Returned once per request and matched at once: boxing `Admitted` would cost an allocation
 // per admitted request to save a copy of ~270 bytes.
@@ -464,7 +447,6 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let path: Arc<str> = req.uri().path().into();
     let method = req.method().clone();
-    drop_underscored_headers(req.headers_mut());
     // The backend leg is HTTP/1.1 whatever the client spoke.
     *req.version_mut() = http::Version::HTTP_11;
     let authority = req.uri().authority().cloned();

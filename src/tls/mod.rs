@@ -43,7 +43,8 @@ use rustls_pki_types::pem;
 pub use self::certs::load_certified_key;
 pub use self::identity::client_cert_identity;
 pub use self::reload::{
-    watch_cert_files, CertWatcher, ReloadingCert, CERT_RECHECK_INTERVAL, CERT_RELOAD_DEBOUNCE,
+    watch_cert_files, watch_tls_files, CertWatcher, ReloadingCert, SharedServerConfig,
+    CERT_RECHECK_INTERVAL, CERT_RELOAD_DEBOUNCE,
 };
 pub use self::server::{server_config, SERVER_ALPN};
 pub use self::upstream::{upstream_client_config, upstream_server_name, UPSTREAM_ALPN};

@@ -13,6 +13,7 @@ use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
 use tokio::sync::Notify;
 
 use super::certs::{certified_key_from_pem, read_file};
@@ -134,6 +135,21 @@ pub fn watch_cert_files(
     files: TlsFiles,
     resolver: Arc<ReloadingCert>,
 ) -> Result<CertWatcher, TlsError> {
+    watch_tls_files(files, resolver, None)
+}
+
+/// The server configuration in force, swapped whole when the client CA file changes (the
+/// serving certificate changes inside it, through its [`ReloadingCert`]).
+pub type SharedServerConfig = Arc<ArcSwap<ServerConfig>>;
+
+/// [`watch_cert_files`], and with `server` the client CA file too: when its content changes
+/// and the new configuration builds, it is put in service for new handshakes (a CA that does
+/// not load is logged and the previous one stays), as the certificate is.
+pub fn watch_tls_files(
+    files: TlsFiles,
+    resolver: Arc<ReloadingCert>,
+    server: Option<SharedServerConfig>,
+) -> Result<CertWatcher, TlsError> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| TlsError::NoRuntime)?;
     let wake = Arc::new(Notify::new());
     let wake_on_event = Arc::clone(&wake);
@@ -153,7 +169,13 @@ pub fn watch_cert_files(
             })?;
     }
     let stats = Arc::new(WatchStats::default());
-    let task = runtime.spawn(watch_loop(files, resolver, wake, Arc::clone(&stats)));
+    let task = runtime.spawn(watch_loop(
+        files,
+        resolver,
+        server,
+        wake,
+        Arc::clone(&stats),
+    ));
     Ok(CertWatcher {
         _watcher: watcher,
         task,
@@ -173,13 +195,18 @@ pub(super) fn is_change(kind: &EventKind) -> bool {
 
 /// The distinct parent directories of the cert and key paths, as configured.
 pub(super) fn watched_dirs(files: &TlsFiles) -> BTreeSet<PathBuf> {
-    [&files.cert, &files.key]
-        .into_iter()
-        .map(|path| match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => PathBuf::from("."),
-        })
-        .collect()
+    [
+        Some(&files.cert),
+        Some(&files.key),
+        files.client_ca.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|path| match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    })
+    .collect()
 }
 
 /// Cert and key file contents as last put in service.
@@ -190,15 +217,65 @@ type Contents = (Vec<u8>, Vec<u8>);
 async fn watch_loop(
     files: TlsFiles,
     resolver: Arc<ReloadingCert>,
+    server: Option<SharedServerConfig>,
     wake: Arc<Notify>,
     stats: Arc<WatchStats>,
 ) {
     let mut served: Option<Contents> = None;
+    let mut served_ca: Option<Vec<u8>> = None;
     loop {
         served = check_files(&files, &resolver, served, &stats).await;
+        if let Some(server) = &server {
+            served_ca = check_client_ca(&files, &resolver, server, served_ca, &stats).await;
+        }
         tokio::select! {
             () = wake.notified() => debounce(&wake).await,
             () = tokio::time::sleep(CERT_RECHECK_INTERVAL) => {}
+        }
+    }
+}
+
+/// Re-reads the client CA file; if it differs from `served` and a server configuration builds
+/// with it, puts that configuration in service. Returns the CA content now in service.
+async fn check_client_ca(
+    files: &TlsFiles,
+    resolver: &Arc<ReloadingCert>,
+    server: &SharedServerConfig,
+    served: Option<Vec<u8>>,
+    stats: &WatchStats,
+) -> Option<Vec<u8>> {
+    let path = files.client_ca.clone()?;
+    let blocking_files = files.clone();
+    let blocking_resolver = resolver.clone();
+    let previous = served.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        let content = read_file(&path)?;
+        if previous.as_ref() == Some(&content) {
+            return Ok((content, None));
+        }
+        let config = super::server::server_config(&blocking_files, blocking_resolver)?;
+        Ok::<_, TlsError>((content, Some(config)))
+    })
+    .await;
+    match built {
+        Ok(Ok((content, None))) => Some(content),
+        Ok(Ok((content, Some(config)))) => {
+            server.store(config);
+            if served.is_some() {
+                stats.reloads.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(client_ca = %files.client_ca.as_deref().map(|p| p.display().to_string()).unwrap_or_default(), "client CA reloaded; new handshakes verify device certificates against it");
+            }
+            Some(content)
+        }
+        Ok(Err(error)) => {
+            stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%error, "client CA reload failed; keeping the current one");
+            served
+        }
+        Err(error) => {
+            stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%error, "client CA reload task failed; keeping the current one");
+            served
         }
     }
 }

@@ -16,8 +16,8 @@ pub const SERVER_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 /// Builds the server configuration: TLS 1.2 and 1.3 with the `ring` provider, ALPN `h2` then
 /// `http/1.1`, the serving certificate from `resolver`, and, when `files.client_ca` is set,
 /// client certificates verified against that CA (required or "verified if presented",
-/// according to `files.require_client_cert`). The client CA is read here, once: changing it
-/// needs a restart (only the serving certificate is hot-reloaded).
+/// according to `files.require_client_cert`). The client CA is read here; the watcher
+/// ([`super::watch_tls_files`]) builds a new configuration when it changes.
 pub fn server_config(
     files: &TlsFiles,
     resolver: Arc<ReloadingCert>,

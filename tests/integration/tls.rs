@@ -334,3 +334,80 @@ async fn tls_to_the_backend_is_verified_against_the_configured_ca() {
     assert_eq!(get(proxy.addr, "/", &[]).await.0, 502);
     proxy.stop().await;
 }
+
+/// The client CA is hot-reloaded like the certificate: a device signed by a new CA is refused
+/// until the CA file names that CA, then admitted, without a restart.
+#[tokio::test]
+async fn a_rotated_client_ca_applies_to_new_handshakes() {
+    let pki = TestPki::new();
+    let new_ca = TestPki::new();
+    let backend = http_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    pki.install_server_cert(dir.path(), "server-1");
+    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
+    let proxy = start_proxy_in(
+        dir,
+        backend.addr,
+        "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\nclient_ca = \"ca.pem\"\nrequire_client_cert = true\n",
+    )
+    .await;
+    // Trusts fwgate's certificate (old CA), presents a device certificate from the new CA.
+    let device = {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let (cert, key) = new_ca.issue("device-new-ca", &[]);
+        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(fwgate::tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        TlsConnector::from(Arc::new(config))
+    };
+    // The handshake itself may complete before the server's verdict arrives (TLS 1.3): an
+    // exchange shows whether the connection was accepted.
+    let accepted = |connector: TlsConnector, addr: std::net::SocketAddr| async move {
+        let Ok(tcp) = TcpStream::connect(addr).await else {
+            return false;
+        };
+        let Ok(mut tls) = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+        else {
+            return false;
+        };
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        if tls
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut out)).await;
+        out.starts_with(b"HTTP/1.1 ")
+    };
+    assert!(
+        !accepted(device.clone(), proxy.addr).await,
+        "a device of an unknown CA was admitted"
+    );
+    // Rotation: the CA file now holds both CAs.
+    let bundle = format!("{}{}", pki.ca_pem, new_ca.ca_pem);
+    let tmp = proxy.dir.path().join(".ca.pem.tmp");
+    std::fs::write(&tmp, bundle).unwrap();
+    std::fs::rename(&tmp, proxy.dir.path().join("ca.pem")).unwrap();
+    eventually("a device of the new CA is admitted", || {
+        let device = device.clone();
+        let addr = proxy.addr;
+        async move { accepted(device, addr).await }
+    })
+    .await;
+    proxy.stop().await;
+}

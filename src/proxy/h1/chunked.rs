@@ -1,5 +1,13 @@
 //! The end of a chunked body, found without decoding it.
 
+/// Most trailer fields accepted: hyper's client limit (its `max_headers` default).
+const MAX_TRAILERS: u8 = 100;
+
+/// A token character (RFC 9110 §5.6.2), as in a field name.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// Finds where a chunked body ends (after the last chunk and the trailers) without decoding
 /// it, so the body is relayed byte for byte and the connection's next message is not touched.
 #[derive(Debug, Default)]
@@ -7,6 +15,8 @@ pub(super) struct ChunkedEnd {
     state: ChunkState,
     size: u64,
     digits: u8,
+    /// Trailer lines seen (hyper's client takes at most [`MAX_TRAILERS`]).
+    trailers: u8,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -14,7 +24,9 @@ enum ChunkState {
     /// Reading the chunk size's hex digits.
     #[default]
     Size,
-    /// After the size: extensions or whitespace up to the line end.
+    /// Whitespace after the size: more of it, an extension or the line end.
+    SizeLws,
+    /// An extension, up to the line end.
     Extension,
     /// Expecting the LF of the size line.
     SizeLf,
@@ -26,8 +38,12 @@ enum ChunkState {
     DataLf,
     /// At the start of a trailer line (or the final empty line).
     TrailerStart,
-    /// Inside a trailer line.
+    /// In a trailer field's name (a token), up to its colon.
+    TrailerName,
+    /// In a trailer field's value, up to the line end.
     TrailerLine,
+    /// Expecting the LF that ends a trailer line.
+    TrailerLf,
     /// Expecting the final LF.
     EndLf,
     /// The body has ended.
@@ -54,13 +70,19 @@ impl ChunkedEnd {
                     }
                     _ if self.digits == 0 => return Err(()),
                     b'\r' => self.state = ChunkState::SizeLf,
-                    b'\n' => self.end_of_size_line(),
-                    b';' | b' ' | b'\t' => self.state = ChunkState::Extension,
+                    b';' => self.state = ChunkState::Extension,
+                    b' ' | b'\t' => self.state = ChunkState::SizeLws,
+                    _ => return Err(()),
+                },
+                ChunkState::SizeLws => match b {
+                    b' ' | b'\t' => {}
+                    b';' => self.state = ChunkState::Extension,
+                    b'\r' => self.state = ChunkState::SizeLf,
                     _ => return Err(()),
                 },
                 ChunkState::Extension => match b {
                     b'\r' => self.state = ChunkState::SizeLf,
-                    b'\n' => self.end_of_size_line(),
+                    b'\n' => return Err(()),
                     _ => {}
                 },
                 ChunkState::SizeLf => {
@@ -81,7 +103,6 @@ impl ChunkedEnd {
                 }
                 ChunkState::DataCr => match b {
                     b'\r' => self.state = ChunkState::DataLf,
-                    b'\n' => self.next_chunk(),
                     _ => return Err(()),
                 },
                 ChunkState::DataLf => {
@@ -90,18 +111,32 @@ impl ChunkedEnd {
                     }
                     self.next_chunk();
                 }
+                // Trailer fields are read as hyper reads them (httparse's header grammar): a
+                // token, a colon, a value without control characters but HTAB.
                 ChunkState::TrailerStart => match b {
                     b'\r' => self.state = ChunkState::EndLf,
-                    b'\n' => {
-                        self.state = ChunkState::Done;
-                        return Ok(Some(i + 1));
+                    _ if is_tchar(b) && self.trailers < MAX_TRAILERS => {
+                        self.trailers += 1;
+                        self.state = ChunkState::TrailerName;
                     }
-                    _ => self.state = ChunkState::TrailerLine,
+                    _ => return Err(()),
                 },
-                ChunkState::TrailerLine => {
-                    if b == b'\n' {
-                        self.state = ChunkState::TrailerStart;
+                ChunkState::TrailerName => match b {
+                    b':' => self.state = ChunkState::TrailerLine,
+                    _ if is_tchar(b) => {}
+                    _ => return Err(()),
+                },
+                ChunkState::TrailerLine => match b {
+                    b'\r' => self.state = ChunkState::TrailerLf,
+                    b'\t' => {}
+                    _ if b < 0x20 || b == 0x7f => return Err(()),
+                    _ => {}
+                },
+                ChunkState::TrailerLf => {
+                    if b != b'\n' {
+                        return Err(());
                     }
+                    self.state = ChunkState::TrailerStart;
                 }
                 ChunkState::EndLf => {
                     if b != b'\n' {
@@ -161,11 +196,44 @@ mod tests {
     }
 
     #[test]
-    fn chunked_accepts_bare_lf_and_no_trailers() {
-        let mut end = ChunkedEnd::default();
-        assert_eq!(end.feed(b"3\nabc\n0\n\nrest").unwrap(), Some(9));
+    fn chunked_needs_crlf_as_hypers_decoder_does_and_takes_no_trailers() {
         let mut end = ChunkedEnd::default();
         assert_eq!(end.feed(b"0\r\n\r\n").unwrap(), Some(5));
+        let mut end = ChunkedEnd::default();
+        assert_eq!(
+            end.feed(b"3 \t;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\n").unwrap(),
+            Some(25)
+        );
+        // Found by differential fuzzing against hyper's client: hyper refuses these.
+        for bad in [
+            &b"0\r\ndd\0wxrz\r\n0\r\nX-T: 1\r\n\r\n"[..],
+            b"0\r\nno colon\r\n\r\n",
+            b"0\r\nX: a\x01b\r\n\r\n",
+            b"3\nabc\n0\n\n",
+            b"3\r\nabc\n0\r\n\r\n",
+            b"3;a\nb\r\nabc\r\n0\r\n\r\n",
+            b"3 x\r\nabc\r\n0\r\n\r\n",
+        ] {
+            assert!(
+                ChunkedEnd::default().feed(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let trailers = |n: usize| {
+            let mut body = b"0\r\n".to_vec();
+            for i in 0..n {
+                body.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+            }
+            body.extend_from_slice(b"\r\n");
+            body
+        };
+        let hundred = trailers(100);
+        assert_eq!(
+            ChunkedEnd::default().feed(&hundred),
+            Ok(Some(hundred.len()))
+        );
+        assert!(ChunkedEnd::default().feed(&trailers(101)).is_err());
     }
 
     #[test]
@@ -187,8 +255,8 @@ mod tests {
         use proptest::prelude::*;
 
         /// A chunked body from chunk sizes, extensions and trailers, as a backend would send it.
-        fn chunked_body(chunks: &[(usize, bool)], trailers: &[String], bare_lf: bool) -> Vec<u8> {
-            let eol: &[u8] = if bare_lf { b"\n" } else { b"\r\n" };
+        fn chunked_body(chunks: &[(usize, bool)], trailers: &[String]) -> Vec<u8> {
+            let eol: &[u8] = b"\r\n";
             let mut out = Vec::new();
             for (i, (len, ext)) in chunks.iter().enumerate() {
                 out.extend_from_slice(format!("{len:X}").as_bytes());
@@ -214,11 +282,10 @@ mod tests {
             fn chunked_end_is_exact_however_the_body_is_cut(
                 chunks in proptest::collection::vec((1usize..300, any::<bool>()), 0..6),
                 trailers in proptest::collection::vec("[a-z]{1,8}", 0..3),
-                bare_lf in any::<bool>(),
                 cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
                 tail in proptest::collection::vec(any::<u8>(), 0..20),
             ) {
-                let body = chunked_body(&chunks, &trailers, bare_lf);
+                let body = chunked_body(&chunks, &trailers);
                 let mut stream = body.clone();
                 stream.extend_from_slice(&tail);
                 let mut points: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
