@@ -3,6 +3,7 @@
 //! endpoints need `Authorization: Bearer <token>`, compared in constant time.
 
 pub mod client;
+pub mod console;
 pub mod versions;
 
 use std::collections::HashMap;
@@ -148,6 +149,9 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Futu
 }
 
 async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(page) = console::serve(req.method(), req.uri().path(), req.headers()) {
+        return page;
+    }
     let gate = &admin.gate;
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
