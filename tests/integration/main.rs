@@ -3,9 +3,15 @@
 
 mod util;
 
+mod cdp;
+#[allow(dead_code)]
+#[path = "../../examples/storm/backend.rs"]
+mod storm_backend;
+
 mod admin;
 mod backoff;
 mod cli;
+mod console;
 mod edge;
 mod fast_path;
 mod http_proxy;

@@ -91,10 +91,15 @@ let refreshes = 0;
 let lastOk = 0;
 let lastError = '';
 let inFlight = false;
+let again = false;
 
-/** Reads every endpoint once and renders what came back. */
+/** Reads every endpoint once and renders what came back (once more at the end when asked
+ * during a read, so an action's effect shows at once). */
 async function refresh() {
-  if (inFlight) return;
+  if (inFlight) {
+    again = true;
+    return;
+  }
   inFlight = true;
   const active = PANELS.filter((p) => !p.skip);
   const results = await Promise.all(active.map((p) => read(p.path)));
@@ -134,6 +139,10 @@ async function refresh() {
   document.documentElement.dataset.refreshes = String(refreshes);
   showLive();
   inFlight = false;
+  if (again) {
+    again = false;
+    refresh();
+  }
 }
 
 function showLive() {
