@@ -254,9 +254,7 @@ pub struct Page<'b> {
 
 impl Page<'_> {
     async fn call(&self, method: &str, params: Value) -> Value {
-        self.browser
-            .call(Some(&self.session), method, params)
-            .await
+        self.browser.call(Some(&self.session), method, params).await
     }
 
     /// Evaluates `expr` in the page (awaiting a promise) and returns its value as JSON;
@@ -282,7 +280,8 @@ impl Page<'_> {
     /// what the page complained about and what it shows.
     pub async fn wait_for(&self, what: &str, expr: &str) -> Value {
         let until = tokio::time::Instant::now() + DEADLINE;
-        let wrapped = format!("(() => {{ try {{ return ({expr}); }} catch (e) {{ return null; }} }})()");
+        let wrapped =
+            format!("(() => {{ try {{ return ({expr}); }} catch (e) {{ return null; }} }})()");
         loop {
             let v = self.eval(&wrapped).await;
             let truthy = match &v {
@@ -296,7 +295,9 @@ impl Page<'_> {
                 return v;
             }
             if tokio::time::Instant::now() > until {
-                let text = self.eval("document.body ? document.body.innerText : ''").await;
+                let text = self
+                    .eval("document.body ? document.body.innerText : ''")
+                    .await;
                 panic!(
                     "timed out after {DEADLINE:?} waiting for {what}\n`{expr}` was {v}\npage problems: {:#?}\npage text:\n{}",
                     self.problems(),
@@ -330,7 +331,11 @@ impl Page<'_> {
                 "(() => {{ const el = document.querySelector({sel}); if (!el) return false; el.focus(); el.select(); return true; }})()"
             ))
             .await;
-        assert_eq!(found, Value::Bool(true), "no element {selector} to type into");
+        assert_eq!(
+            found,
+            Value::Bool(true),
+            "no element {selector} to type into"
+        );
         if text.is_empty() {
             self.call("Input.dispatchKeyEvent", json!({"type": "keyDown", "key": "Backspace", "code": "Backspace", "windowsVirtualKeyCode": 8}))
                 .await;
@@ -378,7 +383,11 @@ impl Page<'_> {
                                     .unwrap_or_else(|| a.to_string())
                             })
                             .collect();
-                        Some(format!("console.{}: {}", p["type"].as_str()?, args.join(" ")))
+                        Some(format!(
+                            "console.{}: {}",
+                            p["type"].as_str()?,
+                            args.join(" ")
+                        ))
                     }
                     "Runtime.exceptionThrown" => Some(format!(
                         "uncaught: {}",

@@ -42,10 +42,7 @@ fn assert_no_problems(page: &Page<'_>, expected: &[&str]) {
         .into_iter()
         .filter(|p| !expected.iter().any(|e| p.contains(e)))
         .collect();
-    assert!(
-        problems.is_empty(),
-        "the console complained: {problems:#?}"
-    );
+    assert!(problems.is_empty(), "the console complained: {problems:#?}");
 }
 
 /// `n` WebSocket handshakes of `version` through the proxy, all at once; the open sockets.
@@ -74,7 +71,9 @@ async fn console_assets_carry_the_policy_and_every_import_is_served() {
     let proxy = start_proxy(RULES, backend.addr, "").await;
     let (status, head, html) = get(proxy.admin, "/", &[]).await;
     assert_eq!(status, 200, "{head}");
-    assert!(header(&head, "content-type").unwrap().starts_with("text/html"));
+    assert!(header(&head, "content-type")
+        .unwrap()
+        .starts_with("text/html"));
     assert!(
         header(&head, "content-security-policy")
             .unwrap()
@@ -132,7 +131,8 @@ async fn console_assets_carry_the_policy_and_every_import_is_served() {
 
 #[tokio::test]
 async fn console_shows_the_traffic_and_flags_the_slow_cohort() {
-    let Some(chromium) = skip_without_chromium("console_shows_the_traffic_and_flags_the_slow_cohort")
+    let Some(chromium) =
+        skip_without_chromium("console_shows_the_traffic_and_flags_the_slow_cohort")
     else {
         return;
     };
@@ -172,8 +172,14 @@ async fn console_shows_the_traffic_and_flags_the_slow_cohort() {
         p99(&slow_row) >= 20.0 * p99(&good_row),
         "the slow cohort's backend is at least 20x slower: {slow_row:#} vs {good_row:#}"
     );
-    assert!(!slow_row["suspect"].is_null(), "API flags {SLOW}: {slow_row:#}");
-    assert!(good_row["suspect"].is_null(), "API does not flag {GOOD}: {good_row:#}");
+    assert!(
+        !slow_row["suspect"].is_null(),
+        "API flags {SLOW}: {slow_row:#}"
+    );
+    assert!(
+        good_row["suspect"].is_null(),
+        "API does not flag {GOOD}: {good_row:#}"
+    );
 
     let browser = Browser::launch(&chromium).await;
     let page = open_console(&browser, proxy.admin).await;
@@ -186,8 +192,13 @@ async fn console_shows_the_traffic_and_flags_the_slow_cohort() {
         .await;
     assert_eq!(order[0], SLOW, "suspects first: {order}");
     assert!(order.as_array().unwrap().iter().any(|v| v == GOOD));
-    let sel = |v: &str, cell: &str| format!("#cohort-rows tr[data-version='{v}']:not(.suspect-detail) td.{cell}");
-    assert!(page.text(&sel(SLOW, "suspect-flag")).await.contains("SUSPECT"));
+    let sel = |v: &str, cell: &str| {
+        format!("#cohort-rows tr[data-version='{v}']:not(.suspect-detail) td.{cell}")
+    };
+    assert!(page
+        .text(&sel(SLOW, "suspect-flag"))
+        .await
+        .contains("SUSPECT"));
     assert_eq!(page.text(&sel(GOOD, "suspect-flag")).await, "no");
     let slow_class = page
         .eval(&format!(
@@ -196,7 +207,9 @@ async fn console_shows_the_traffic_and_flags_the_slow_cohort() {
         .await;
     assert_eq!(slow_class, "suspect");
     let detail = page
-        .text(&format!("#cohort-rows tr.suspect-detail[data-version='{SLOW}']"))
+        .text(&format!(
+            "#cohort-rows tr.suspect-detail[data-version='{SLOW}']"
+        ))
         .await;
     let kill_command = slow_row["suspect"]["kill_command"].as_str().unwrap();
     assert!(
@@ -271,7 +284,8 @@ async fn console_adds_and_lifts_a_kill_switch_entry_with_the_token() {
 
     page.type_into("#token", TEST_TOKEN).await;
     page.type_into("#kill-versions", &format!(">={SLOW}")).await;
-    page.type_into("#kill-reason", "console test: slow cohort").await;
+    page.type_into("#kill-reason", "console test: slow cohort")
+        .await;
     page.type_into("#kill-ttl", "10m").await;
     page.click("#kill-dry-run").await;
     page.wait_for(
@@ -319,7 +333,10 @@ async fn console_adds_and_lifts_a_kill_switch_entry_with_the_token() {
     assert!((1100..=1200).contains(&left), "20m TTL: {left}");
     // The countdown is on the page.
     let countdown = page.text("#kill-rows tr[data-id] td.expires").await;
-    assert!(countdown.starts_with("19m") || countdown.starts_with("20m"), "{countdown}");
+    assert!(
+        countdown.starts_with("19m") || countdown.starts_with("20m"),
+        "{countdown}"
+    );
 
     // A real device of that version is now refused; another version is not.
     let refused = ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", SLOW)]).await;
@@ -329,7 +346,8 @@ async fn console_adds_and_lifts_a_kill_switch_entry_with_the_token() {
 
     // Lift: two clicks, then the version is admitted again.
     page.click("#kill-rows tr[data-id] button.lift").await;
-    page.click("#kill-rows tr[data-id] button.lift-confirm").await;
+    page.click("#kill-rows tr[data-id] button.lift-confirm")
+        .await;
     page.wait_for(
         "the entry gone from the panel",
         "document.querySelectorAll('#kill-rows tr[data-id]').length === 0",
@@ -390,7 +408,11 @@ async fn console_actions_without_the_token_fail_with_a_clear_message() {
         )
         .await;
     assert!(msg.as_str().unwrap().contains("wrong"), "{msg}");
-    assert!(page.eval("document.getElementById('kill-preview').hidden").await == Value::Bool(true));
+    assert!(
+        page.eval("document.getElementById('kill-preview').hidden")
+            .await
+            == Value::Bool(true)
+    );
     let entries = json(&proxy, "/v1/killswitch").await;
     assert_eq!(entries["entries"].as_array().unwrap().len(), 0);
 

@@ -244,10 +244,19 @@ mod tests {
         }
         assert!(!html.contains("<style"), "inline <style>");
         assert!(!html.contains(" style="), "inline style attribute");
-        for attr in [" onclick=", " onload=", " onsubmit=", " oninput=", " onchange="] {
+        for attr in [
+            " onclick=",
+            " onload=",
+            " onsubmit=",
+            " oninput=",
+            " onchange=",
+        ] {
             assert!(!html.contains(attr), "inline handler {attr}");
         }
-        assert!(!html.contains("http://") && !html.contains("https://"), "external URL");
+        assert!(
+            !html.contains("http://") && !html.contains("https://"),
+            "external URL"
+        );
     }
 
     #[test]
