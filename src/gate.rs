@@ -87,6 +87,7 @@ pub struct LimitDeciders {
 impl LimitDeciders {
     fn new(metrics: &Metrics, retry_after: std::time::Duration, jitter: f64) -> LimitDeciders {
         let make = |name: &str, body: &'static str| Decider {
+            health: None,
             name: Arc::from(name),
             action: Action::Deny(Refusal {
                 status: http::StatusCode::SERVICE_UNAVAILABLE,
@@ -114,6 +115,7 @@ impl LimitDeciders {
             backoff: make("backoff", "reconnecting too often, retry later\n"),
             upstream_capacity: make("upstream:capacity", "backend at capacity, retry later\n"),
             ambiguous: Decider {
+                health: None,
                 name: Arc::from("ambiguous"),
                 action: Action::Deny(Refusal {
                     status: http::StatusCode::BAD_REQUEST,

@@ -165,6 +165,29 @@ pub struct BackoffKeyLabel {
     pub key: &'static str,
 }
 
+/// Backend health per admitting rule: the per-cohort figures of the census, with labels
+/// bounded by the rules file. Created only for deciders that can admit (a refusing rule or
+/// kill-switch entry never reaches the backend), so no series is exported that can never move.
+#[derive(Debug)]
+pub struct RuleHealth {
+    /// `fwgate_backend_response_seconds{rule}`: admission to the backend's response head or 101.
+    pub backend_seconds: Histogram,
+    /// `fwgate_backend_failures_total{rule}`: backend errors and timeouts (502/504).
+    pub backend_failures: Counter,
+    /// `fwgate_tunnel_duration_seconds{rule}`: how long tunnels lived.
+    pub tunnel_seconds: Histogram,
+    /// `fwgate_short_tunnels_total{rule}`: tunnels that ended on their own soon after opening.
+    pub short_tunnels: Counter,
+}
+
+fn backend_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 16)
+}
+
+fn tunnel_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.25, 4.0, 10)
+}
+
 /// Labels of `fwgate_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabel {
@@ -215,6 +238,14 @@ pub struct Metrics {
     pub killswitch_entries: Gauge,
     /// `fwgate_killswitch_state_errors_total`: unusable state files (start-up fallback to the backup, bad edits).
     pub killswitch_state_errors: Counter,
+    /// `fwgate_backend_response_seconds{rule}` (see [`RuleHealth`]).
+    backend_seconds: Family<RuleLabel, Histogram, fn() -> Histogram>,
+    /// `fwgate_backend_failures_total{rule}`.
+    backend_failures: Family<RuleLabel, Counter>,
+    /// `fwgate_tunnel_duration_seconds{rule}`.
+    tunnel_seconds: Family<RuleLabel, Histogram, fn() -> Histogram>,
+    /// `fwgate_short_tunnels_total{rule}`.
+    short_tunnels: Family<RuleLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -348,7 +379,37 @@ impl Metrics {
             "Connections refused or cut at the connection level, by reason",
             connections_closed.clone(),
         );
+        let backend_seconds: Family<RuleLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(backend_buckets()));
+        registry.register(
+            "backend_response_seconds",
+            "Time from admission to the backend's response head or 101, by admitting rule",
+            backend_seconds.clone(),
+        );
+        let backend_failures = Family::<RuleLabel, Counter>::default();
+        registry.register(
+            "backend_failures",
+            "Backend errors and timeouts (502/504) by admitting rule",
+            backend_failures.clone(),
+        );
+        let tunnel_seconds: Family<RuleLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(tunnel_buckets()));
+        registry.register(
+            "tunnel_duration_seconds",
+            "How long tunnels lived, by admitting rule",
+            tunnel_seconds.clone(),
+        );
+        let short_tunnels = Family::<RuleLabel, Counter>::default();
+        registry.register(
+            "short_tunnels",
+            "Tunnels that ended on their own soon after opening (the backoff's short_tunnel), by admitting rule",
+            short_tunnels.clone(),
+        );
         Metrics {
+            backend_seconds,
+            backend_failures,
+            tunnel_seconds,
+            short_tunnels,
             registry,
             rule_series: std::sync::Mutex::default(),
             connections_closed,
@@ -425,6 +486,20 @@ impl Metrics {
         }
     }
 
+    /// The backend-health series of an admitting rule (see [`RuleHealth`]), resolved once at
+    /// compile time like its counters.
+    pub fn rule_health(&self, rule: &str) -> Arc<RuleHealth> {
+        let label = RuleLabel {
+            rule: rule.to_string(),
+        };
+        Arc::new(RuleHealth {
+            backend_seconds: self.backend_seconds.get_or_create(&label).clone(),
+            backend_failures: self.backend_failures.get_or_create(&label).clone(),
+            tunnel_seconds: self.tunnel_seconds.get_or_create(&label).clone(),
+            short_tunnels: self.short_tunnels.get_or_create(&label).clone(),
+        })
+    }
+
     fn rule_series(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<SeriesInUse>>> {
         // Only inserts and removes happen under this lock, so a poisoned one is still sound.
         self.rule_series.lock().unwrap_or_else(|e| e.into_inner())
@@ -448,6 +523,10 @@ impl Metrics {
                 return true;
             }
             self.active_connections.remove(&label);
+            self.backend_seconds.remove(&label);
+            self.backend_failures.remove(&label);
+            self.tunnel_seconds.remove(&label);
+            self.short_tunnels.remove(&label);
             for decision in DecisionKind::ALL {
                 self.decisions.remove(&DecisionLabels {
                     decision,

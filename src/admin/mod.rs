@@ -199,6 +199,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         (&Method::GET, "/v1/versions") => json_response(StatusCode::OK, &versions::report(gate)),
+        (&Method::GET, "/v1/timeline") => json_response(StatusCode::OK, &versions::timeline(gate)),
         (&Method::GET, "/v1/killswitch") => json_response(StatusCode::OK, &killswitch_json(gate)),
         (&Method::POST, "/v1/killswitch") => {
             if let Some(refused) = admin.token.authorize(req.headers()) {
@@ -224,14 +225,14 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (
             _,
             "/healthz" | "/readyz" | "/metrics" | "/v1/rules" | "/v1/reload" | "/v1/versions"
-            | "/v1/killswitch",
+            | "/v1/timeline" | "/v1/killswitch",
         ) => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": format!("{} is not allowed on {path}", req.method())}),
         ),
         _ => json_response(
             StatusCode::NOT_FOUND,
-            &json!({"error": "not found", "endpoints": ["GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/rules", "POST /v1/reload", "GET /v1/versions", "GET /v1/killswitch", "POST /v1/killswitch", "DELETE /v1/killswitch/{id}"]}),
+            &json!({"error": "not found", "endpoints": ["GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/rules", "POST /v1/reload", "GET /v1/versions", "GET /v1/timeline", "GET /v1/killswitch", "POST /v1/killswitch", "DELETE /v1/killswitch/{id}"]}),
         ),
     }
 }

@@ -1,6 +1,9 @@
-//! The fleet census behind `GET /v1/versions`: which firmware versions are connecting, and
-//! what fwgate did with them (admitted, or refused and why) over the last minute and hour.
-//! Operators read it before they block something, so junk must not be able to blind it.
+//! The fleet census behind `GET /v1/versions` and the console: which firmware versions are
+//! connecting, what fwgate did with them (admitted, or refused and why), how the backend
+//! answered them (time to the response head or 101, errors, timeouts) and how their tunnels
+//! ended (lifetime, churn), over the last minute and hour; and the whole instance over the
+//! last 15 minutes ([`Census::timeline`]). Operators read it to find the cohort that hurts the
+//! backend before they block something, so junk must not be able to blind it.
 //!
 //! Versions are counted in a bounded [`table::SpaceSaving`] table of [`TRACKED_VERSIONS`]
 //! cohorts: a flood of distinct junk versions only ever replaces other junk, and a version
@@ -8,84 +11,25 @@
 //! so every handshake is still counted somewhere. The census records data only; the report
 //! (with today's decision per version) is built by the admin API.
 
+pub mod cohort;
+pub mod histogram;
+pub mod suspects;
 pub mod table;
+pub mod timeline;
 pub mod window;
 
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::rules::VersionInput;
+pub use cohort::{BackendResult, CohortFigures, CohortTally, Outcome, REFUSAL_REASONS};
 use table::SpaceSaving;
+use timeline::Timeline;
+pub use timeline::{TimelineSlot, TimelineTally, TIMELINE_REFUSALS};
 use window::{Tally, Window};
 
-/// Distinct versions counted individually (about 2.5 KB each).
+/// Distinct versions counted individually (about 5 KB each).
 pub const TRACKED_VERSIONS: usize = 512;
-
-/// What fwgate did with one handshake or request, as the census counts it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Forwarded to the backend.
-    Admitted,
-    /// Refused by a `deny` rule or default.
-    Denied,
-    /// Refused by a limit: a `limit` rule, or a process-wide cap.
-    Limited,
-    /// Refused by a kill-switch entry.
-    KillSwitch,
-    /// Held back by the reconnect backoff.
-    HeldBack,
-}
-
-/// Refusal reasons in the order of [`CohortTally::refused`].
-pub const REFUSAL_REASONS: [&str; 4] = ["deny", "limited", "killswitch", "held_back"];
-
-/// What one cohort did during a slot of time.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CohortTally {
-    /// Handshakes and requests decided.
-    pub handshakes: u32,
-    /// Of those, forwarded.
-    pub admitted: u32,
-    /// Of those, refused, by reason ([`REFUSAL_REASONS`]).
-    pub refused: [u32; 4],
-}
-
-impl CohortTally {
-    /// Held back by the reconnect backoff.
-    pub fn held_back(&self) -> u32 {
-        self.refused[3]
-    }
-
-    fn count(&mut self, outcome: Outcome) {
-        self.handshakes = self.handshakes.saturating_add(1);
-        let counter = match outcome {
-            Outcome::Admitted => &mut self.admitted,
-            Outcome::Denied => &mut self.refused[0],
-            Outcome::Limited => &mut self.refused[1],
-            Outcome::KillSwitch => &mut self.refused[2],
-            Outcome::HeldBack => &mut self.refused[3],
-        };
-        *counter = counter.saturating_add(1);
-    }
-}
-
-impl Tally for CohortTally {
-    fn merge(&mut self, other: &Self) {
-        self.handshakes = self.handshakes.saturating_add(other.handshakes);
-        self.admitted = self.admitted.saturating_add(other.admitted);
-        for (a, b) in self.refused.iter_mut().zip(other.refused) {
-            *a = a.saturating_add(b);
-        }
-    }
-}
-
-/// One version's figures over the last minute and the last hour.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CohortFigures {
-    /// The last minute.
-    pub minute: CohortTally,
-    /// The last hour.
-    pub hour: CohortTally,
-}
 
 /// Everything the census holds at one moment, for the report.
 #[derive(Clone, Debug, Default)]
@@ -93,15 +37,29 @@ pub struct CensusSnapshot {
     /// Versions counted individually, in no particular order.
     pub cohorts: Vec<(VersionInput, CohortFigures)>,
     /// Everything else: versions that left the table.
-    pub other: Option<CohortFigures>,
+    pub other: CohortFigures,
+    /// The whole instance (every cohort and `other`).
+    pub all: CohortFigures,
 }
 
 struct Cohorts {
     table: SpaceSaving<VersionInput, Box<Window<CohortTally>>>,
     other: Window<CohortTally>,
+    timeline: Timeline,
 }
 
-/// Handshake outcomes per version.
+impl Cohorts {
+    /// The window of `version`, or `other` when it is not (or no longer) in the table. Does
+    /// not count as an occurrence: only decisions decide who stays in the table.
+    fn window(&mut self, version: &VersionInput) -> &mut Window<CohortTally> {
+        match self.table.get_mut(version) {
+            Some(w) => w,
+            None => &mut self.other,
+        }
+    }
+}
+
+/// Handshake outcomes, backend answers and tunnel ends per version.
 pub struct Census {
     cohorts: Mutex<Cohorts>,
 }
@@ -119,6 +77,7 @@ impl Census {
             cohorts: Mutex::new(Cohorts {
                 table: SpaceSaving::new(capacity),
                 other: Window::default(),
+                timeline: Timeline::default(),
             }),
         }
     }
@@ -132,12 +91,51 @@ impl Census {
         let now = window::now_secs();
         let minute = (now / 60) as u32;
         let mut guard = self.lock();
-        let Cohorts { table, other } = &mut *guard;
+        let Cohorts {
+            table,
+            other,
+            timeline,
+        } = &mut *guard;
         let window = table.touch(*version, minute, |_, gone| other.absorb(&gone, now));
         window.record(now, |t| t.count(outcome));
+        timeline.count(now, outcome);
     }
 
-    /// The figures of every version held, and of `other`.
+    /// Counts a request refused as ambiguous (no version to count it under).
+    pub fn record_ambiguous(&self) {
+        let now = window::now_secs();
+        let mut guard = self.lock();
+        let ambiguous = &mut guard.timeline.slot(now).refused[4];
+        *ambiguous = ambiguous.saturating_add(1);
+    }
+
+    /// Counts the backend's answer to an admitted handshake or request of `version`, `took`
+    /// after admission.
+    pub fn record_backend(&self, version: &VersionInput, took: Duration, result: BackendResult) {
+        let now = window::now_secs();
+        let micros = took.as_micros().min(u128::from(u64::MAX)) as u64;
+        let mut guard = self.lock();
+        guard
+            .window(version)
+            .record(now, |t| t.count_backend(micros, result));
+        let slot = guard.timeline.slot(now);
+        match result {
+            BackendResult::Answered => slot.backend.record(micros),
+            _ => slot.backend_errors = slot.backend_errors.saturating_add(1),
+        }
+    }
+
+    /// Counts the end of a tunnel of `version` that lived `lifetime`; `short` when it ended on
+    /// its own soon after opening (churn).
+    pub fn record_tunnel_end(&self, version: &VersionInput, lifetime: Duration, short: bool) {
+        let now = window::now_secs();
+        let millis = lifetime.as_millis().min(u128::from(u64::MAX)) as u64;
+        self.lock()
+            .window(version)
+            .record(now, |t| t.count_tunnel_end(millis, short));
+    }
+
+    /// The figures of every version held, of `other`, and of the whole instance.
     pub fn snapshot(&self) -> CensusSnapshot {
         let now = window::now_secs();
         let guard = self.lock();
@@ -145,14 +143,38 @@ impl Census {
             minute: w.last_minute(now),
             hour: w.last_hour(now),
         };
-        CensusSnapshot {
-            cohorts: guard
-                .table
-                .iter()
-                .map(|(version, window)| (*version, figures(window)))
-                .collect(),
-            other: Some(figures(&guard.other)),
+        let cohorts: Vec<_> = guard
+            .table
+            .iter()
+            .map(|(version, window)| (*version, figures(window)))
+            .collect();
+        let other = figures(&guard.other);
+        let mut all = other;
+        for (_, f) in &cohorts {
+            all.minute.merge(&f.minute);
+            all.hour.merge(&f.hour);
         }
+        CensusSnapshot {
+            cohorts,
+            other,
+            all,
+        }
+    }
+
+    /// The last 15 minutes of the whole instance, oldest slot first; each slot's start is
+    /// given in unix seconds.
+    pub fn timeline(&self) -> Vec<TimelineSlot> {
+        let now = window::now_secs();
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let offset = unix_now.saturating_sub(now);
+        self.lock()
+            .timeline
+            .report(now)
+            .into_iter()
+            .map(|(t, tally)| (t + offset, tally))
+            .collect()
     }
 }
 
@@ -187,8 +209,8 @@ mod tests {
         assert_eq!(figures.minute.admitted, 50);
         assert_eq!(figures.minute.held_back(), 1);
         let listed: u32 = snap.cohorts.iter().map(|(_, f)| f.hour.handshakes).sum();
-        let other = snap.other.map_or(0, |o| o.hour.handshakes);
+        let other = snap.other.hour.handshakes;
         assert_eq!(listed + other, 1_551, "every handshake is counted once");
-        assert_eq!(snap.other.map_or(0, |o| o.hour.refused[0]), other);
+        assert_eq!(snap.other.hour.refused[0], other);
     }
 }

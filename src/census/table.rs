@@ -68,6 +68,11 @@ impl<K: Hash + Eq + Copy, V: Default> SpaceSaving<K, V> {
         &mut slot.value
     }
 
+    /// The value of `key`, if held; does not count as an occurrence.
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.slots.get_mut(key).map(|slot| &mut slot.value)
+    }
+
     /// Every key with its value.
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.slots.iter().map(|(k, slot)| (k, &slot.value))

@@ -1,12 +1,12 @@
 //! Sliding time windows of per-slot tallies: the last minute in twelve 5-second slots and the
-//! last hour in sixty 1-minute slots. A slot is reused in place when its time comes round
+//! last hour in twelve 5-minute slots. A slot is reused in place when its time comes round
 //! again, so a window never allocates after it is made.
 
 /// Seconds per fine slot (the minute window).
 pub const FINE_SLOT_SECS: u64 = 5;
 const FINE_SLOTS: usize = 12;
-const COARSE_SLOT_SECS: u64 = 60;
-const COARSE_SLOTS: usize = 60;
+const COARSE_SLOT_SECS: u64 = 300;
+const COARSE_SLOTS: usize = 12;
 
 /// What can be counted in a slot and added up over a window.
 pub trait Tally: Copy + Default {
@@ -114,6 +114,7 @@ mod tests {
         assert_eq!(w.last_minute(t0 + 1), Count(2));
         assert_eq!(w.last_minute(t0 + 70), Count(0));
         assert_eq!(w.last_hour(t0 + 70), Count(2));
+        assert_eq!(w.last_hour(t0 + 3000), Count(2));
         assert_eq!(w.last_hour(t0 + 3700), Count(0));
 
         let mut other = Window::<Count>::default();

@@ -334,6 +334,7 @@ pub fn compile_entry(
         spec.id, spec.reason
     );
     let decider = Decider {
+        health: None,
         counters: metrics.rule_counters(&name),
         name: Arc::from(name),
         action: Action::Deny(Refusal {

@@ -188,6 +188,7 @@ pub fn compile_with_limits(
         let action = c.action(value, fallback, &default_refusal);
         Decider {
             name: Arc::from(name),
+            health: (!matches!(action, Action::Deny(_))).then(|| metrics.rule_health(name)),
             action,
             counters: metrics.rule_counters(name),
             close_existing: false,
@@ -298,6 +299,9 @@ pub fn compile_with_limits(
             rules.push(Rule {
                 decider: Decider {
                     name: Arc::from(name.as_str()),
+                    // A shadow deny rule never decides, so it never admits either.
+                    health: (!matches!(action, Action::Deny(_)) && mode == Mode::Enforce)
+                        .then(|| metrics.rule_health(name)),
                     action,
                     counters: metrics.rule_counters(name),
                     close_existing: r.close_existing.unwrap_or(false),

@@ -20,7 +20,7 @@ use http::StatusCode;
 
 use crate::extract::{Extractor, Found, HeaderSource};
 use crate::limits::LimitState;
-use crate::metrics::RuleCounters;
+use crate::metrics::{RuleCounters, RuleHealth};
 use crate::version::{FirmwareVersion, VersionOrdering};
 use index::VersionIndex;
 use range::VersionRange;
@@ -157,6 +157,8 @@ pub struct Decider {
     pub close_existing: bool,
     /// Over how long those closures are spread.
     pub drain: Duration,
+    /// Backend-health metrics of what it admits; None for deciders that only refuse.
+    pub health: Option<Arc<RuleHealth>>,
 }
 
 /// One `[[rule]]`.

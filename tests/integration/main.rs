@@ -10,6 +10,7 @@ mod storm_backend;
 
 mod admin;
 mod backoff;
+mod census;
 mod cli;
 mod console;
 mod edge;

@@ -18,7 +18,6 @@ use super::encode::encode_response;
 use super::response_head::{read_response_head, BackendHead, Framing, HeadError};
 use super::ForwardPlan;
 use crate::gate::Gate;
-use crate::metrics::UpstreamOutcome;
 
 /// Buffer for relaying a (non-101) response body to an upgrade request.
 const BODY_BUFFER: usize = 8 * 1024;
@@ -75,8 +74,8 @@ pub(super) async fn forward_upgrade(
             };
         }
     };
-    gate.metrics.upstream(UpstreamOutcome::ok).inc();
     let backend_time = started.elapsed();
+    service::backend_answered(gate, &admitted, backend_time);
     if head.status != 101 {
         let exchange = Exchange::new(
             gate,
@@ -179,8 +178,8 @@ pub(super) async fn forward_request(
             return client.write_all(&answer).await.ok().map(|()| close);
         }
     };
-    gate.metrics.upstream(UpstreamOutcome::ok).inc();
     let backend_time = started.elapsed();
+    service::backend_answered(gate, &admitted, backend_time);
     let exchange = Exchange::new(
         gate,
         admitted,
@@ -221,15 +220,7 @@ fn failure_answer(
     (method, path, started): (&http::Method, &str, Instant),
     close: bool,
 ) -> Vec<u8> {
-    let resp = service::backend_failed(
-        gate,
-        &admitted.presented,
-        &admitted.rule,
-        failure,
-        method.as_str(),
-        path,
-        started,
-    );
+    let resp = service::backend_failed(gate, &admitted, failure, method.as_str(), path, started);
     drop(admitted);
     encode_response(&resp, close)
 }
