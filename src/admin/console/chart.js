@@ -104,7 +104,7 @@ export function drawBackend(container, legendEl, timeline) {
     for (const v of [slot.backend_p50_ms, slot.backend_p99_ms]) if (v !== null && v !== undefined) max = Math.max(max, v);
   }
   const top = niceCeil(max);
-  axes(svg, plot, slots, top, (v) => ms(v));
+  axes(svg, plot, slots, top, (v) => (v === 0 ? '0' : ms(v)));
   const step = plot.w / Math.max(1, slots.length);
   const xy = (i, v) => [plot.x + (i + 0.5) * step, plot.y + plot.h - (v / top) * plot.h];
   for (const [field, cls] of [['backend_p50_ms', 'line-p50'], ['backend_p99_ms', 'line-p99']]) {
@@ -118,12 +118,15 @@ export function drawBackend(container, legendEl, timeline) {
       pen = true;
     });
     if (d) svg.append(s('path', { d, class: `line ${cls}` }));
-    // Single points between gaps would be invisible as a path: mark every sample.
+    // Every sample gets a hover target; one between two gaps would be invisible as a path,
+    // so it is drawn as a dot.
+    const has = (i) => i >= 0 && i < slots.length && slots[i][field] !== null && slots[i][field] !== undefined;
     slots.forEach((slot, i) => {
+      if (!has(i)) return;
       const v = slot[field];
-      if (v === null || v === undefined) return;
       const [x, y] = xy(i, v);
-      const dot = s('circle', { cx: x, cy: y, r: 2, class: `point ${cls}` });
+      const alone = !has(i - 1) && !has(i + 1);
+      const dot = s('circle', { cx: x, cy: y, r: alone ? 2.5 : 4, class: `point ${cls}`, 'fill-opacity': alone ? 1 : 0 });
       dot.append(s('title', null, `${clock(slot.t)}: ${field === 'backend_p50_ms' ? 'p50' : 'p99'} ${ms(v)}`));
       svg.append(dot);
     });

@@ -2,7 +2,7 @@
 // first) until the operator clicks a header. A suspect row is red AND says "SUSPECT" with its
 // reasons and the exact command the API suggests.
 
-import { h, byId, fill, setText, num, ms } from './dom.js';
+import { h, byId, fill, setText, num, ms, selectingIn, copyButton } from './dom.js';
 
 const minute = (row, field) => (row[field] || {});
 
@@ -28,6 +28,8 @@ export class CohortTable {
     this.onUseVersion = onUseVersion;
     this.sort = null; // { key, dir: 1 | -1 } or null for the API's order
     this.last = null;
+    this.drawn = null; // what the table shows now: [report JSON, sort] as text
+    this.openRules = new Set(); // versions whose suggested rule is unfolded
     this.table = byId('cohorts');
     for (const th of this.table.querySelectorAll('th.sortable')) {
       th.addEventListener('click', () => this.sortBy(th.dataset.key));
@@ -45,12 +47,16 @@ export class CohortTable {
   }
 
   redraw() {
-    if (this.last) this.render(this.last);
+    if (this.last) this.render(this.last, true);
   }
 
-  /** Renders a /v1/versions answer. */
-  render(report) {
+  /** Renders a /v1/versions answer. An unchanged answer is not redrawn, and neither is the
+   * table while the operator selects text in it (the next refresh catches up). */
+  render(report, force) {
     this.last = report;
+    const drawn = JSON.stringify([report, this.sort]);
+    if (!force && (drawn === this.drawn || selectingIn(this.table))) return;
+    this.drawn = drawn;
     for (const th of this.table.querySelectorAll('th.sortable')) {
       const on = this.sort && this.sort.key === th.dataset.key;
       th.classList.toggle('sorted-asc', Boolean(on && this.sort.dir === 1));
@@ -93,8 +99,20 @@ export class CohortTable {
     if (!suspect) return [tr];
     const reasons = suspect.reasons || [];
     const commands = [];
-    if (suspect.kill_command) commands.push(h('div', null, 'Refuse it now: ', h('code', { class: 'kill-command' }, suspect.kill_command)));
-    if (suspect.limit_rule) commands.push(h('div', null, 'Or throttle it with a rule: ', h('code', { class: 'limit-rule' }, suspect.limit_rule)));
+    if (suspect.kill_command) {
+      const code = h('code', { class: 'kill-command' }, suspect.kill_command);
+      commands.push(h('div', null, 'Refuse it now: ', code, ' ', copyButton(suspect.kill_command, code)));
+    }
+    if (suspect.limit_rule) {
+      const pre = h('pre', { class: 'limit-rule' }, suspect.limit_rule);
+      const details = h('details', { open: this.openRules.has(row.version) },
+        h('summary', null, 'Or throttle it with a rule in rules.toml'), pre, copyButton(suspect.limit_rule, pre));
+      details.addEventListener('toggle', () => {
+        if (details.open) this.openRules.add(row.version);
+        else this.openRules.delete(row.version);
+      });
+      commands.push(details);
+    }
     const parsed = !row.version.startsWith('(');
     const detail = h('tr', { class: 'suspect-detail', dataset: { version: row.version } },
       h('td', { colSpan: 11 },
@@ -103,7 +121,7 @@ export class CohortTable {
           parsed && h('div', null, h('button', {
             type: 'button',
             class: 'small use-version',
-            onclick: () => this.onUseVersion(row.version, reasons[0] || 'suspect cohort'),
+            onclick: () => this.onUseVersion(`=${row.version}`, reasons[0] || 'suspect cohort'),
           }, `Fill the kill-switch form with ${row.version}`)),
           h('div', { class: 'muted' }, 'fwgate only suggests: nothing is refused until you act.'))));
     return [tr, detail];
@@ -136,7 +154,7 @@ function figures(row, isOther) {
     h('td', { class: 'num held' }, num(row.held_back_last_minute)),
     h('td', { class: 'refused' }, refusedText || (isOther ? '' : '–')),
     h('td', { class: 'suspect-flag' }, suspect
-      ? [h('span', { class: 'badge suspect' }, 'SUSPECT'), ' ', (suspect.reasons || [])[0] || '']
+      ? [h('span', { class: 'badge suspect' }, 'SUSPECT'), h('div', { class: 'small-text' }, 'reasons below')]
       : (isOther ? '' : 'no')),
   ];
 }

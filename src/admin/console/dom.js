@@ -107,3 +107,29 @@ export function message(el, text, kind) {
   el.className = `message ${kind || ''}`.trim();
   setText(el, text || '');
 }
+
+/** Whether the operator is selecting text inside `el` (a refresh would throw the selection away). */
+export function selectingIn(el) {
+  const sel = document.getSelection();
+  return Boolean(sel && !sel.isCollapsed && sel.anchorNode && el.contains(sel.anchorNode));
+}
+
+/** A small button copying `text`; where the clipboard API is unavailable (a plain-http
+ * address other than localhost), it selects `target`'s text for Ctrl+C instead. */
+export function copyButton(text, target) {
+  const b = h('button', { type: 'button', class: 'small copy' }, 'Copy');
+  b.addEventListener('click', async () => {
+    try {
+      await navigator.clipboard.writeText(text);
+      b.textContent = 'Copied';
+    } catch (_) {
+      const range = document.createRange();
+      range.selectNodeContents(target);
+      const sel = document.getSelection();
+      sel.removeAllRanges();
+      sel.addRange(range);
+      b.textContent = 'Selected: Ctrl+C';
+    }
+  });
+  return b;
+}

@@ -2,7 +2,7 @@
 // dry run first and shows its impact before the confirm button can send the real add, and a
 // two-step lift per entry. Actions use the token typed at the top of the page.
 
-import { h, byId, fill, setText, num, duration, message, facts } from './dom.js';
+import { h, byId, fill, setText, num, duration, message, facts, selectingIn } from './dom.js';
 import { act, ActionError } from './api.js';
 
 export class KillSwitchPanel {
@@ -146,6 +146,7 @@ export class KillSwitchPanel {
   }
 
   render() {
+    if (!this.busy && this.pendingLift === null && selectingIn(byId('kill-table'))) return;
     const rows = this.entries.map((e) => {
       const confirming = this.pendingLift === e.id;
       const actions = confirming

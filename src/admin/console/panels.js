@@ -2,7 +2,7 @@
 // explain box, the audit trail, upstream health and fleet state. Each renders one endpoint's
 // JSON as it is.
 
-import { h, byId, fill, setText, num, ms, clock, duration, facts, message } from './dom.js';
+import { h, byId, fill, setText, num, ms, clock, duration, facts, message, selectingIn } from './dom.js';
 
 function actionText(a) {
   if (!a) return '–';
@@ -129,7 +129,11 @@ export function wireExplain() {
 }
 
 /** Renders /v1/audit. */
+let auditDrawn = null;
 export function renderAudit(a) {
+  const drawn = JSON.stringify(a);
+  if (drawn === auditDrawn || selectingIn(byId('audit-table'))) return;
+  auditDrawn = drawn;
   const events = a.events || [];
   fill(byId('audit-rows'), events.length ? events.map((e) => h('tr', { class: `audit-${e.action}` },
     h('td', { class: 'mono' }, clock(e.time)),
