@@ -65,8 +65,6 @@ addr = "$BACKEND"
 addr = "$ADMIN"
 [log]
 access = false
-[limits.backoff]
-enabled = false
 EOF
 cat >"$TMP/keepalive_client.py" <<'EOF'
 import http.client, sys, threading

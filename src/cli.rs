@@ -55,6 +55,13 @@ pub fn check(config_path: Option<&Path>) -> (String, bool) {
             ok = false;
         }
     }
+    if let Some(fleet) = &config.fleet {
+        // The etcd TLS and password files, as `run` reads them.
+        if let Err(e) = crate::fleet::etcd::Client::new(fleet) {
+            let _ = writeln!(out, "[fleet]: {e}");
+            ok = false;
+        }
+    }
     match load_rules(&config, &Metrics::new()) {
         Err(e) => {
             let _ = writeln!(out, "{e}");

@@ -169,6 +169,16 @@ impl Found<'_> {
     }
 }
 
+/// A query value or key percent-decoded (`+` kept), lossy: for operator input on the admin
+/// API, not for decisions.
+pub fn percent_decode(text: &str) -> String {
+    let mut out = vec![0u8; text.len()];
+    match percent_decode_into(text.as_bytes(), &mut out) {
+        Some(n) => String::from_utf8_lossy(&out[..n]).into_owned(),
+        None => text.to_string(),
+    }
+}
+
 /// Decodes `%XX` escapes into `out`; None if the result does not fit or an escape is malformed.
 fn percent_decode_into(input: &[u8], out: &mut [u8]) -> Option<usize> {
     let mut i = 0;

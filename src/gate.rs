@@ -1,17 +1,19 @@
 //! The admission state shared by every connection: the rules in force (swapped atomically on
 //! reload), metrics, the connection registry, and the backend client. One `Gate` per process.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 
 use crate::access_log::RefusalSampler;
+use crate::audit::{AuditEvent, AuditTrail};
 use crate::census::Census;
 use crate::config::Config;
 use crate::diag::FileErrors;
+use crate::killswitch::layers::{Layers, SharedLayer};
 use crate::killswitch::{self, EntrySpec, KillSet, KillSwitchError, StateFile};
 use crate::limits::backoff::Backoff;
 use crate::limits::{key_hash, Capacity, ConnPermit, GlobalLimits, LimitOutcome, LimitStore};
@@ -22,6 +24,7 @@ use crate::registry::Registry;
 use crate::rules::{
     file, jittered_wait_secs, Action, DecidedBy, Decider, Decision, Refusal, RuleSet, VersionInput,
 };
+use crate::shared::{SharedChange, SharedStore};
 use std::net::IpAddr;
 
 /// What the last reload attempt did, for `/v1/rules` and `POST /v1/reload`.
@@ -56,6 +59,24 @@ pub struct Snapshot {
     pub rules: Arc<RuleSet>,
     /// Kill-switch entries in force.
     pub kill: Arc<KillSet>,
+}
+
+/// Where a kill-switch change goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillTarget {
+    /// The fleet's store in fleet mode, else this instance's state file.
+    Default,
+    /// This instance only (`?scope=local`), even in fleet mode.
+    Local,
+}
+
+/// A kill-switch addition: its impact here, and how far it spread through a shared store.
+#[derive(Debug, Clone)]
+pub struct KillOutcome {
+    /// Open connections on this instance.
+    pub impact: Impact,
+    /// `Some` when the change went through the fleet's store.
+    pub shared: Option<SharedChange>,
 }
 
 /// What a kill-switch change did to open connections.
@@ -164,9 +185,16 @@ pub struct Gate {
     pub backoff: Backoff,
     /// Cap on concurrent backend exchanges.
     pub upstream_capacity: Capacity,
+    /// The recent audit trail, for `/v1/audit` and the console.
+    pub audit: AuditTrail,
+    /// The generation and text of the rules in force before the current ones (for the diff).
+    previous_rules: Mutex<Option<(u64, Arc<str>)>>,
     /// Deciders for refusals by process-wide limits (names label metrics and logs).
     pub limit_deciders: LimitDeciders,
     kill: ArcSwap<KillSet>,
+    kill_layers: Mutex<Layers>,
+    shared_store: OnceLock<Arc<dyn SharedStore>>,
+    rules_shared: AtomicBool,
     kill_path: Option<std::path::PathBuf>,
     kill_lock: tokio::sync::Mutex<()>,
     kill_hash: Mutex<String>,
@@ -206,6 +234,15 @@ impl Gate {
                 (set, hash)
             }
         };
+        let layers = Layers {
+            local: Arc::new(kill),
+            shared: if config.fleet.is_some() {
+                SharedLayer::Unsynced
+            } else {
+                SharedLayer::Off
+            },
+        };
+        let kill = layers.compose(rules.ordering, &metrics);
         metrics.killswitch_entries.set(kill.entries.len() as i64);
         let limits = &config.limits;
         let limit_store = Arc::new(LimitStore::new(limits.max_keys));
@@ -247,8 +284,13 @@ impl Gate {
             global,
             backoff,
             upstream_capacity,
+            audit: AuditTrail::default(),
+            previous_rules: Mutex::new(None),
             limit_deciders,
             kill: ArcSwap::from_pointee(kill),
+            kill_layers: Mutex::new(layers),
+            shared_store: OnceLock::new(),
+            rules_shared: AtomicBool::new(false),
             kill_path,
             kill_lock: tokio::sync::Mutex::new(()),
             kill_hash: Mutex::new(kill_hash),
@@ -365,6 +407,14 @@ impl Gate {
             .unwrap_or_default()
     }
 
+    /// The generation and text of the rules in force before the current ones, if any.
+    pub fn previous_rules(&self) -> Option<(u64, Arc<str>)> {
+        self.previous_rules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Whether the process is shutting down (readiness reports 503).
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
@@ -380,6 +430,12 @@ impl Gate {
     /// triggers (watcher, SIGHUP, API) never interleave.
     pub async fn reload(&self, force: bool) -> Result<ReloadOutcome, FileErrors> {
         let _serial = self.reload_lock.lock().await;
+        if self.rules_from_shared() {
+            tracing::info!("the rules in force come from the fleet store (fwgate rules push); the local rules file is not reloaded");
+            return Ok(ReloadOutcome::Unchanged {
+                generation: self.generation.load(Ordering::Relaxed),
+            });
+        }
         let Some(path) = self.config.rules_path.clone() else {
             return Ok(ReloadOutcome::Unchanged {
                 generation: self.generation.load(Ordering::Relaxed),
@@ -399,6 +455,15 @@ impl Gate {
                 format!("reload task failed: {e}"),
             )))
         });
+        self.finish_reload(result)
+    }
+
+    /// Records a reload attempt's outcome (status for `/v1/rules`, metrics, log) and puts a
+    /// compiled rule set in force.
+    fn finish_reload(
+        &self,
+        result: Result<Option<RuleSet>, FileErrors>,
+    ) -> Result<ReloadOutcome, FileErrors> {
         let mut status = self.reload_status.lock().unwrap_or_else(|e| e.into_inner());
         status.last_attempt_unix = Some(unix_now());
         match result {
@@ -420,6 +485,11 @@ impl Gate {
             Err(errors) => {
                 status.last_error = Some(errors.to_string());
                 drop(status);
+                self.audit.record(AuditEvent {
+                    action: "rules_error",
+                    detail: Some(format!("previous rules stay in force: {errors}")),
+                    ..AuditEvent::default()
+                });
                 self.metrics
                     .rules_reloads
                     .get_or_create(&ReloadLabel {
@@ -444,10 +514,25 @@ impl Gate {
         }
         self.generation.store(generation, Ordering::Relaxed);
         let ordering = rules.ordering;
+        let detail = format!(
+            "generation {generation}, {} rule(s), content {}",
+            rules.rules.len(),
+            rules.source.content_hash
+        );
         let previous = self.rules.swap(Arc::new(rules));
+        *self
+            .previous_rules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) =
+            Some((previous.source.generation, previous.source.text.clone()));
         if previous.ordering != ordering {
             self.recompile_kill_entries(ordering);
         }
+        self.audit.record(AuditEvent {
+            action: "rules_applied",
+            detail: Some(detail),
+            ..AuditEvent::default()
+        });
         self.metrics
             .rules_reloads
             .get_or_create(&ReloadLabel {
@@ -540,8 +625,69 @@ impl Gate {
     }
 
     /// Adds (or replaces, same id) an entry: persisted before this returns, in force for the
-    /// very next handshake. With `dry_run`, only reports the impact.
+    /// very next handshake. With `dry_run`, only reports the impact. In fleet mode the entry
+    /// goes to the fleet's store (see [`Gate::kill_add_to`]).
     pub async fn kill_add(
+        &self,
+        spec: EntrySpec,
+        dry_run: bool,
+    ) -> Result<Impact, KillSwitchError> {
+        self.kill_add_to(spec, dry_run, KillTarget::Default, None)
+            .await
+            .map(|o| o.impact)
+    }
+
+    /// [`Gate::kill_add`] with a target: in fleet mode, [`KillTarget::Default`] writes to the
+    /// fleet's store (compare-and-set against `expect`, or against what this instance last
+    /// applied) and returns once this instance applied it; [`KillTarget::Local`] (and any
+    /// target outside fleet mode) writes this instance's state file.
+    pub async fn kill_add_to(
+        &self,
+        spec: EntrySpec,
+        dry_run: bool,
+        target: KillTarget,
+        expect: Option<i64>,
+    ) -> Result<KillOutcome, KillSwitchError> {
+        self.check_shared_attached(target)?;
+        if let (KillTarget::Default, Some(store)) = (target, self.shared_store()) {
+            let ordering = self.rules().ordering;
+            let entry = killswitch::compile_entry(spec.clone(), ordering, &self.metrics)?;
+            let change = store.add_entry(&spec, expect, dry_run).await?;
+            // Applying the store's update closed what the entry closes; report the matches.
+            let mut impact = self.kill_impact(&entry, true);
+            if !dry_run && entry.decider.close_existing {
+                impact.closing = impact.matching;
+            }
+            if !dry_run {
+                self.audit.record(AuditEvent {
+                    action: "kill_add",
+                    id: Some(spec.id.clone()),
+                    versions: Some(spec.versions.clone()),
+                    reason: Some(spec.reason.clone()),
+                    by: spec.created_by.clone(),
+                    detail: Some(format!(
+                        "fleet-wide{}",
+                        spec.expires_at
+                            .map(|at| format!(", expires at {at} (unix)"))
+                            .unwrap_or_default()
+                    )),
+                    ..AuditEvent::default()
+                });
+            }
+            return Ok(KillOutcome {
+                impact,
+                shared: Some(change),
+            });
+        }
+        self.kill_add_local(spec, dry_run)
+            .await
+            .map(|impact| KillOutcome {
+                impact,
+                shared: None,
+            })
+    }
+
+    async fn kill_add_local(
         &self,
         spec: EntrySpec,
         dry_run: bool,
@@ -552,7 +698,7 @@ impl Gate {
         // A dry run fails wherever the real add would: checked before it returns.
         let path = self.kill_state_path()?.to_path_buf();
         let now = killswitch::unix_now();
-        let current = self.kill_set();
+        let current = self.local_kill_set();
         let mut specs: Vec<EntrySpec> = current
             .entries
             .iter()
@@ -571,18 +717,68 @@ impl Gate {
         }
         self.kill_commit(&path, specs, ordering, KillSwitchAction::add)?;
         tracing::warn!(target: "fwgate::audit", action = "kill_add", id = %spec.id, versions = %spec.versions, reason = %spec.reason, by = spec.created_by.as_deref(), expires_at = spec.expires_at, status = spec.status, "kill-switch entry added");
+        self.audit.record(AuditEvent {
+            action: "kill_add",
+            id: Some(spec.id.clone()),
+            versions: Some(spec.versions.clone()),
+            reason: Some(spec.reason.clone()),
+            by: spec.created_by.clone(),
+            detail: spec.expires_at.map(|at| format!("expires at {at} (unix)")),
+            ..AuditEvent::default()
+        });
         Ok(self.kill_impact(&entry, false))
     }
 
-    /// Removes an entry; `Ok(None)` if there is no such id.
+    /// Removes an entry; `Ok(None)` if there is no such id. In fleet mode it is removed from
+    /// the fleet's store (see [`Gate::kill_remove_from`]).
     pub async fn kill_remove(
+        &self,
+        id: &str,
+        actor: Option<&str>,
+    ) -> Result<Option<EntrySpec>, KillSwitchError> {
+        self.kill_remove_from(id, actor, KillTarget::Default, None)
+            .await
+            .map(|r| r.map(|(spec, _)| spec))
+    }
+
+    /// [`Gate::kill_remove`] with a target (as in [`Gate::kill_add_to`]).
+    pub async fn kill_remove_from(
+        &self,
+        id: &str,
+        actor: Option<&str>,
+        target: KillTarget,
+        expect: Option<i64>,
+    ) -> Result<Option<(EntrySpec, Option<SharedChange>)>, KillSwitchError> {
+        self.check_shared_attached(target)?;
+        if let (KillTarget::Default, Some(store)) = (target, self.shared_store()) {
+            let removed = store.remove_entry(id, actor, expect).await?;
+            if let Some((spec, _)) = &removed {
+                self.audit.record(AuditEvent {
+                    action: "kill_remove",
+                    id: Some(id.to_string()),
+                    versions: Some(spec.versions.clone()),
+                    reason: Some(spec.reason.clone()),
+                    by: actor.map(str::to_string),
+                    detail: Some("fleet-wide".into()),
+                    ..AuditEvent::default()
+                });
+            }
+            return Ok(removed.map(|(spec, change)| (spec, Some(change))));
+        }
+        Ok(self
+            .kill_remove_local(id, actor)
+            .await?
+            .map(|spec| (spec, None)))
+    }
+
+    async fn kill_remove_local(
         &self,
         id: &str,
         actor: Option<&str>,
     ) -> Result<Option<EntrySpec>, KillSwitchError> {
         let _serial = self.kill_lock.lock().await;
         let path = self.kill_state_path()?.to_path_buf();
-        let current = self.kill_set();
+        let current = self.local_kill_set();
         let Some(removed) = current.entries.iter().find(|e| e.spec.id == id) else {
             return Ok(None);
         };
@@ -600,6 +796,14 @@ impl Gate {
             KillSwitchAction::remove,
         )?;
         tracing::warn!(target: "fwgate::audit", action = "kill_remove", id = %id, versions = %removed.spec.versions, by = actor, "kill-switch entry removed");
+        self.audit.record(AuditEvent {
+            action: "kill_remove",
+            id: Some(id.to_string()),
+            versions: Some(removed.spec.versions.clone()),
+            reason: Some(removed.spec.reason.clone()),
+            by: actor.map(str::to_string),
+            ..AuditEvent::default()
+        });
         Ok(Some(removed.spec.clone()))
     }
 
@@ -618,12 +822,157 @@ impl Gate {
         let bytes = killswitch::write_state(path, &state)?;
         *self.kill_hash.lock().unwrap_or_else(|e| e.into_inner()) =
             crate::rules::content_hash(&bytes);
+        self.set_kill_layer(|l| l.local = Arc::new(set));
+        self.metrics.killswitch_change(action);
+        Ok(())
+    }
+
+    /// Changes one layer of the kill-switch entries and puts the recomposed set in force.
+    fn set_kill_layer(&self, change: impl FnOnce(&mut Layers)) {
+        let mut layers = self.kill_layers.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut layers);
+        let set = layers.compose(self.rules().ordering, &self.metrics);
         self.metrics
             .killswitch_entries
             .set(set.entries.len() as i64);
+        // Stored under the layers' lock, so two layer changes cannot swap in out of order.
         self.kill.store(Arc::new(set));
-        self.metrics.killswitch_change(action);
+    }
+
+    /// In fleet mode a change for the fleet needs the store: never fall back to this
+    /// instance's file silently.
+    fn check_shared_attached(&self, target: KillTarget) -> Result<(), KillSwitchError> {
+        if target == KillTarget::Default
+            && self.config.fleet.is_some()
+            && self.shared_store().is_none()
+        {
+            return Err(KillSwitchError::Unavailable(
+                "fleet mode is configured but this instance could not join the fleet (see its log); nothing was changed. For this instance only: --local (?scope=local)".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// This instance's own entries (persisted in `state_dir`), without the fleet's.
+    pub fn local_kill_set(&self) -> Arc<KillSet> {
+        self.kill_layers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .local
+            .clone()
+    }
+
+    /// Connects the fleet's store: from now on kill-switch changes without `scope=local` go
+    /// there. Set once, before serving; returns false if a store was already attached.
+    pub fn attach_shared_store(&self, store: Arc<dyn SharedStore>) -> bool {
+        self.shared_store.set(store).is_ok()
+    }
+
+    /// The fleet's store, in fleet mode.
+    pub fn shared_store(&self) -> Option<Arc<dyn SharedStore>> {
+        self.shared_store.get().cloned()
+    }
+
+    /// Puts the fleet's entries (spec and store revision each) in force alongside the local
+    /// ones, marks the instance as synced, and closes open connections they refuse. Returns
+    /// the entries that did not compile (left out; the caller validated them already).
+    pub fn install_shared_entries(&self, specs: Vec<(EntrySpec, i64)>) -> Vec<KillSwitchError> {
+        let (entries, errors) =
+            killswitch::layers::compile_shared(specs, self.rules().ordering, &self.metrics);
+        self.set_kill_layer(|l| l.shared = SharedLayer::Synced(entries));
+        let closing = self.close_refused();
+        if closing > 0 {
+            tracing::warn!(
+                closing,
+                "closing connections refused by the fleet's kill-switch entries"
+            );
+        }
+        errors
+    }
+
+    /// Whether this fleet member still refuses everything because it has neither synced with
+    /// the store nor loaded a last-known-good copy.
+    pub fn fleet_unsynced(&self) -> bool {
+        self.kill_layers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unsynced()
+    }
+
+    /// Why `/readyz` answers 503, if it does.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if self.is_draining() {
+            Some("draining\n")
+        } else if self.fleet_unsynced() {
+            Some("not synced with the fleet store yet (no last-known-good copy)\n")
+        } else {
+            None
+        }
+    }
+
+    /// Whether the rules in force came from the fleet's store (the rules file is then not
+    /// reloaded until the store's rules are deleted).
+    pub fn rules_from_shared(&self) -> bool {
+        self.rules_shared.load(Ordering::Relaxed)
+    }
+
+    /// Compiles rules text from the fleet's store and, if valid, puts it in force (exactly as a
+    /// reload of the file would). An invalid text keeps the rules in force and is reported the
+    /// same way (log, `fwgate_rules_reloads_total{result="error"}`, `/v1/rules` `last_error`).
+    /// `origin` names the document in messages and in `/v1/rules` `source`.
+    pub async fn install_shared_rules(
+        &self,
+        text: String,
+        origin: PathBuf,
+    ) -> Result<ReloadOutcome, FileErrors> {
+        let _serial = self.reload_lock.lock().await;
+        let result = tokio::task::spawn_blocking({
+            let metrics = self.metrics.clone();
+            let limits = self.limit_store.clone();
+            let next = self.generation.load(Ordering::Relaxed) + 1;
+            move || file::compile_with_limits(&text, Some(&origin), &metrics, &limits, next)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(FileErrors::from(crate::diag::FileError::whole(
+                Path::new("rules"),
+                format!("compile task failed: {e}"),
+            )))
+        })
+        .map(Some);
+        if result.is_ok() {
+            self.rules_shared.store(true, Ordering::Relaxed);
+        }
+        self.finish_reload(result)
+    }
+
+    /// Reports a rules document from the fleet's store that could not even be read as rules
+    /// (the rules in force stay), exactly like an invalid rules file.
+    pub fn report_shared_rules_error(&self, errors: FileErrors) {
+        let _ = self.finish_reload(Err(errors));
+    }
+
+    /// The store no longer has rules: the local rules file (or the built-in default) is put
+    /// back in force.
+    pub async fn release_shared_rules(&self) -> Result<ReloadOutcome, FileErrors> {
+        if !self.rules_shared.swap(false, Ordering::Relaxed) {
+            return Ok(ReloadOutcome::Unchanged {
+                generation: self.generation.load(Ordering::Relaxed),
+            });
+        }
+        tracing::warn!(
+            "the fleet store has no rules any more; the local rules file is back in force"
+        );
+        if self.config.rules_path.is_none() {
+            let embedded = file::compile(
+                file::EMBEDDED_RULES,
+                None,
+                &self.metrics,
+                self.generation.load(Ordering::Relaxed) + 1,
+            );
+            return self.finish_reload(embedded.map(Some));
+        }
+        self.reload(true).await
     }
 
     /// Re-reads the kill-switch file after an outside change (by hand, configuration
@@ -654,11 +1003,17 @@ impl Gate {
         match parsed {
             Ok(set) => {
                 *self.kill_hash.lock().unwrap_or_else(|e| e.into_inner()) = hash;
-                self.metrics
-                    .killswitch_entries
-                    .set(set.entries.len() as i64);
                 tracing::warn!(target: "fwgate::audit", action = "kill_file", file = %path.display(), entries = set.entries.len(), "kill-switch entries changed on disk");
-                self.kill.store(Arc::new(set));
+                self.audit.record(AuditEvent {
+                    action: "kill_file",
+                    detail: Some(format!(
+                        "{} entries from {}",
+                        set.entries.len(),
+                        path.display()
+                    )),
+                    ..AuditEvent::default()
+                });
+                self.set_kill_layer(|l| l.local = Arc::new(set));
                 self.metrics.killswitch_change(KillSwitchAction::file);
                 let closing = self.close_refused();
                 if closing > 0 {

@@ -1,7 +1,14 @@
 //! `fwgate kill`: manage kill-switch entries through the admin API of one or many instances.
 //! Output is short and human: what was refused, how many connections it hit, how to undo it.
-//! The exit status is non-zero if any instance failed.
+//! The exit status is non-zero if any instance failed, if (in fleet mode) a live instance had
+//! not applied the change within 5 s (they are named), or if `list` finds that the instances
+//! do not hold the same entries.
+//!
+//! In fleet mode one `--admin` is enough: the instance writes to the fleet's store and waits
+//! (server side, at most 5 s) until every live instance has applied the change; its answer
+//! names the laggards, and this command prints them.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use http::Method;
@@ -40,14 +47,20 @@ pub enum KillAction {
         /// Entry id (default: generated, the same on every --admin).
         #[arg(long)]
         id: Option<String>,
+        /// This instance only, even in fleet mode (e.g. while the fleet store is unreachable).
+        #[arg(long)]
+        local: bool,
     },
-    /// List entries.
+    /// List entries (and say whether the instances agree).
     List,
     /// Remove an entry (undo).
     #[command(name = "rm")]
     Remove {
         /// The entry id.
         id: String,
+        /// Remove a local entry (added with --local).
+        #[arg(long)]
+        local: bool,
     },
 }
 
@@ -82,11 +95,21 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
     let mut all_ok = true;
     let mut any_ok = false;
     let mut any_retryable = false;
+    let mut listings = Vec::new();
     for t in tasks {
         match t.await {
-            Ok((admin, Ok(text))) => {
+            Ok((admin, Ok((text, answer)))) => {
                 any_ok = true;
                 let _ = writeln!(out, "ok    {admin}  {text}");
+                if let Some(line) = fleet_line(&answer) {
+                    let _ = writeln!(out, "      {line}");
+                    if line.starts_with("LAGGING") || line.starts_with("could not") {
+                        all_ok = false;
+                    }
+                }
+                if matches!(action, KillAction::List) {
+                    listings.push((admin, answer));
+                }
             }
             Ok((admin, Err(e))) => {
                 all_ok = false;
@@ -101,6 +124,10 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
         }
     }
     let admin_flags: String = admins.iter().map(|a| format!(" --admin {a}")).collect();
+    let admin_flags = match &action {
+        KillAction::Add { local: true, .. } => format!(" --local{admin_flags}"),
+        _ => admin_flags,
+    };
     match &action {
         KillAction::Add {
             id: Some(id),
@@ -114,6 +141,12 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
         }
         _ => {}
     }
+    if listings.len() > 1 {
+        if let Some(report) = disagreement(&listings) {
+            all_ok = false;
+            out.push_str(&report);
+        }
+    }
     if !all_ok {
         let what = if any_retryable {
             "retry them once the cause shown is fixed (the same command is safe to repeat)"
@@ -122,7 +155,7 @@ pub async fn run(action: KillAction, admins: &[String], token: Option<String>) -
         };
         let _ = writeln!(
             out,
-            "some instances FAILED: they are not in the state shown above; {what}"
+            "some instances FAILED or disagree: they are not in the state shown above; {what}"
         );
     }
     (out, all_ok)
@@ -137,12 +170,107 @@ struct Failure {
     retryable: bool,
 }
 
+/// What a fleet-mode answer says about convergence, as one line.
+fn fleet_line(answer: &Value) -> Option<String> {
+    let f = answer.get("fleet")?;
+    let revision = f["revision"].as_i64().unwrap_or(0);
+    if let Some(why) = f["unknown"].as_str() {
+        return Some(format!(
+            "could not tell which instances applied revision {revision}: {why}"
+        ));
+    }
+    let applied = f["applied"].as_array().map_or(0, Vec::len);
+    let waited = f["waited_ms"].as_u64().unwrap_or(0);
+    let lagging: Vec<String> = f["lagging"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .map(|x| {
+                    format!(
+                        "{} (at revision {}, heard from {:.1}s ago)",
+                        x["id"].as_str().unwrap_or("?"),
+                        x["applied_revision"],
+                        x["age_s"].as_f64().unwrap_or(0.0)
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(if lagging.is_empty() {
+        format!(
+            "fleet: revision {revision} applied by all {applied} live instance(s) in {waited} ms"
+        )
+    } else {
+        format!(
+            "LAGGING: after {waited} ms, revision {revision} is not applied by {}; applied by {applied}. It applies when they catch up; `fwgate fleet status` shows them",
+            lagging.join(", ")
+        )
+    })
+}
+
+/// The active entries of one `GET /v1/killswitch` answer: id -> what identifies it.
+fn entry_set(answer: &Value) -> BTreeMap<String, String> {
+    answer["entries"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter(|e| e["active"].as_bool() != Some(false))
+                .map(|e| {
+                    (
+                        e["id"].as_str().unwrap_or("?").to_string(),
+                        format!(
+                            "{} {} status {}{}",
+                            e["scope"].as_str().unwrap_or("local"),
+                            e["versions"].as_str().unwrap_or("?"),
+                            e["status"],
+                            e["expires_at"]
+                                .as_u64()
+                                .map(|x| format!(" until {x}"))
+                                .unwrap_or_default()
+                        ),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `None` when every instance lists the same active entries; else what differs, per entry.
+fn disagreement(listings: &[(String, Value)]) -> Option<String> {
+    let sets: Vec<(&str, BTreeMap<String, String>)> = listings
+        .iter()
+        .map(|(admin, v)| (admin.as_str(), entry_set(v)))
+        .collect();
+    if sets.windows(2).all(|w| w[0].1 == w[1].1) {
+        return None;
+    }
+    let mut ids: Vec<&String> = sets.iter().flat_map(|(_, s)| s.keys()).collect();
+    ids.sort();
+    ids.dedup();
+    let mut out = String::from("DISAGREE: the instances do not hold the same entries:\n");
+    for id in ids {
+        let seen: Vec<Option<&String>> = sets.iter().map(|(_, s)| s.get(id)).collect();
+        if seen.windows(2).all(|w| w[0] == w[1]) {
+            continue;
+        }
+        let _ = writeln!(out, "      {id}:");
+        for ((admin, _), entry) in sets.iter().zip(seen) {
+            let _ = writeln!(
+                out,
+                "        {admin}  {}",
+                entry.map(String::as_str).unwrap_or("MISSING")
+            );
+        }
+    }
+    Some(out)
+}
+
 async fn one(
     admin: &str,
     action: &KillAction,
     token: Option<&str>,
     actor: Option<&str>,
-) -> Result<String, Failure> {
+) -> Result<(String, Value), Failure> {
     match action {
         KillAction::Add {
             versions,
@@ -154,6 +282,7 @@ async fn one(
             drain,
             dry_run,
             id,
+            local,
         } => {
             let mut body = json!({"versions": versions, "reason": reason, "id": id, "close_existing": !keep_existing});
             for (k, v) in [("ttl", ttl), ("retry_after", retry_after), ("drain", drain)] {
@@ -164,10 +293,11 @@ async fn one(
             if let Some(s) = status {
                 body["status"] = json!(s);
             }
-            let path = if *dry_run {
-                "/v1/killswitch?dry_run=true"
-            } else {
-                "/v1/killswitch"
+            let path = match (*dry_run, *local) {
+                (true, true) => "/v1/killswitch?dry_run=true&scope=local",
+                (true, false) => "/v1/killswitch?dry_run=true",
+                (false, true) => "/v1/killswitch?scope=local",
+                (false, false) => "/v1/killswitch",
             };
             let v = expect(
                 client::call(
@@ -186,10 +316,15 @@ async fn one(
             let matching = v["impact"]["matching_connections"].as_u64().unwrap_or(0);
             let closing = v["impact"]["closing"].as_u64().unwrap_or(0);
             let verb = if *dry_run { "would refuse" } else { "refusing" };
-            Ok(format!(
-                "{verb} {} as {} (status {}{}): {matching} open connection(s) match{}",
+            let text = format!(
+                "{verb} {} as {} ({}status {}{}): {matching} open connection(s) match{}",
                 e["versions"].as_str().unwrap_or("?"),
                 e["id"].as_str().unwrap_or("?"),
+                match v["scope"].as_str() {
+                    Some("fleet") => "fleet-wide, ",
+                    Some("local") if *local => "this instance only, ",
+                    _ => "",
+                },
                 e["status"],
                 e["expires_at"]
                     .as_u64()
@@ -206,7 +341,8 @@ async fn one(
                         e["drain"].as_str().unwrap_or("?")
                     )
                 },
-            ))
+            );
+            Ok((text, v))
         }
         KillAction::List => {
             let v = expect(
@@ -216,7 +352,7 @@ async fn one(
             )?;
             let entries = v["entries"].as_array().cloned().unwrap_or_default();
             if entries.is_empty() {
-                return Ok("no kill-switch entries".into());
+                return Ok(("no kill-switch entries".into(), v));
             }
             let mut s = format!(
                 "{} entr{}",
@@ -226,8 +362,9 @@ async fn one(
             for e in entries {
                 let _ = write!(
                     s,
-                    "\n      {}  {}  status {}  {}  {} conn  {:?}",
+                    "\n      {}  {}  {}  status {}  {}  {} conn  {:?}",
                     e["id"].as_str().unwrap_or("?"),
+                    e["scope"].as_str().unwrap_or("local"),
                     e["versions"].as_str().unwrap_or("?"),
                     e["status"],
                     match (e["active"].as_bool(), e["expires_in_s"].as_u64()) {
@@ -239,14 +376,17 @@ async fn one(
                     e["reason"].as_str().unwrap_or(""),
                 );
             }
-            Ok(s)
+            Ok((s, v))
         }
-        KillAction::Remove { id } => {
+        KillAction::Remove { id, local } => {
             let v = expect(
                 client::call(
                     admin,
                     Method::DELETE,
-                    &format!("/v1/killswitch/{id}"),
+                    &format!(
+                        "/v1/killswitch/{id}{}",
+                        if *local { "?scope=local" } else { "" }
+                    ),
                     token,
                     actor,
                     None,
@@ -255,10 +395,16 @@ async fn one(
                 &[200],
                 id,
             )?;
-            Ok(format!(
-                "removed {id} ({})",
-                v["removed"]["versions"].as_str().unwrap_or("?")
-            ))
+            let text = format!(
+                "removed {id} ({}{})",
+                v["removed"]["versions"].as_str().unwrap_or("?"),
+                if v["scope"] == "fleet" {
+                    ", fleet-wide"
+                } else {
+                    ""
+                }
+            );
+            Ok((text, v))
         }
     }
 }
@@ -294,6 +440,44 @@ fn expect(result: Result<(u16, String), String>, ok: &[u16], id: &str) -> Result
 mod tests {
     use super::*;
 
+    #[test]
+    fn listings_that_differ_are_reported_per_entry() {
+        let a = json!({"entries": [
+            {"id": "x", "scope": "fleet", "versions": ">=3.8", "status": 503, "active": true},
+            {"id": "old", "scope": "local", "versions": "*", "status": 503, "active": false},
+        ]});
+        let b = json!({"entries": [
+            {"id": "x", "scope": "fleet", "versions": ">=3.8", "status": 503, "active": true},
+        ]});
+        let same = [("A".to_string(), a.clone()), ("B".to_string(), b.clone())];
+        assert!(
+            disagreement(&same).is_none(),
+            "expired entries do not count"
+        );
+        let c = json!({"entries": []});
+        let report = disagreement(&[("A".into(), a), ("C".into(), c)]).unwrap();
+        assert!(report.contains("DISAGREE"), "{report}");
+        assert!(report.contains("x:"), "{report}");
+        assert!(report.contains("C  MISSING"), "{report}");
+        assert!(!report.contains("old:"), "{report}");
+    }
+
+    #[test]
+    fn fleet_answers_say_who_lags() {
+        let v = json!({"fleet": {"revision": 7, "applied": ["a"], "lagging": [{"id": "b", "applied_revision": 5, "age_s": 0.5}], "waited_ms": 5000}});
+        let line = fleet_line(&v).unwrap();
+        assert!(
+            line.starts_with("LAGGING") && line.contains("b (at revision 5"),
+            "{line}"
+        );
+        let v = json!({"fleet": {"revision": 7, "applied": ["a", "b"], "lagging": [], "waited_ms": 12}});
+        assert_eq!(
+            fleet_line(&v).unwrap(),
+            "fleet: revision 7 applied by all 2 live instance(s) in 12 ms"
+        );
+        assert!(fleet_line(&json!({"entry": {}})).is_none());
+    }
+
     #[tokio::test]
     async fn a_change_that_reached_no_instance_offers_no_undo() {
         // Bound then dropped: nothing listens there.
@@ -312,6 +496,7 @@ mod tests {
                 drain: None,
                 dry_run: false,
                 id: None,
+                local: false,
             },
             &[format!("http://{dead}")],
             Some("token".into()),

@@ -15,16 +15,21 @@
 //! - [`proxy`]: accept loop, admission service, forwarding, upgrade tunnels.
 //! - [`reload`]: watching the rules file's directory; [`admin`]: the admin listener.
 //! - [`killswitch`]: emergency entries decided before every rule, persisted and audited.
+//! - [`fleet`]: fleet mode: kill-switch entries (and optionally the rules) shared through etcd,
+//!   produced as snapshots the gate swaps in through the seam in [`shared`].
 //! - [`limits`]: rule `limit` actions (GCRA via governor), concurrency caps, global caps, reconnect backoff.
 //! - [`registry`]: open tunnels, so a rule change can close what it no longer admits.
 //! - [`census`]: which versions are connecting and what was done with them, for `/v1/versions`.
 //! - [`path`]: the one spelling of a request path that rules see and the backend gets.
-//! - [`metrics`], [`access_log`], [`logging`], [`diag`], [`duration`]: supporting pieces.
+//! - [`audit`]: the recent audit trail of changes, for `/v1/audit` and the console.
+//! - [`metrics`], [`access_log`], [`logging`], [`diag`], [`duration`], [`atomic_file`]: supporting pieces.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod access_log;
 pub mod admin;
+pub mod atomic_file;
+pub mod audit;
 pub mod census;
 pub mod cli;
 pub mod clock;
@@ -32,6 +37,7 @@ pub mod config;
 pub mod diag;
 pub mod duration;
 pub mod extract;
+pub mod fleet;
 pub mod gate;
 pub mod kill_cli;
 pub mod killswitch;
@@ -39,10 +45,12 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod path;
+pub mod preview_cli;
 pub mod proxy;
 pub mod registry;
 pub mod reload;
 pub mod rules;
+pub mod shared;
 pub mod tls;
 pub mod version;
 
@@ -91,7 +99,8 @@ impl TlsListener {
     }
 }
 
-/// Runs fwgate until `shutdown` resolves: the proxy, the admin API, the watchers.
+/// Runs fwgate until `shutdown` resolves: the proxy, the admin API, the watchers, and in fleet
+/// mode the fleet member (its last-known-good copy is put in force before anything is served).
 /// On shutdown: readiness turns 503, no new connections are accepted, in-flight HTTP exchanges
 /// finish and open tunnels are closed spread over `shutdown_grace`, then it returns.
 pub async fn run(
@@ -100,6 +109,20 @@ pub async fn run(
     token: AdminToken,
     shutdown: impl Future<Output = ()>,
 ) {
+    let fleet = match (&gate.config.fleet, listeners.admin.local_addr()) {
+        (None, _) => None,
+        (Some(_), Ok(admin)) => match fleet::Fleet::start(gate.clone(), admin).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot join the fleet; refusing every device until restarted with a working [fleet]");
+                None
+            }
+        },
+        (Some(_), Err(e)) => {
+            tracing::error!(error = %e, "cannot read the admin address; refusing every device");
+            None
+        }
+    };
     let watcher = match reload::watch(gate.clone(), reload::Watched::Rules) {
         Ok(w) => w,
         Err(e) => {
@@ -170,4 +193,7 @@ pub async fn run(
     }
     admin_task.abort();
     sweeper.abort();
+    if let Some(f) = fleet {
+        f.stop().await;
+    }
 }

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use fwgate::admin::AdminToken;
 use fwgate::cli::{self, ExplainInput};
 use fwgate::config::Config;
+use fwgate::fleet::cli::{FleetAction, RulesAction};
 use fwgate::gate::Gate;
 use fwgate::kill_cli::KillAction;
 use fwgate::metrics::Metrics;
@@ -31,7 +32,15 @@ enum Command {
     /// Run the proxy (the default).
     Run,
     /// Validate the config and rules files; print every error with file:line:column.
-    Check,
+    Check {
+        /// Also ask the running instances what the rules file would change (nothing is applied).
+        #[arg(long)]
+        preview: bool,
+        /// Admin API of an instance to ask (repeat). Default: the fleet's live instances in
+        /// fleet mode, else this config's admin address.
+        #[arg(long = "admin", requires = "preview")]
+        admins: Vec<String>,
+    },
     /// Show how a version (or a request's headers) would be decided, and by which rule.
     Explain {
         /// A firmware version as a device would send it (e.g. v3.8.0b3).
@@ -57,19 +66,33 @@ enum Command {
         #[arg(long, global = true)]
         token_file: Option<PathBuf>,
     },
+    /// Fleet mode: publish the rules to every instance through the store, list, diff, roll back.
+    Rules {
+        #[command(subcommand)]
+        action: RulesAction,
+    },
+    /// Fleet mode: the store and every instance with the state revision it has applied.
+    Fleet {
+        #[command(subcommand)]
+        action: FleetAction,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => {
+        Command::Check { preview, admins } => {
             let (out, ok) = cli::check(cli.config.as_deref());
             print!("{out}");
-            if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
+            if !ok {
+                return ExitCode::FAILURE;
             }
+            if !preview {
+                return ExitCode::SUCCESS;
+            }
+            async_command(cli.config, |rt, config| {
+                rt.block_on(fwgate::preview_cli::run(config, admins))
+            })
         }
         Command::Explain {
             version,
@@ -113,6 +136,12 @@ fn main() -> ExitCode {
             admins,
             token_file,
         } => kill(cli.config, action, admins, token_file),
+        Command::Rules { action } => async_command(cli.config, |rt, config| {
+            rt.block_on(fwgate::fleet::cli::rules(config, action))
+        }),
+        Command::Fleet { action } => async_command(cli.config, |rt, config| {
+            rt.block_on(fwgate::fleet::cli::fleet(config, action))
+        }),
         Command::Run => match run(cli.config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -185,6 +214,37 @@ fn kill(
     }
 }
 
+/// Runs a command that needs `--config` and an async runtime (`rules`, `fleet`, `check --preview`).
+fn async_command(
+    config_path: Option<PathBuf>,
+    command: impl FnOnce(&tokio::runtime::Runtime, &Config) -> (String, bool),
+) -> ExitCode {
+    let config = match cli::load_config(config_path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("invalid configuration:\n{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (out, ok) = command(&runtime, &config);
+    print!("{out}");
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = cli::load_config(config_path.as_deref())
         .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
@@ -238,6 +298,10 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             "fwgate started"
         );
         let tls = fwgate::TlsListener::from_config(&config).context("[tls]")?;
+        if let Some(fleet) = &config.fleet {
+            // TLS and password files are read now so a missing one stops the start, loudly.
+            fwgate::fleet::etcd::Client::new(fleet).context("[fleet]")?;
+        }
         let gate = Arc::new(Gate::new(config, rules, metrics).map_err(anyhow::Error::msg)?);
         tokio::spawn(reload_on_sighup(gate.clone()));
         fwgate::run(Listeners { proxy, admin, tls }, gate, token, termination()).await;

@@ -131,6 +131,69 @@ pub struct KillSwitchLabel {
     pub action: KillSwitchAction,
 }
 
+/// Which kind of fleet store (the only label of the fleet gauges, so that they exist only in
+/// fleet mode).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum FleetStoreKind {
+    /// etcd v3.
+    etcd,
+}
+
+/// Labels of the fleet gauges and histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FleetStoreLabel {
+    /// The store.
+    pub store: FleetStoreKind,
+}
+
+const FLEET: FleetStoreLabel = FleetStoreLabel {
+    store: FleetStoreKind::etcd,
+};
+
+fn propagation_histogram() -> Histogram {
+    // 1 ms to about 16 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// Why a fleet member's watch on the store was restarted.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum FleetRestartReason {
+    /// A request or the stream failed (store unreachable, refused, token expired).
+    error,
+    /// The store closed the stream.
+    closed,
+    /// Nothing arrived for `stall_timeout`.
+    stalled,
+    /// The resume revision was compacted: the whole state was read again.
+    compacted,
+}
+
+/// Labels of `fwgate_fleet_watch_restarts_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FleetRestartLabel {
+    /// Why.
+    pub reason: FleetRestartReason,
+}
+
+/// Kinds of document refused from the fleet store.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum FleetDocKind {
+    /// A kill-switch entry.
+    killswitch,
+    /// The rules document.
+    rules,
+}
+
+/// Labels of `fwgate_fleet_invalid_documents_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FleetDocLabel {
+    /// Which kind.
+    pub kind: FleetDocKind,
+}
+
 /// Why fwgate closed a connection (or hyper did, on bad input), as a label value.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -246,6 +309,17 @@ pub struct Metrics {
     tunnel_seconds: Family<RuleLabel, Histogram, fn() -> Histogram>,
     /// `fwgate_short_tunnels_total{rule}`.
     short_tunnels: Family<RuleLabel, Counter>,
+    /// `fwgate_fleet_store_connected{store}`: 1 while the fleet store's watch is established.
+    pub fleet_store_connected: Family<FleetStoreLabel, Gauge>,
+    /// `fwgate_fleet_applied_revision{store}`: the fleet state revision in force here.
+    pub fleet_applied_revision: Family<FleetStoreLabel, Gauge>,
+    /// `fwgate_fleet_propagation_seconds{store}`: from a change's write (writer's clock) to its
+    /// application here.
+    pub fleet_propagation_seconds: Family<FleetStoreLabel, Histogram, fn() -> Histogram>,
+    /// `fwgate_fleet_watch_restarts_total{reason}`.
+    pub fleet_watch_restarts: Family<FleetRestartLabel, Counter>,
+    /// `fwgate_fleet_invalid_documents_total{kind}`: documents refused from the store.
+    pub fleet_invalid_documents: Family<FleetDocLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -405,6 +479,39 @@ impl Metrics {
             "Tunnels that ended on their own soon after opening (the backoff's short_tunnel), by admitting rule",
             short_tunnels.clone(),
         );
+        let fleet_store_connected = Family::<FleetStoreLabel, Gauge>::default();
+        registry.register(
+            "fleet_store_connected",
+            "1 while the fleet store's watch is established (fleet mode only)",
+            fleet_store_connected.clone(),
+        );
+        let fleet_applied_revision = Family::<FleetStoreLabel, Gauge>::default();
+        registry.register(
+            "fleet_applied_revision",
+            "Fleet state revision in force on this instance",
+            fleet_applied_revision.clone(),
+        );
+        let fleet_propagation_seconds =
+            Family::<FleetStoreLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                propagation_histogram,
+            );
+        registry.register(
+            "fleet_propagation_seconds",
+            "Time from a fleet change's write to its application on this instance (writer's clock)",
+            fleet_propagation_seconds.clone(),
+        );
+        let fleet_watch_restarts = Family::<FleetRestartLabel, Counter>::default();
+        registry.register(
+            "fleet_watch_restarts",
+            "Restarts of the watch on the fleet store, by reason",
+            fleet_watch_restarts.clone(),
+        );
+        let fleet_invalid_documents = Family::<FleetDocLabel, Counter>::default();
+        registry.register(
+            "fleet_invalid_documents",
+            "Documents refused from the fleet store (the previous state stays in force)",
+            fleet_invalid_documents.clone(),
+        );
         Metrics {
             backend_seconds,
             backend_failures,
@@ -412,6 +519,11 @@ impl Metrics {
             short_tunnels,
             registry,
             rule_series: std::sync::Mutex::default(),
+            fleet_store_connected,
+            fleet_applied_revision,
+            fleet_propagation_seconds,
+            fleet_watch_restarts,
+            fleet_invalid_documents,
             connections_closed,
             limit_keys,
             backoff_active,
@@ -549,6 +661,41 @@ impl Metrics {
     pub fn killswitch_change(&self, action: KillSwitchAction) {
         self.killswitch_changes
             .get_or_create(&KillSwitchLabel { action })
+            .inc();
+    }
+
+    /// Sets `fwgate_fleet_store_connected`.
+    pub fn fleet_connected(&self, up: bool) {
+        self.fleet_store_connected
+            .get_or_create(&FLEET)
+            .set(i64::from(up));
+    }
+
+    /// Sets `fwgate_fleet_applied_revision`.
+    pub fn fleet_applied(&self, revision: i64) {
+        self.fleet_applied_revision
+            .get_or_create(&FLEET)
+            .set(revision);
+    }
+
+    /// Observes one change's propagation time.
+    pub fn fleet_propagation(&self, seconds: f64) {
+        self.fleet_propagation_seconds
+            .get_or_create(&FLEET)
+            .observe(seconds);
+    }
+
+    /// Counts a restart of the fleet watch.
+    pub fn fleet_watch_restart(&self, reason: FleetRestartReason) {
+        self.fleet_watch_restarts
+            .get_or_create(&FleetRestartLabel { reason })
+            .inc();
+    }
+
+    /// Counts a document refused from the fleet store.
+    pub fn fleet_invalid_document(&self, kind: FleetDocKind) {
+        self.fleet_invalid_documents
+            .get_or_create(&FleetDocLabel { kind })
             .inc();
     }
 

@@ -1,9 +1,13 @@
-//! The admin listener: health, readiness, metrics, the rules in force, reload, and the fleet
-//! census. It binds to loopback by default and never shares the device port. Mutating
-//! endpoints need `Authorization: Bearer <token>`, compared in constant time.
+//! The admin listener: health, readiness, metrics, the rules in force, reload, the fleet
+//! census, and in fleet mode the fleet's state (`/v1/fleet`). It binds to loopback by default
+//! and never shares the device port. Mutating endpoints need `Authorization: Bearer <token>`,
+//! compared in constant time.
 
 pub mod client;
 pub mod console;
+pub mod explain;
+pub mod preview;
+pub mod upstream;
 pub mod versions;
 
 use std::collections::HashMap;
@@ -24,7 +28,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::duration::format_duration;
-use crate::gate::{Gate, ReloadOutcome};
+use crate::gate::{Gate, KillTarget, ReloadOutcome};
 use crate::killswitch;
 use crate::rules::{Action, RuleSet};
 
@@ -156,13 +160,17 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => {
-            if gate.is_draining() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else {
-                text(StatusCode::OK, "ready\n")
-            }
-        }
+        (&Method::GET, "/readyz") => match gate.not_ready_reason() {
+            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
+            None => text(StatusCode::OK, "ready\n"),
+        },
+        (&Method::GET, "/v1/fleet") => match gate.shared_store() {
+            Some(store) => json_response(StatusCode::OK, &store.status().await),
+            None => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "fleet mode is off: add [fleet] etcd = [\"http://host:2379\"] to fwgate.toml"}),
+            ),
+        },
         (&Method::GET, "/metrics") => {
             let mut r = Response::new(Full::new(Bytes::from(gate.metrics.encode())));
             r.headers_mut().insert(
@@ -200,6 +208,34 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         (&Method::GET, "/v1/versions") => json_response(StatusCode::OK, &versions::report(gate)),
         (&Method::GET, "/v1/timeline") => json_response(StatusCode::OK, &versions::timeline(gate)),
+        (&Method::GET, "/v1/upstream") => json_response(StatusCode::OK, &upstream::upstream(gate)),
+        (&Method::GET, "/v1/audit") => {
+            json_response(StatusCode::OK, &json!({"events": gate.audit.recent()}))
+        }
+        (&Method::GET, "/v1/explain") => {
+            let (status, body) = explain::explain(gate, req.uri().query());
+            json_response(status, &body)
+        }
+        (&Method::POST, "/v1/rules/preview") => {
+            use http_body_util::BodyExt as _;
+            let limited = http_body_util::Limited::new(req.into_body(), preview::MAX_PREVIEW_BYTES);
+            match limited.collect().await.map(|b| b.to_bytes()) {
+                Ok(body) => match std::str::from_utf8(&body) {
+                    Ok(text) => {
+                        let (status, body) = preview::rules_preview(gate, text);
+                        json_response(status, &body)
+                    }
+                    Err(_) => json_response(
+                        StatusCode::BAD_REQUEST,
+                        &json!({"valid": false, "error": "the rules file is not valid UTF-8"}),
+                    ),
+                },
+                Err(e) => json_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &json!({"valid": false, "error": format!("cannot read the rules file (at most {} bytes): {e}", preview::MAX_PREVIEW_BYTES)}),
+                ),
+            }
+        }
         (&Method::GET, "/v1/killswitch") => json_response(StatusCode::OK, &killswitch_json(gate)),
         (&Method::POST, "/v1/killswitch") => {
             if let Some(refused) = admin.token.authorize(req.headers()) {
@@ -213,26 +249,58 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
             let id = &p["/v1/killswitch/".len()..];
             let actor = actor(req.headers());
-            match gate.kill_remove(id, actor.as_deref()).await {
-                Ok(Some(spec)) => json_response(StatusCode::OK, &json!({"removed": spec})),
-                Ok(None) => json_response(
-                    StatusCode::NOT_FOUND,
-                    &json!({"error": format!("no kill-switch entry {id:?}")}),
-                ),
+            let target = kill_target(req.uri().query());
+            let expect = match expect_revision(req.headers()) {
+                Ok(e) => e,
+                Err(r) => return *r,
+            };
+            match gate
+                .kill_remove_from(id, actor.as_deref(), target, expect)
+                .await
+            {
+                Ok(Some((spec, shared))) => {
+                    let mut v = json!({"removed": spec});
+                    if let Some(c) = shared.and_then(|s| s.convergence) {
+                        v["scope"] = json!("fleet");
+                        v["fleet"] = json!(c);
+                    } else {
+                        v["scope"] = json!("local");
+                    }
+                    json_response(StatusCode::OK, &v)
+                }
+                Ok(None) => {
+                    let local_only = target == KillTarget::Default
+                        && gate.shared_store().is_some()
+                        && gate
+                            .local_kill_set()
+                            .entries
+                            .iter()
+                            .any(|e| e.spec.id == id);
+                    let hint = if local_only {
+                        format!(" in the fleet store; {id:?} is a local entry of this instance: remove it with --local (?scope=local)")
+                    } else {
+                        String::new()
+                    };
+                    json_response(
+                        StatusCode::NOT_FOUND,
+                        &json!({"error": format!("no kill-switch entry {id:?}{hint}")}),
+                    )
+                }
                 Err(e) => kill_error(e),
             }
         }
         (
             _,
             "/healthz" | "/readyz" | "/metrics" | "/v1/rules" | "/v1/reload" | "/v1/versions"
-            | "/v1/timeline" | "/v1/killswitch",
+            | "/v1/timeline" | "/v1/upstream" | "/v1/audit" | "/v1/explain" | "/v1/rules/preview"
+            | "/v1/killswitch" | "/v1/fleet",
         ) => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": format!("{} is not allowed on {path}", req.method())}),
         ),
         _ => json_response(
             StatusCode::NOT_FOUND,
-            &json!({"error": "not found", "endpoints": ["GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/rules", "POST /v1/reload", "GET /v1/versions", "GET /v1/timeline", "GET /v1/killswitch", "POST /v1/killswitch", "DELETE /v1/killswitch/{id}"]}),
+            &json!({"error": "not found", "endpoints": ["GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/rules", "POST /v1/reload", "POST /v1/rules/preview", "GET /v1/versions", "GET /v1/timeline", "GET /v1/upstream", "GET /v1/audit", "GET /v1/explain?version=V", "GET /v1/killswitch", "POST /v1/killswitch", "DELETE /v1/killswitch/{id}", "GET /v1/fleet"]}),
         ),
     }
 }
@@ -251,12 +319,45 @@ fn actor(headers: &http::HeaderMap) -> Option<String> {
     (!clean.is_empty()).then_some(clean)
 }
 
+/// `?scope=local`: this instance only, even in fleet mode.
+fn kill_target(query: Option<&str>) -> KillTarget {
+    if query.is_some_and(|q| q.split('&').any(|p| p == "scope=local")) {
+        KillTarget::Local
+    } else {
+        KillTarget::Default
+    }
+}
+
+/// `X-Fwgate-Expect-Revision: N`: compare-and-set against the store revision the client saw
+/// (0: the entry must not exist yet). Fleet mode only; ignored otherwise.
+fn expect_revision(headers: &http::HeaderMap) -> Result<Option<i64>, Box<Response<Full<Bytes>>>> {
+    let Some(v) = headers.get("x-fwgate-expect-revision") else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .and_then(|t| t.trim().parse::<i64>().ok())
+        .filter(|n| *n >= 0)
+        .map(Some)
+        .ok_or_else(|| {
+            Box::new(json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": "X-Fwgate-Expect-Revision must be a store revision (0: the entry must not exist yet)"}),
+            ))
+        })
+}
+
 async fn kill_add(gate: &Gate, req: Request<Incoming>) -> Response<Full<Bytes>> {
     use http_body_util::BodyExt as _;
     let dry_run = req.uri().query().is_some_and(|q| {
         q.split('&')
             .any(|p| p == "dry_run=true" || p == "dry_run=1")
     });
+    let target = kill_target(req.uri().query());
+    let expect = match expect_revision(req.headers()) {
+        Ok(e) => e,
+        Err(r) => return *r,
+    };
     let actor = actor(req.headers());
     let body = match http_body_util::Limited::new(req.into_body(), MAX_ADMIN_BODY)
         .collect()
@@ -283,20 +384,40 @@ async fn kill_add(gate: &Gate, req: Request<Incoming>) -> Response<Full<Bytes>> 
         Ok(s) => s,
         Err(e) => return kill_error(e),
     };
-    match gate.kill_add(spec.clone(), dry_run).await {
-        Ok(impact) => json_response(
-            if dry_run {
-                StatusCode::OK
-            } else {
-                StatusCode::CREATED
-            },
-            &json!({
+    match gate
+        .kill_add_to(spec.clone(), dry_run, target, expect)
+        .await
+    {
+        Ok(outcome) => {
+            let impact = outcome.impact;
+            let fleet = outcome.shared.is_some();
+            let mut v = json!({
                 "dry_run": dry_run,
                 "entry": spec,
+                "scope": if fleet { "fleet" } else { "local" },
                 "impact": {"matching_connections": impact.matching, "closing": impact.closing},
-                "undo": format!("fwgate kill rm {}", spec.id),
-            }),
-        ),
+                "undo": format!("fwgate kill rm {}{}", spec.id, if fleet || gate.shared_store().is_none() { "" } else { " --local" }),
+            });
+            if let Some(c) = outcome.shared.and_then(|s| s.convergence) {
+                v["fleet"] = json!(c);
+            }
+            // What the census says the entry refuses: its versions and their traffic.
+            if let Ok(entry) = killswitch::compile_entry(
+                spec.clone(),
+                gate.rules().ordering,
+                &crate::metrics::Metrics::new(),
+            ) {
+                v["census"] = preview::kill_impact(gate, &entry);
+            }
+            json_response(
+                if dry_run {
+                    StatusCode::OK
+                } else {
+                    StatusCode::CREATED
+                },
+                &v,
+            )
+        }
         Err(e) => kill_error(e),
     }
 }
@@ -309,6 +430,13 @@ fn kill_error(e: killswitch::KillSwitchError) -> Response<Full<Bytes>> {
         killswitch::KillSwitchError::State { .. } => json_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             &json!({"error": e.to_string(), "note": "nothing was changed"}),
+        ),
+        killswitch::KillSwitchError::Unavailable(m) => {
+            json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": m}))
+        }
+        killswitch::KillSwitchError::Conflict(m) => json_response(
+            StatusCode::CONFLICT,
+            &json!({"error": m, "note": "nothing was changed"}),
         ),
     }
 }
@@ -328,13 +456,22 @@ pub fn killswitch_json(gate: &Gate) -> Value {
         .iter()
         .map(|e| {
             let mut v = serde_json::to_value(&e.spec).unwrap_or(Value::Null);
+            v["scope"] = json!(e.scope.as_str());
+            if let killswitch::Scope::Fleet { revision } = e.scope {
+                v["revision"] = json!(revision);
+            }
             v["active"] = json!(e.active_at(now));
             v["expires_in_s"] = json!(e.spec.expires_at.map(|x| x.saturating_sub(now)));
             v["matching_connections"] = json!(active.get(e.spec.id.as_str()).copied().unwrap_or(0));
             v
         })
         .collect();
-    json!({"entries": entries, "persisted_in": gate.kill_state_file().map(|p| p.display().to_string())})
+    let mut v = json!({"entries": entries, "persisted_in": gate.kill_state_file().map(|p| p.display().to_string())});
+    if let Some(store) = gate.shared_store() {
+        v["fleet_store"] = json!(store.describe());
+        v["synced"] = json!(!gate.fleet_unsynced());
+    }
+    v
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -363,12 +500,42 @@ pub fn rules_json(gate: &Gate) -> Value {
     let rules = gate.rules();
     let status = gate.reload_status();
     let mut v = rule_set_json(&rules);
+    v["diff_from_previous"] = match gate.previous_rules() {
+        Some((generation, text)) => json!({
+            "from_generation": generation,
+            "lines": diff_lines(&text, &rules.source.text),
+        }),
+        None => Value::Null,
+    };
     v["last_error"] = status.last_error.map(Value::from).unwrap_or(Value::Null);
     v["last_reload_attempt_unix"] = status
         .last_attempt_unix
         .map(Value::from)
         .unwrap_or(Value::Null);
     v
+}
+
+/// A line diff of two rules files with 3 lines of context, as `{"op": "+"|"-"|" ", "text"}`
+/// (hunks separated by `{"op": "@", "text": "..."}`).
+fn diff_lines(old: &str, new: &str) -> Vec<Value> {
+    let diff = similar::TextDiff::from_lines(old, new);
+    let mut lines = Vec::new();
+    for (i, group) in diff.grouped_ops(3).iter().enumerate() {
+        if i > 0 {
+            lines.push(json!({"op": "@", "text": "..."}));
+        }
+        for op in group {
+            for change in diff.iter_changes(op) {
+                let sign = match change.tag() {
+                    similar::ChangeTag::Delete => "-",
+                    similar::ChangeTag::Insert => "+",
+                    similar::ChangeTag::Equal => " ",
+                };
+                lines.push(json!({"op": sign, "text": change.value().trim_end_matches('\n')}));
+            }
+        }
+    }
+    lines
 }
 
 /// A rule set as JSON.

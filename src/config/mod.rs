@@ -5,6 +5,8 @@
 //! relative paths against the config file's directory. The rest of the crate sees only [`Config`].
 //! The rules file, which operators edit and fwgate hot-reloads, is [`crate::rules::file`].
 
+pub mod fleet;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,6 +19,8 @@ use crate::duration::parse_duration;
 use crate::limits::backoff::{BackoffConfig, BackoffKey};
 use crate::limits::{Rate, DEFAULT_MAX_KEYS};
 use ipnet::IpNet;
+
+pub use fleet::{EtcdEndpoint, FleetConfig};
 
 /// Where devices connect when no config says otherwise.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:8080";
@@ -116,6 +120,8 @@ pub struct RawConfig {
     /// Worker threads; 0 or absent: one per CPU (or `TOKIO_WORKER_THREADS`). 1 runs
     /// everything on one thread with tokio's single-threaded scheduler.
     pub workers: Option<Spanned<i64>>,
+    /// Fleet mode: kill-switch entries (and optionally the rules) shared through etcd.
+    pub fleet: Option<fleet::RawFleet>,
 }
 
 /// `[tls]` as written.
@@ -288,6 +294,8 @@ pub struct Config {
     pub workers: usize,
     /// TLS on the device listener, if configured.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Fleet mode (`[fleet]`), if configured.
+    pub fleet: Option<FleetConfig>,
 }
 
 /// Validated `[listen]`.
@@ -416,6 +424,7 @@ impl Config {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             workers: 0,
             tls: None,
+            fleet: None,
             upstream: UpstreamConfig {
                 addr: DEFAULT_UPSTREAM_ADDR.to_string(),
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -643,6 +652,15 @@ impl Config {
         };
         let rules_path = raw.rules.as_ref().map(|p| base.join(p.get_ref()));
         let state_dir = raw.state_dir.as_ref().map(|p| base.join(p.get_ref()));
+        let fleet = raw.fleet.as_ref().map(|f| {
+            if state_dir.is_none() {
+                v.error(
+                    f.etcd.span().start,
+                    "[fleet] needs state_dir: each instance keeps its last-known-good copy of the fleet state there",
+                );
+            }
+            fleet::validate(f, &base, &mut v)
+        });
         if errors.is_empty() {
             Ok(Config {
                 source: path.map(Path::to_path_buf),
@@ -656,6 +674,7 @@ impl Config {
                 shutdown_grace,
                 workers,
                 tls,
+                fleet,
             })
         } else {
             Err(FileErrors(errors))

@@ -8,6 +8,8 @@
 //! is decided with the new entry. Expired entries stop applying on their own (checked at
 //! decision time) and are pruned from the file at the next change.
 
+pub mod layers;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -132,8 +134,33 @@ pub struct NewEntry {
     pub drain: Option<String>,
 }
 
+/// Where an entry in force comes from (shown as `"scope"` in listings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// This instance only, persisted in `state_dir/killswitch.json`.
+    Local,
+    /// The fleet's shared store.
+    Fleet {
+        /// Store revision of the entry's last change (for compare-and-set).
+        revision: i64,
+    },
+    /// Put in force by fwgate itself: refusing everything until the fleet state is known.
+    System,
+}
+
+impl Scope {
+    /// `local`, `fleet` or `system`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Local => "local",
+            Scope::Fleet { .. } => "fleet",
+            Scope::System => "system",
+        }
+    }
+}
+
 /// A compiled entry: its spec, range and decider.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Entry {
     /// As persisted.
     pub spec: EntrySpec,
@@ -141,6 +168,8 @@ pub struct Entry {
     pub range: VersionRange,
     /// Name `killswitch:<id>`, the refusal, counters.
     pub decider: Decider,
+    /// Where it comes from ([`Scope::Local`] unless a layer says otherwise).
+    pub scope: Scope,
 }
 
 impl Entry {
@@ -204,6 +233,14 @@ pub enum KillSwitchError {
         /// What went wrong.
         message: String,
     },
+    /// The fleet's shared store could not be reached or did not confirm the change; the message
+    /// names the store. Nothing was applied anywhere (or, when the store went silent after the
+    /// request was sent, the message says the outcome is unknown).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Someone else changed the entry since this instance last saw it (compare-and-set failed).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Current unix time in seconds.
@@ -350,6 +387,7 @@ pub fn compile_entry(
         spec,
         range,
         decider,
+        scope: Scope::Local,
     })
 }
 

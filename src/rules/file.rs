@@ -343,6 +343,7 @@ pub fn compile_with_limits(
         source: RuleSetSource {
             path: path.map(Path::to_path_buf),
             content_hash: content_hash(text.as_bytes()),
+            text: Arc::from(text),
             loaded_at: SystemTime::now(),
             generation,
         },

@@ -278,6 +278,8 @@ pub struct RuleSetSource {
     pub loaded_at: SystemTime,
     /// Monotonic generation within this process.
     pub generation: u64,
+    /// The file's text, for the diff against the next generation.
+    pub text: Arc<str>,
 }
 
 /// A compiled, immutable rule set.

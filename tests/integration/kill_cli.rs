@@ -22,6 +22,7 @@ fn add_all() -> KillAction {
         drain: None,
         dry_run: false,
         id: Some("cli-test".into()),
+        local: false,
     }
 }
 
@@ -57,7 +58,13 @@ async fn fixed_admin(status: u16, body: &'static str) -> (String, Arc<AtomicUsiz
 #[tokio::test]
 async fn a_change_without_a_token_is_not_sent() {
     let (url, seen) = fixed_admin(201, "{}").await;
-    for action in [add_all(), KillAction::Remove { id: "x".into() }] {
+    for action in [
+        add_all(),
+        KillAction::Remove {
+            id: "x".into(),
+            local: false,
+        },
+    ] {
         let (out, ok) = run(action, std::slice::from_ref(&url), None).await;
         assert!(!ok, "{out}");
         assert!(
@@ -101,7 +108,10 @@ async fn each_failure_says_what_to_do() {
         (
             404,
             r#"{"error": "no kill-switch entry \"gone\""}"#,
-            KillAction::Remove { id: "gone".into() },
+            KillAction::Remove {
+                id: "gone".into(),
+                local: false,
+            },
             "no entry \"gone\" there: `fwgate kill list` shows the ids",
         ),
         (
@@ -150,7 +160,10 @@ async fn a_real_instance_answers_map_to_the_same_advice() {
     let (out, _) = run(add_all(), std::slice::from_ref(&url), Some("wrong".into())).await;
     assert!(out.contains("401") && out.contains("wrong token"), "{out}");
     let (out, _) = run(
-        KillAction::Remove { id: "nope".into() },
+        KillAction::Remove {
+            id: "nope".into(),
+            local: false,
+        },
         std::slice::from_ref(&url),
         Some(TEST_TOKEN.into()),
     )
