@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::cdp::{skip_without_chromium, Browser, Page};
+use crate::etcd::{self, Etcd};
 use crate::storm_backend::{self, BackendConfig};
 use crate::util::*;
 
@@ -22,9 +23,9 @@ const SLOW_MS: u64 = 1000;
 /// Admit everything: what the console shows is the traffic, the backend and the kill switch.
 const RULES: &str = "# no rules: the defaults admit every version\n";
 
-/// Endpoints the page asks for once and finds absent here: fleet mode is off in these tests.
-/// TEMPORARY: the lead's endpoints not yet on main are listed too; remove them once merged.
-const EXPECTED_404S: &[&str] = &["/v1/fleet", "/v1/audit", "/v1/upstream"];
+/// What the page asks for once and finds absent: `/v1/fleet` answers 404 when fleet mode is off
+/// (the page then hides the fleet box and stops asking).
+const EXPECTED_404S: &[&str] = &["/v1/fleet"];
 
 /// The console with one refresh done.
 async fn open_console<'b>(browser: &'b Browser, admin: SocketAddr) -> Page<'b> {
@@ -468,4 +469,170 @@ async fn console_actions_without_the_token_fail_with_a_clear_message() {
     assert_eq!(entries["entries"].as_array().unwrap().len(), 0);
     proxy.stop().await;
     unconfigured.stop().await;
+}
+
+/// The shipped rule, in shadow mode: 3.8.0-b3 is admitted, and counted as "would deny".
+const SHADOW_RULES: &str = r#"
+[[rule]]
+name = "block-table-scan"
+versions = ">=3.8.0-b3"
+action = "deny"
+status = 503
+mode = "shadow"
+"#;
+
+#[tokio::test]
+async fn console_explains_previews_and_shows_rules_audit_and_upstream() {
+    let Some(chromium) =
+        skip_without_chromium("console_explains_previews_and_shows_rules_audit_and_upstream")
+    else {
+        return;
+    };
+    let backend = ws_backend().await;
+    let proxy = start_proxy(SHADOW_RULES, backend.addr, "").await;
+    let _slow = handshakes(proxy.addr, SLOW, 3).await;
+    let _good = handshakes(proxy.addr, GOOD, 2).await;
+    let browser = Browser::launch(&chromium).await;
+    let page = open_console(&browser, proxy.admin).await;
+
+    // Explain: the page shows what /v1/explain says, text included.
+    page.type_into("#explain-version", "v3.8.0b3").await;
+    page.click("#explain-run").await;
+    let shown = page
+        .wait_for(
+            "the explanation",
+            "document.querySelector('#explain-result .explain-text')?.textContent",
+        )
+        .await;
+    let api = json(&proxy, "/v1/explain?version=v3.8.0b3").await;
+    assert_eq!(
+        shown, api["text"],
+        "the page prints what fwgate explain prints"
+    );
+    assert!(shown.as_str().unwrap().contains("shadow"), "{shown}");
+    assert_eq!(
+        page.text("#explain-result .explain-decision").await,
+        "allow"
+    );
+
+    // Rules preview: the shadow rule enforced would newly refuse the 3 open 3.8.0-b3 devices.
+    let enforced = SHADOW_RULES.replace("mode = \"shadow\"", "mode = \"enforce\"");
+    page.type_into("#preview-text", &enforced).await;
+    page.click("#preview-run").await;
+    page.wait_for(
+        "the preview totals",
+        "document.querySelector('#preview-result .total-newly_refused')",
+    )
+    .await;
+    let (status, body) = admin_post(&proxy, "/v1/rules/preview", None, &enforced).await;
+    assert_eq!(status, 200, "{body}");
+    let api: Value = serde_json::from_str(&body).unwrap();
+    let refused = &api["totals"]["newly_refused"];
+    assert_eq!(refused["versions"], 1, "{api:#}");
+    assert_eq!(refused["active_connections"], 3, "{api:#}");
+    let text = page.text("#preview-result .total-newly_refused").await;
+    assert!(
+        text.starts_with("1 versions · 3 open connections"),
+        "{text}"
+    );
+    let changes = page.text("#preview-result table").await;
+    assert!(
+        changes.contains(SLOW) && changes.contains("newly refused"),
+        "{changes}"
+    );
+    // Nothing was applied.
+    assert_eq!(json(&proxy, "/v1/rules").await["generation"], 1);
+    // An invalid file: the error with its location, on the page.
+    page.type_into("#preview-text", "x = [").await;
+    page.click("#preview-run").await;
+    let error = page
+        .wait_for(
+            "the invalid-file message",
+            "document.querySelector('#preview-result .message.error')?.textContent",
+        )
+        .await;
+    assert!(error.as_str().unwrap().contains("rules.toml:1:"), "{error}");
+
+    // Apply it for real: the rules panel shows the new generation and the diff, the audit
+    // trail the change, in the API's order.
+    std::fs::write(proxy.rules_path(), &enforced).unwrap();
+    let (status, body) = admin_post(&proxy, "/v1/reload", Some(TEST_TOKEN), "").await;
+    assert_eq!(status, 200, "{body}");
+    page.wait_for(
+        "generation 2 on the page",
+        "document.getElementById('rules-generation').textContent === '2'",
+    )
+    .await;
+    assert_eq!(
+        page.text("#rules-diff .del").await,
+        "- mode = \"shadow\"",
+        "the diff against generation 1"
+    );
+    assert_eq!(page.text("#rules-diff .add").await, "+ mode = \"enforce\"");
+    let audit = json(&proxy, "/v1/audit").await;
+    let newest = audit["events"][0]["action"].as_str().unwrap().to_string();
+    assert_eq!(newest, "rules_applied", "{audit:#}");
+    page.wait_for(
+        "the reload in the audit trail",
+        "document.querySelector('#audit-rows tr')?.className === 'audit-rules_applied'",
+    )
+    .await;
+
+    // Upstream: the state the API reports, in the panel and the tile.
+    let upstream = json(&proxy, "/v1/upstream").await;
+    let state = upstream["state"].as_str().unwrap();
+    assert_eq!(page.text("#upstream-state").await, state);
+    assert!(page
+        .text("#upstream-facts")
+        .await
+        .contains(&backend.addr.to_string()));
+    // Fleet mode is off: no fleet box.
+    assert_eq!(
+        page.eval("document.getElementById('fleet-box').hidden")
+            .await,
+        Value::Bool(true)
+    );
+    // The invalid file's 422 is the browser's own note of an answer the page handled.
+    assert_no_problems(&page, &["/v1/fleet", "422 (Unprocessable Entity)"]);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn console_shows_the_fleet_in_fleet_mode() {
+    let Some(chromium) = skip_without_chromium("console_shows_the_fleet_in_fleet_mode") else {
+        return;
+    };
+    if !etcd::available("console_shows_the_fleet_in_fleet_mode") {
+        return;
+    }
+    let store = Etcd::start().await;
+    let backend = ws_backend().await;
+    let fleet = |id: &str| {
+        format!(
+            "[fleet]\netcd = [\"{}\"]\ninstance_id = \"{id}\"\nheartbeat_interval = \"200ms\"\n",
+            store.url()
+        )
+    };
+    let a = start_proxy(RULES, backend.addr, &fleet("console-a")).await;
+    let b = start_proxy(RULES, backend.addr, &fleet("console-b")).await;
+    let browser = Browser::launch(&chromium).await;
+    let page = open_console(&browser, a.admin).await;
+    let ids = page
+        .wait_for(
+            "both instances in the fleet box",
+            "(() => { const r = [...document.querySelectorAll('#fleet-rows tr')].map(t => t.cells[0].textContent); return !document.getElementById('fleet-box').hidden && r.length === 2 ? r : null; })()",
+        )
+        .await;
+    assert_eq!(ids, serde_json::json!(["console-a", "console-b"]));
+    let facts = page
+        .wait_for(
+            "convergence",
+            "(() => { const t = document.getElementById('fleet-facts').textContent; return t.includes('yes: every live instance') ? t : null; })()",
+        )
+        .await;
+    assert!(facts.as_str().unwrap().contains("console-a"), "{facts}");
+    // In fleet mode every endpoint the page reads exists: not one complaint.
+    assert_no_problems(&page, &[]);
+    a.stop().await;
+    b.stop().await;
 }

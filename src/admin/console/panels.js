@@ -78,11 +78,13 @@ export function wireRulesPreview() {
     };
     const dl = h('dl', { class: 'facts' });
     facts(dl, [line('newly_refused', 'Newly refused'), line('newly_limited', 'Newly limited'), line('newly_admitted', 'Newly admitted'),
+      totals.no_longer_limited ? line('no_longer_limited', 'No longer limited') : null,
       ['Rules', num(data.rules)]]);
     const changes = data.changes || [];
     fill(out,
       h('p', { class: 'message ok' }, 'Valid. Nothing was applied: this is what the census says the file would change.'),
       dl,
+      data.note ? h('p', { class: 'muted' }, data.note) : null,
       (data.warnings || []).map((w) => h('p', { class: 'warnings' }, `warning: ${w}`)),
       changes.length ? h('table', { class: 'data' },
         h('thead', null, h('tr', null, ['Version', 'Change', 'From', 'To', 'Open conns', 'Handshakes /min'].map((t) => h('th', null, t)))),
@@ -123,6 +125,7 @@ export function wireExplain() {
       ['Decision', h('span', null, h('span', { class: `badge ${data.decision} explain-decision` }, data.decision), data.status ? ` status ${data.status}` : '')],
       ['Rule', data.rule],
       data.by ? ['By', data.by] : null,
+      data.shadow ? ['Shadow', `rule ${data.shadow} matched in shadow mode (counted, not enforced)`] : null,
     ]);
     fill(out, dl, h('pre', { class: 'explain-text' }, data.text || ''));
   });
@@ -144,7 +147,7 @@ export function renderAudit(a) {
     h('td', { class: 'muted' }, e.by ?? ''))) : h('tr', null, h('td', { colSpan: 6, class: 'muted' }, 'Nothing changed since this process started.')));
 }
 
-const STATE_CLASS = { ok: 'ok', degraded: 'warn', failing: 'bad' };
+const STATE_CLASS = { idle: '', ok: 'ok', degraded: 'warn', failing: 'bad' };
 
 /** Renders /v1/upstream, in its panel and its tile. */
 export function renderUpstream(u) {
