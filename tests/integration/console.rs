@@ -631,6 +631,40 @@ async fn console_shows_the_fleet_in_fleet_mode() {
         )
         .await;
     assert!(facts.as_str().unwrap().contains("console-a"), "{facts}");
+
+    // A kill switch added on one instance's console holds on the other, and lifts there too.
+    page.type_into("#token", TEST_TOKEN).await;
+    page.type_into("#kill-versions", &format!("={SLOW}")).await;
+    page.type_into("#kill-reason", "fleet-wide from the console")
+        .await;
+    page.click("#kill-dry-run").await;
+    page.wait_for(
+        "the fleet-wide dry run",
+        "!document.getElementById('kill-preview').hidden && document.getElementById('kill-preview-body').textContent.includes('every instance of the fleet')",
+    )
+    .await;
+    page.click("#kill-confirm").await;
+    page.wait_for(
+        "the fleet entry on the page",
+        "document.querySelectorAll('#kill-rows tr[data-id]').length === 1",
+    )
+    .await;
+    eventually("instance b refuses the version", || async {
+        handshake_status(&ws_connect(b.addr, "/ws", &[("X-Firmware-Version", SLOW)]).await) == 503
+    })
+    .await;
+    page.click("#kill-rows tr[data-id] button.lift").await;
+    page.click("#kill-rows tr[data-id] button.lift-confirm")
+        .await;
+    page.wait_for(
+        "the entry lifted",
+        "document.querySelectorAll('#kill-rows tr[data-id]').length === 0",
+    )
+    .await;
+    eventually("instance b admits the version again", || async {
+        handshake_status(&ws_connect(b.addr, "/ws", &[("X-Firmware-Version", SLOW)]).await) == 101
+    })
+    .await;
     // In fleet mode every endpoint the page reads exists: not one complaint.
     assert_no_problems(&page, &[]);
     a.stop().await;

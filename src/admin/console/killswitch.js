@@ -78,6 +78,7 @@ export class KillSwitchPanel {
     ];
     const rows = [
       ['Open connections it matches', h('span', { class: 'figure', id: 'kill-impact-connections' }, num(impact.matching_connections))],
+      answer.scope ? ['Applies to', answer.scope === 'fleet' ? 'every instance of the fleet' : 'this instance'] : null,
       ['Of those, closed', `${num(impact.closing)}${entry.close_existing === false ? ' (close_existing = false)' : entry.drain ? ` over ${entry.drain}` : ''}`],
     ];
     if (census) rows.push(['Handshakes in the last minute it would have refused', h('span', { class: 'figure' }, num(census.handshakes_last_minute))]);
@@ -111,10 +112,13 @@ export class KillSwitchPanel {
     });
   }
 
-  async lift(id) {
+  async lift(e) {
     if (this.busy) return;
+    const id = e.id;
+    // In fleet mode an entry of this instance only is lifted with ?scope=local (as --local).
+    const local = this.fleetStore && e.scope === 'local' ? '?scope=local' : '';
     await this.run(async () => {
-      const answer = (await act('DELETE', `/v1/killswitch/${encodeURIComponent(id)}`, this.token())) || {};
+      const answer = (await act('DELETE', `/v1/killswitch/${encodeURIComponent(id)}${local}`, this.token())) || {};
       this.pendingLift = null;
       const spec = answer.removed || {};
       message(this.msg, `Lifted ${spec.versions || id} (${id}): those versions are decided by the rules again.`, 'ok');
@@ -140,8 +144,12 @@ export class KillSwitchPanel {
   /** Renders a /v1/killswitch answer. */
   update(data) {
     this.entries = data.entries || [];
+    this.fleetStore = data.fleet_store || null;
     this.fetchedAt = performance.now();
-    setText(byId('kill-persisted'), data.persisted_in ? `persisted in ${data.persisted_in}` : 'no state_dir: entries cannot be created on this instance');
+    setText(byId('kill-persisted'), [
+      data.fleet_store ? `fleet entries in ${data.fleet_store}${data.synced === false ? ' (NOT synced: showing the last-known-good copy)' : ''}` : '',
+      data.persisted_in ? `local entries persisted in ${data.persisted_in}` : (data.fleet_store ? '' : 'no state_dir: entries cannot be created on this instance'),
+    ].filter(Boolean).join(' · '));
     this.render();
   }
 
@@ -150,16 +158,16 @@ export class KillSwitchPanel {
     const rows = this.entries.map((e) => {
       const confirming = this.pendingLift === e.id;
       const actions = confirming
-        ? [h('button', { type: 'button', class: 'danger lift-confirm', disabled: this.busy, onclick: () => this.lift(e.id) }, 'Confirm lift'),
+        ? [h('button', { type: 'button', class: 'danger lift-confirm', disabled: this.busy, onclick: () => this.lift(e) }, 'Confirm lift'),
           ' ', h('button', { type: 'button', class: 'small', onclick: () => { this.pendingLift = null; this.render(); } }, 'Cancel')]
         : h('button', { type: 'button', class: 'small lift', disabled: this.busy, onclick: () => { this.pendingLift = e.id; this.render(); } }, 'Lift');
       return h('tr', { dataset: { id: e.id } },
-        h('td', { class: 'mono' }, e.versions),
+        h('td', { class: 'mono' }, e.versions, e.active === false ? h('div', { class: 'muted' }, '(not in force)') : null),
         h('td', null, e.reason),
         h('td', { class: 'num expires', dataset: { expiresIn: e.expires_in_s === null || e.expires_in_s === undefined ? '' : e.expires_in_s } },
           this.remaining(e)),
         h('td', { class: 'num' }, num(e.matching_connections)),
-        h('td', { class: 'muted' }, e.id, e.created_by ? ` · ${e.created_by}` : ''),
+        h('td', { class: 'muted' }, e.id, e.created_by ? ` · ${e.created_by}` : '', this.fleetStore ? ` · ${e.scope}` : ''),
         h('td', null, actions));
     });
     if (rows.length === 0) rows.push(h('tr', null, h('td', { colSpan: 6, class: 'muted' }, 'No entries: nothing is refused by the kill switch.')));
