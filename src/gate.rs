@@ -20,7 +20,7 @@ use crate::limits::{key_hash, Capacity, ConnPermit, GlobalLimits, LimitOutcome, 
 use crate::metrics::KillSwitchAction;
 use crate::metrics::{DecisionKind, Metrics, ReloadLabel, ReloadResult};
 use crate::proxy::forward::Upstream;
-use crate::registry::Registry;
+use crate::registry::{CloseCause, Registry};
 use crate::rules::{
     file, jittered_wait_secs, Action, DecidedBy, Decider, Decision, Refusal, RuleSet, VersionInput,
 };
@@ -116,7 +116,8 @@ impl LimitDeciders {
                 retry_after: Some(retry_after),
                 jitter,
             }),
-            counters: metrics.rule_counters(name),
+            // They only ever refuse, through `refuse_by` (counted `limited`).
+            counters: metrics.rule_counters_for(name, &[DecisionKind::limited], false),
             close_existing: false,
             drain: std::time::Duration::ZERO,
         };
@@ -144,7 +145,7 @@ impl LimitDeciders {
                     retry_after: None,
                     jitter: 0.0,
                 }),
-                counters: metrics.rule_counters("ambiguous"),
+                counters: metrics.rule_counters_for("ambiguous", &[DecisionKind::deny], false),
                 close_existing: false,
                 drain: std::time::Duration::ZERO,
             },
@@ -585,7 +586,11 @@ impl Gate {
         let snap = self.snapshot();
         let plan = self.registry.plan_close(|t| {
             let d = self.decide(&snap, &t.version, &t.path);
-            (!d.admits() && d.decider.close_existing).then_some(d.decider.drain)
+            let cause = match d.by {
+                DecidedBy::KillSwitch => CloseCause::KillSwitch,
+                _ => CloseCause::Policy,
+            };
+            (!d.admits() && d.decider.close_existing).then_some((d.decider.drain, cause))
         });
         let n = plan.len();
         let counter = self.metrics.tunnels_closed_by_policy.clone();
@@ -614,7 +619,8 @@ impl Gate {
                 return None;
             }
             matching += 1;
-            (!dry_run && entry.decider.close_existing).then_some(entry.decider.drain)
+            (!dry_run && entry.decider.close_existing)
+                .then_some((entry.decider.drain, CloseCause::KillSwitch))
         });
         let closing = plan.len();
         let counter = self.metrics.tunnels_closed_by_policy.clone();

@@ -183,7 +183,10 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + grace;
     // Tunnels are closed gradually so the fleet reconnects to other instances in a trickle.
     gate.registry
-        .plan_close(|t| (t.kind == registry::TrackedKind::Tunnel).then_some(grace))
+        .plan_close(|t| {
+            (t.kind == registry::TrackedKind::Tunnel)
+                .then_some((grace, registry::CloseCause::Shutdown))
+        })
         .execute(|| {});
     if tokio::time::timeout_at(deadline, proxy_task).await.is_err() {
         tracing::warn!("shutdown grace elapsed with requests still in flight");

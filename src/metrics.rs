@@ -206,12 +206,24 @@ pub enum CloseReason {
     tls_handshake,
     /// The request head (or PROXY header) did not arrive in time, or a keep-alive connection idled out.
     header_timeout,
-    /// Malformed HTTP (hyper answered 400).
+    /// Malformed HTTP, in the head or the request body (400).
     bad_request,
+    /// No request body bytes for `body_read_timeout` (408).
+    body_timeout,
+    /// Refused at accept: the client address already holds `max_connections_per_ip` (503).
+    per_ip_limit,
     /// Request head over `max_header_bytes`/`max_headers` (hyper answered 431).
     head_too_large,
     /// Socket errors.
     io,
+}
+
+/// Labels of `fwgate_tunnels_closed_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelEndLabel {
+    /// How the tunnel ended (`TunnelEnd::as_str`: `closed`, `error`, `idle_timeout`,
+    /// `closed_by_policy`, `kill_switch`, `shutdown`).
+    pub end: &'static str,
 }
 
 /// Labels of `fwgate_connections_closed_total`.
@@ -295,6 +307,9 @@ pub struct Metrics {
     pub upstream_active: Gauge,
     /// `fwgate_connections_closed_total{reason}`: connections refused or cut at the connection level.
     pub connections_closed: Family<CloseLabel, Counter>,
+    /// `fwgate_tunnels_closed_total{end}`: tunnels ended, by how (a shutdown, a kill-switch
+    /// entry and a rule change are told apart).
+    pub tunnels_closed: Family<TunnelEndLabel, Counter>,
     /// `fwgate_killswitch_changes_total{action}`.
     pub killswitch_changes: Family<KillSwitchLabel, Counter>,
     /// `fwgate_killswitch_entries`: entries in the state in force (including not yet pruned expired ones).
@@ -512,6 +527,12 @@ impl Metrics {
             "Documents refused from the fleet store (the previous state stays in force)",
             fleet_invalid_documents.clone(),
         );
+        let tunnels_closed = Family::<TunnelEndLabel, Counter>::default();
+        registry.register(
+            "tunnels_closed",
+            "Tunnels ended, by how: closed, error, idle_timeout, closed_by_policy, kill_switch, shutdown",
+            tunnels_closed.clone(),
+        );
         Metrics {
             backend_seconds,
             backend_failures,
@@ -525,6 +546,7 @@ impl Metrics {
             fleet_watch_restarts,
             fleet_invalid_documents,
             connections_closed,
+            tunnels_closed,
             limit_keys,
             backoff_active,
             backoff_held_back,
@@ -563,6 +585,19 @@ impl Metrics {
     /// They keep the name's series exported for as long as they live (see
     /// [`Metrics::prune_rule_series`]).
     pub fn rule_counters(&self, rule: &str) -> RuleCounters {
+        self.rule_counters_for(rule, &DecisionKind::ALL, true)
+    }
+
+    /// A decider's counters, exporting only the series it can move: `kinds` are the decisions
+    /// it can make, `admits` whether connections can be open under it. The other counters work
+    /// but are never exported, so `/metrics` shows no series that can never be non-zero
+    /// (`decision="allow",rule="backoff"`).
+    pub fn rule_counters_for(
+        &self,
+        rule: &str,
+        kinds: &[DecisionKind],
+        admits: bool,
+    ) -> RuleCounters {
         let in_use = {
             let mut names = self.rule_series();
             match names.get(rule).and_then(Weak::upgrade) {
@@ -575,6 +610,9 @@ impl Metrics {
             }
         };
         let get = |decision| {
+            if !kinds.contains(&decision) {
+                return Counter::default();
+            }
             self.decisions
                 .get_or_create(&DecisionLabels {
                     decision,
@@ -588,12 +626,15 @@ impl Metrics {
             shadow_deny: get(DecisionKind::shadow_deny),
             shadow_allow: get(DecisionKind::shadow_allow),
             limited: get(DecisionKind::limited),
-            active: self
-                .active_connections
-                .get_or_create(&RuleLabel {
-                    rule: rule.to_string(),
-                })
-                .clone(),
+            active: if admits {
+                self.active_connections
+                    .get_or_create(&RuleLabel {
+                        rule: rule.to_string(),
+                    })
+                    .clone()
+            } else {
+                Gauge::default()
+            },
             _in_use: Some(in_use),
         }
     }

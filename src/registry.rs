@@ -3,7 +3,7 @@
 //! admin census can show what the fleet is running right now.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -36,31 +36,65 @@ pub struct Tracked {
     pub opened: Instant,
 }
 
-/// Tells one tracked connection to close. Latched: a signal sent before the connection waits
-/// for it is seen when it does. Each signal has a single waiter (the task serving that
-/// connection), so a flag and one waker slot do the work of a `Notify`'s waiter list without
-/// its lock: every forwarded request and every tunnel waits on one.
+/// Why fwgate closes a connection it admitted. Carried by the [`CloseSignal`], so that the
+/// connection's end can say why (the access log's `end=`, metrics, and a WebSocket close
+/// frame where one is sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CloseCause {
+    /// The rules in force no longer admit it (a reload with `close_existing`).
+    Policy = 1,
+    /// A kill-switch entry refuses it.
+    KillSwitch = 2,
+    /// fwgate is shutting down.
+    Shutdown = 3,
+}
+
+impl CloseCause {
+    fn from_u8(v: u8) -> Option<CloseCause> {
+        match v {
+            1 => Some(CloseCause::Policy),
+            2 => Some(CloseCause::KillSwitch),
+            3 => Some(CloseCause::Shutdown),
+            _ => None,
+        }
+    }
+}
+
+/// Tells one tracked connection to close, and why. Latched: a signal sent before the
+/// connection waits for it is seen when it does (the first cause sent is kept). Each signal
+/// has a single waiter (the task serving that connection), so one byte and one waker slot do
+/// the work of a `Notify`'s waiter list without its lock: every forwarded request and every
+/// tunnel waits on one.
 #[derive(Debug, Default)]
 pub struct CloseSignal {
-    closed: AtomicBool,
+    /// 0 while open, else a [`CloseCause`].
+    cause: AtomicU8,
     waker: atomic_waker::AtomicWaker,
 }
 
 impl CloseSignal {
-    /// Asks the connection to close.
-    pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+    /// Asks the connection to close for `cause`.
+    pub fn close(&self, cause: CloseCause) {
+        let _ = self
+            .cause
+            .compare_exchange(0, cause as u8, Ordering::AcqRel, Ordering::Acquire);
         self.waker.wake();
+    }
+
+    /// Why the connection was asked to close; None while it was not.
+    pub fn cause(&self) -> Option<CloseCause> {
+        CloseCause::from_u8(self.cause.load(Ordering::Acquire))
     }
 
     /// Ready once [`CloseSignal::close`] was called; otherwise wakes `cx` when it is.
     pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.closed.load(Ordering::Acquire) {
+        if self.cause.load(Ordering::Acquire) != 0 {
             return Poll::Ready(());
         }
         self.waker.register(cx.waker());
         // Checked again: a close between the first check and the registration woke nothing.
-        if self.closed.load(Ordering::Acquire) {
+        if self.cause.load(Ordering::Acquire) != 0 {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -120,8 +154,8 @@ impl Drop for Registration {
 /// Connections to close and how to spread their closing.
 #[derive(Debug, Default)]
 pub struct ClosePlan {
-    /// (close handle, delay from now) for each connection.
-    pub targets: Vec<(Arc<CloseSignal>, Duration)>,
+    /// (close handle, delay from now, why) for each connection.
+    pub targets: Vec<(Arc<CloseSignal>, Duration, CloseCause)>,
 }
 
 impl ClosePlan {
@@ -142,9 +176,9 @@ impl ClosePlan {
         }
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
-            for (close, delay) in self.targets {
+            for (close, delay, cause) in self.targets {
                 tokio::time::sleep_until(start + delay).await;
-                close.close();
+                close.close(cause);
                 on_close();
             }
         });
@@ -200,17 +234,21 @@ impl Registry {
         self.lock().is_empty()
     }
 
-    /// Plans closing every connection for which `refuses` returns a drain period: the closures
-    /// are spread evenly over the longest drain so a fleet does not reconnect in one wave.
-    pub fn plan_close(&self, mut refuses: impl FnMut(&Tracked) -> Option<Duration>) -> ClosePlan {
+    /// Plans closing every connection for which `refuses` returns a drain period and a cause:
+    /// the closures are spread evenly over the longest drain so a fleet does not reconnect in
+    /// one wave.
+    pub fn plan_close(
+        &self,
+        mut refuses: impl FnMut(&Tracked) -> Option<(Duration, CloseCause)>,
+    ) -> ClosePlan {
         let open = self.lock();
-        let mut picked: Vec<(Arc<CloseSignal>, Duration)> = open
+        let mut picked: Vec<(Arc<CloseSignal>, Duration, CloseCause)> = open
             .values()
-            .filter_map(|t| refuses(t).map(|drain| (t.close.clone(), drain)))
+            .filter_map(|t| refuses(t).map(|(drain, cause)| (t.close.clone(), drain, cause)))
             .collect();
         drop(open);
         let n = picked.len() as u32;
-        for (i, (_, drain)) in picked.iter_mut().enumerate() {
+        for (i, (_, drain, _)) in picked.iter_mut().enumerate() {
             *drain = drain.mul_f64(i as f64 / f64::from(n.max(1)));
         }
         ClosePlan { targets: picked }
@@ -255,7 +293,14 @@ mod tests {
     #[tokio::test]
     async fn a_close_signal_is_latched_and_wakes_its_waiter() {
         let early = CloseSignal::default();
-        early.close();
+        early.close(CloseCause::Shutdown);
+        assert_eq!(early.cause(), Some(CloseCause::Shutdown));
+        early.close(CloseCause::Policy);
+        assert_eq!(
+            early.cause(),
+            Some(CloseCause::Shutdown),
+            "the first cause is kept"
+        );
         tokio::time::timeout(Duration::from_secs(5), early.closed())
             .await
             .expect("a close sent before the wait was lost");
@@ -270,7 +315,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(!waiter.is_finished(), "finished before any close");
-        signal.close();
+        signal.close(CloseCause::KillSwitch);
         tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
             .expect("the waiter was not woken")
@@ -291,9 +336,11 @@ mod tests {
                 )
             })
             .collect();
-        let plan = r.plan_close(|t| (&*t.path == "/a").then_some(Duration::from_secs(10)));
+        let plan = r.plan_close(|t| {
+            (&*t.path == "/a").then_some((Duration::from_secs(10), CloseCause::Policy))
+        });
         assert_eq!(plan.len(), 2);
-        let mut delays: Vec<_> = plan.targets.iter().map(|(_, d)| *d).collect();
+        let mut delays: Vec<_> = plan.targets.iter().map(|(_, d, _)| *d).collect();
         delays.sort();
         assert_eq!(delays, vec![Duration::ZERO, Duration::from_secs(5)]);
         drop(regs);

@@ -359,15 +359,28 @@ async fn kill_add(gate: &Gate, req: Request<Incoming>) -> Response<Full<Bytes>> 
         Err(r) => return *r,
     };
     let actor = actor(req.headers());
-    let body = match http_body_util::Limited::new(req.into_body(), MAX_ADMIN_BODY)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
+    let read = http_body_util::Limited::new(req.into_body(), MAX_ADMIN_BODY).collect();
+    // The whole (small) body within `[listen] body_read_timeout`, as device bodies between reads.
+    let timeout = gate.config.listen.body_read_timeout;
+    let read = async {
+        if timeout.is_zero() {
+            Ok(read.await)
+        } else {
+            tokio::time::timeout(timeout, read).await
+        }
+    };
+    let body = match read.await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
             return json_response(
                 StatusCode::BAD_REQUEST,
                 &json!({"error": format!("cannot read body (at most {MAX_ADMIN_BODY} bytes): {e}")}),
+            )
+        }
+        Err(_) => {
+            return json_response(
+                StatusCode::REQUEST_TIMEOUT,
+                &json!({"error": format!("request body not received within {timeout:?} ([listen] body_read_timeout)")}),
             )
         }
     };

@@ -38,6 +38,9 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const DEFAULT_POOL_MAX_IDLE: usize = 256;
 /// Slowloris bound: a client must send its whole request head within this time.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the next bytes of a request body (nginx's `client_body_timeout`): shorter
+/// than the backend's response timeout, so a stalled upload frees its backend connection first.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on the bytes of one request head (request line plus headers); over it the answer is 431.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Refusal access-log lines per second before lines are sampled (a storm must not flood the log).
@@ -189,6 +192,11 @@ pub struct RawListen {
     pub addr: Option<Spanned<String>>,
     /// Time allowed to receive a whole request head, e.g. `"10s"`.
     pub header_read_timeout: Option<Spanned<String>>,
+    /// Longest wait between two reads of a request body, e.g. `"30s"`; past it 408. Default 30s.
+    pub body_read_timeout: Option<Spanned<String>>,
+    /// Open connections from one client address at once (0: no cap, the default: many devices
+    /// share an address behind NAT). Past it a connection is refused at accept.
+    pub max_connections_per_ip: Option<Spanned<i64>>,
     /// Maximum bytes in a request head (at least 8192). Default 16384.
     pub max_header_bytes: Option<Spanned<i64>>,
     /// Maximum header lines in a request. Default 100.
@@ -305,6 +313,10 @@ pub struct ListenConfig {
     pub addr: SocketAddr,
     /// Time allowed to receive a request head.
     pub header_read_timeout: Duration,
+    /// Longest wait between two reads of a request body (zero: none).
+    pub body_read_timeout: Duration,
+    /// Open connections per client address (0: no cap).
+    pub max_connections_per_ip: usize,
     /// Maximum request-head size in bytes.
     pub max_header_bytes: usize,
     /// Maximum header lines.
@@ -410,6 +422,8 @@ impl Config {
             listen: ListenConfig {
                 addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
                 header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+                body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+                max_connections_per_ip: 0,
                 max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
                 max_headers: DEFAULT_MAX_HEADERS,
                 max_uri_bytes: DEFAULT_MAX_URI_BYTES,
@@ -475,6 +489,13 @@ impl Config {
             addr: v.socket_addr(&raw.listen.addr, DEFAULT_LISTEN_ADDR),
             header_read_timeout: v
                 .duration(&raw.listen.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT),
+            body_read_timeout: v.duration(&raw.listen.body_read_timeout, DEFAULT_BODY_READ_TIMEOUT),
+            max_connections_per_ip: v.bounded_int(
+                &raw.listen.max_connections_per_ip,
+                0,
+                0,
+                1 << 24,
+            ),
             max_header_bytes: v.bounded_int(
                 &raw.listen.max_header_bytes,
                 DEFAULT_MAX_HEADER_BYTES,

@@ -372,7 +372,8 @@ pub fn compile_entry(
     );
     let decider = Decider {
         health: None,
-        counters: metrics.rule_counters(&name),
+        // An entry only ever refuses: no `allow`, `limited` or open-connection series.
+        counters: metrics.rule_counters_for(&name, &[crate::metrics::DecisionKind::deny], false),
         name: Arc::from(name),
         action: Action::Deny(Refusal {
             status,

@@ -176,36 +176,86 @@ impl Connector {
     }
 }
 
+/// Why the client's request body could not be forwarded: the client's doing, never the
+/// backend's (a 400 or 408, counted as a client error).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    /// No byte of the body arrived for `[listen] body_read_timeout`.
+    #[error("no request body bytes for {0:?} (body_read_timeout)")]
+    Timeout(Duration),
+    /// The body was malformed (bad chunked framing) or cut short.
+    #[error("malformed request body: {0}")]
+    Malformed(#[source] hyper::Error),
+}
+
 /// The request body sent to the backend: the client's, streamed frame by frame as it arrives,
-/// counting bytes for the access log.
+/// counting bytes for the access log, with at most `read_timeout` between two reads (as
+/// nginx's `client_body_timeout`): a body that stalls frees its backend connection.
 pub struct UpstreamRequestBody {
     inner: Incoming,
     sent: Arc<AtomicU64>,
+    read_timeout: Duration,
+    /// Armed when a read finds nothing; made on the first such wait (a bodiless request never
+    /// makes one).
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
 }
 
 impl UpstreamRequestBody {
-    /// Wraps the client's body; `sent` accumulates the bytes forwarded.
-    pub fn new(inner: Incoming, sent: Arc<AtomicU64>) -> UpstreamRequestBody {
-        UpstreamRequestBody { inner, sent }
+    /// Wraps the client's body; `sent` accumulates the bytes forwarded; `read_timeout` bounds
+    /// each wait for the next bytes (zero: no bound).
+    pub fn new(
+        inner: Incoming,
+        sent: Arc<AtomicU64>,
+        read_timeout: Duration,
+    ) -> UpstreamRequestBody {
+        UpstreamRequestBody {
+            inner,
+            sent,
+            read_timeout,
+            stall: None,
+            armed: false,
+        }
     }
 }
 
 impl hyper::body::Body for UpstreamRequestBody {
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = ClientBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, ClientBodyError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                this.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.armed = false;
+                if let Some(data) = frame.data_ref() {
+                    this.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(ClientBodyError::Malformed(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending if this.read_timeout.is_zero() => Poll::Pending,
+            Poll::Pending => {
+                let deadline = tokio::time::Instant::now() + this.read_timeout;
+                let stall = this
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !this.armed {
+                    stall.as_mut().reset(deadline);
+                    this.armed = true;
+                }
+                match std::future::Future::poll(stall.as_mut(), cx) {
+                    Poll::Ready(()) => {
+                        Poll::Ready(Some(Err(ClientBodyError::Timeout(this.read_timeout))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
             }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -215,6 +265,21 @@ impl hyper::body::Body for UpstreamRequestBody {
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The client-side failure behind a failed backend exchange, if the client's body caused it.
+fn client_body_failure(e: &hyper::Error) -> Option<ProxyFailure> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(body) = s.downcast_ref::<ClientBodyError>() {
+            return Some(match body {
+                ClientBodyError::Timeout(_) => ProxyFailure::ClientBodyTimeout,
+                ClientBodyError::Malformed(_) => ProxyFailure::ClientBodyMalformed,
+            });
+        }
+        source = s.source();
+    }
+    None
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<UpstreamRequestBody>;
@@ -463,7 +528,8 @@ impl Upstream {
                         Some(req) => req,
                         None => {
                             tracing::debug!(error = %e.error(), "backend exchange failed");
-                            return Err(ProxyFailure::UpstreamBroken);
+                            return Err(client_body_failure(e.error())
+                                .unwrap_or(ProxyFailure::UpstreamBroken));
                         }
                     },
                 },
@@ -474,7 +540,7 @@ impl Upstream {
                 Ok(resp) => Ok((resp, sender)),
                 Err(e) => {
                     tracing::debug!(error = %e, "backend exchange failed");
-                    Err(ProxyFailure::UpstreamBroken)
+                    Err(client_body_failure(&e).unwrap_or(ProxyFailure::UpstreamBroken))
                 }
             }
         };
@@ -646,6 +712,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(UPGRADE, u);
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+/// The request headers as hyper's path sends them to the backend: hop-by-hop headers removed
+/// (`Upgrade` kept for an upgrade), `Content-Length` in plain decimal, `Host` from the
+/// request's authority when it has none (HTTP/2 carries it in `:authority`; a request with
+/// neither gets the backend's address from [`Upstream::send`]), and the forwarding headers.
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    upgrade: bool,
+    authority: Option<&Authority>,
+    client: SocketAddr,
+    proto: &'static str,
+) {
+    strip_hop_by_hop(headers, upgrade);
+    normalize_content_length(headers);
+    if !headers.contains_key(http::header::HOST) {
+        if let Some(host) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            headers.insert(http::header::HOST, host);
+        }
+    }
+    add_forwarding_headers(headers, client, proto);
 }
 
 /// Adds the forwarding headers nginx users expect: `X-Forwarded-For` gets the client appended

@@ -8,6 +8,7 @@
 
 pub mod forward;
 pub mod h1;
+pub mod per_ip;
 pub mod prefixed;
 pub mod proxy_protocol;
 pub mod response;
@@ -33,14 +34,18 @@ use crate::metrics::CloseReason;
 use crate::gate::Gate;
 
 /// Over `[limits] max_connections`: answer a static 503 without parsing anything, then close.
-async fn refuse_at_accept(gate: Arc<Gate>, mut stream: tokio::net::TcpStream) {
-    use tokio::io::AsyncWriteExt as _;
+async fn refuse_at_accept(gate: Arc<Gate>, stream: tokio::net::TcpStream) {
     let decider = &gate.limit_deciders.max_connections;
     let retry = match gate.refuse_by(decider, None) {
         crate::gate::Verdict::Refuse(r, _, _) => r.retry_after_secs().unwrap_or(10),
         crate::gate::Verdict::Forward(_) => 10,
     };
-    let body = "too many open connections, retry later\n";
+    answer_503_and_close(stream, retry, "too many open connections, retry later\n").await;
+}
+
+/// Writes a static 503 with `Retry-After` and closes, bounded to one second.
+async fn answer_503_and_close(mut stream: TcpStream, retry: u64, body: &str) {
+    use tokio::io::AsyncWriteExt as _;
     let head = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: {retry}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
@@ -105,6 +110,7 @@ pub async fn serve(
     // Each connection task holds a sender; when all are dropped, every connection has ended.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let sockets = Arc::new(Semaphore::new(gate.config.listen.max_open_connections));
+    let per_ip = per_ip::PerIpConnections::new(gate.config.listen.max_connections_per_ip);
     let mut nodelay_inherited: Option<bool> = None;
     tokio::pin!(shutdown);
     loop {
@@ -145,9 +151,17 @@ pub async fn serve(
         let guards = h1::ConnGuards {
             _alive: alive,
             _socket: socket_permit,
+            _per_ip: None,
         };
         tokio::spawn(ConnectionTask::Http(Box::pin(serve_connection(
-            gate, tls, stream, peer, slot, stop, guards,
+            gate,
+            tls,
+            stream,
+            peer,
+            slot,
+            stop,
+            guards,
+            per_ip.clone(),
         ))));
     }
     let _ = stop_tx.send(true);
@@ -206,8 +220,9 @@ impl<H: Future<Output = Option<Tunnel>>> Future for ConnectionTask<H> {
     }
 }
 
-/// One device connection: PROXY header (from trusted networks only), TLS if configured, then
-/// HTTP/1.1 or (when ALPN chose it) HTTP/2.
+/// One device connection: PROXY header (from trusted networks only), the per-address cap
+/// when set, TLS if configured, then HTTP/1.1 or (when ALPN chose it) HTTP/2.
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection(
     gate: Arc<Gate>,
     tls: Option<Arc<crate::TlsListener>>,
@@ -215,7 +230,8 @@ async fn serve_connection(
     peer: SocketAddr,
     slot: ConnPermit,
     stop: watch::Receiver<bool>,
-    guards: h1::ConnGuards,
+    mut guards: h1::ConnGuards,
+    per_ip: Option<Arc<per_ip::PerIpConnections>>,
 ) -> Option<Tunnel> {
     let listen = &gate.config.listen;
     let client = if listen.proxy_protocol {
@@ -246,6 +262,20 @@ async fn serve_connection(
     } else {
         peer
     };
+    // The client as the PROXY header names it: behind a TCP load balancer, the balancer's
+    // address would otherwise count every device as one.
+    if let Some(per_ip) = per_ip {
+        match per_ip.try_acquire(client.ip()) {
+            Some(held) => guards._per_ip = Some(held),
+            None => {
+                gate.metrics.connection_closed(CloseReason::per_ip_limit);
+                let retry = gate.config.limits.retry_after.as_secs().max(1);
+                let body = "too many open connections from this address, retry later\n";
+                answer_503_and_close(stream, retry, body).await;
+                return None;
+            }
+        }
+    }
     let Some(tls) = tls else {
         let info = ConnInfo {
             client,

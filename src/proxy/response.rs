@@ -33,9 +33,21 @@ pub enum ProxyFailure {
     UpstreamBusy,
     /// A rule change or kill-switch entry refused the request while it waited for the backend.
     ClosedByPolicy,
+    /// The client's request body was malformed (bad chunked framing) or cut short: 400.
+    ClientBodyMalformed,
+    /// The client sent no body bytes for `body_read_timeout`: 408.
+    ClientBodyTimeout,
 }
 
 impl ProxyFailure {
+    /// The client caused it (its request body), not the backend.
+    pub fn is_client_error(self) -> bool {
+        matches!(
+            self,
+            ProxyFailure::ClientBodyMalformed | ProxyFailure::ClientBodyTimeout
+        )
+    }
+
     /// Status and body for this failure.
     pub fn status_and_body(self) -> (StatusCode, &'static str) {
         match self {
@@ -57,6 +69,12 @@ impl ProxyFailure {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "refused: the rules in force no longer admit this request\n",
             ),
+            ProxyFailure::ClientBodyMalformed => {
+                (StatusCode::BAD_REQUEST, "malformed request body\n")
+            }
+            ProxyFailure::ClientBodyTimeout => {
+                (StatusCode::REQUEST_TIMEOUT, "request body timed out\n")
+            }
         }
     }
 }
@@ -112,10 +130,16 @@ impl Answer {
     }
 }
 
-/// A response for a backend failure.
+/// A response for a backend failure. After a client body failure the connection cannot carry
+/// another request (the rest of the body is unread): it closes.
 pub fn failure(f: ProxyFailure) -> Response<ResponseBody> {
     let (status, body) = f.status_and_body();
-    plain(status, body)
+    let mut resp = plain(status, body);
+    if f.is_client_error() {
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// A small plain-text response.

@@ -14,8 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 
 use super::forward::{
-    add_forwarding_headers, normalize_content_length, strip_hop_by_hop, wants_upgrade, Lease,
-    UpstreamRequestBody, UpstreamStream,
+    rewrite_request_headers, strip_hop_by_hop, wants_upgrade, Lease, UpstreamRequestBody,
+    UpstreamStream,
 };
 use super::response::{self, BodyDone, ProxyFailure, ResponseBody};
 use super::tunnel::{self, TunnelEnd, TunnelStats};
@@ -28,7 +28,7 @@ use crate::gate::Verdict;
 use crate::limits::ConnPermit;
 use crate::logging::{millis, seconds};
 use crate::metrics::RuleHealth;
-use crate::metrics::{BackoffKeyLabel, DecisionKind, UpstreamOutcome};
+use crate::metrics::{BackoffKeyLabel, CloseReason, DecisionKind, UpstreamOutcome};
 use crate::registry::TrackedKind;
 use crate::rules::{jittered_wait_secs, DecidedBy, VersionInput};
 
@@ -456,26 +456,21 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let path: Arc<str> = req.uri().path().into();
     let method = req.method().clone();
-    strip_hop_by_hop(req.headers_mut(), upgrade);
     drop_underscored_headers(req.headers_mut());
-    normalize_content_length(req.headers_mut());
-    // The backend leg is HTTP/1.1 whatever the client spoke; HTTP/2 carries the host in
-    // :authority, not Host: keep it for the backend (a request with neither gets the backend's
-    // address as Host).
+    // The backend leg is HTTP/1.1 whatever the client spoke.
     *req.version_mut() = http::Version::HTTP_11;
-    if !req.headers().contains_key(http::header::HOST) {
-        if let Some(host) = req
-            .uri()
-            .authority()
-            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-        {
-            req.headers_mut().insert(http::header::HOST, host);
-        }
-    }
-    add_forwarding_headers(req.headers_mut(), conn.client, conn.scheme);
+    let authority = req.uri().authority().cloned();
+    rewrite_request_headers(
+        req.headers_mut(),
+        upgrade,
+        authority.as_ref(),
+        conn.client,
+        conn.scheme,
+    );
 
     let bytes_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let req = req.map(|body| UpstreamRequestBody::new(body, bytes_in.clone()));
+    let body_timeout = gate.config.listen.body_read_timeout;
+    let req = req.map(|body| UpstreamRequestBody::new(body, bytes_in.clone(), body_timeout));
     // Plain requests are tracked too (upgrades register once the tunnel exists), so that a rule
     // change or kill-switch entry with close_existing also ends long requests it now refuses.
     let started = Instant::now();
@@ -622,6 +617,12 @@ impl OpenTunnel {
         } = admitted;
         drop(held);
         active.dec();
+        gate.metrics
+            .tunnels_closed
+            .get_or_create(&crate::metrics::TunnelEndLabel {
+                end: stats.end.as_str(),
+            })
+            .inc();
         let lifetime = started.elapsed().saturating_sub(backend_time);
         // Churn is a tunnel that ended on its own soon after it opened; a long-lived tunnel
         // ending is health, and closes fwgate caused never count against the device.
@@ -653,7 +654,17 @@ pub(super) fn backend_failed(
     path: &str,
     started: Instant,
 ) -> Response<ResponseBody> {
-    gate.metrics.upstream(outcome_of(failure)).inc();
+    match failure {
+        ProxyFailure::ClientBodyMalformed => {
+            gate.metrics.connection_closed(CloseReason::bad_request)
+        }
+        ProxyFailure::ClientBodyTimeout => {
+            gate.metrics.connection_closed(CloseReason::body_timeout)
+        }
+        _ => {
+            gate.metrics.upstream(outcome_of(failure)).inc();
+        }
+    }
     let (presented, rule) = (&admitted.presented, &admitted.rule);
     let result = match failure {
         ProxyFailure::UpstreamUnreachable | ProxyFailure::UpstreamBroken => {
@@ -662,8 +673,8 @@ pub(super) fn backend_failed(
         ProxyFailure::UpstreamConnectTimeout | ProxyFailure::UpstreamResponseTimeout => {
             Some(BackendResult::Timeout)
         }
-        // fwgate's own refusals, not the backend's doing.
-        ProxyFailure::UpstreamBusy | ProxyFailure::ClosedByPolicy => None,
+        // fwgate's own refusals and the client's faults, not the backend's doing.
+        _ => None,
     };
     if let Some(result) = result {
         gate.census
@@ -687,6 +698,10 @@ fn outcome_of(f: ProxyFailure) -> UpstreamOutcome {
         ProxyFailure::UpstreamBroken => UpstreamOutcome::error,
         ProxyFailure::UpstreamBusy => UpstreamOutcome::busy,
         ProxyFailure::ClosedByPolicy => UpstreamOutcome::closed_by_policy,
+        // Counted as client errors by the caller; never reached.
+        ProxyFailure::ClientBodyMalformed | ProxyFailure::ClientBodyTimeout => {
+            UpstreamOutcome::error
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use crate::registry::CloseSignal;
+use crate::registry::{CloseCause, CloseSignal};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -88,19 +88,34 @@ pub enum TunnelEnd {
     Closed,
     /// A socket error (reset, broken pipe).
     Error,
-    /// Closed by fwgate because the rules in force no longer admit it (or at shutdown).
+    /// Closed by fwgate because the rules in force no longer admit it.
     ClosedByPolicy,
+    /// Closed by fwgate because a kill-switch entry refuses it.
+    KillSwitch,
+    /// Closed by fwgate at shutdown.
+    Shutdown,
     /// No byte either way for `tunnel_idle_timeout`.
     IdleTimeout,
 }
 
 impl TunnelEnd {
+    /// The end of a tunnel fwgate closed, by the cause its close signal carries.
+    pub fn closed_by(cause: Option<CloseCause>) -> TunnelEnd {
+        match cause {
+            Some(CloseCause::KillSwitch) => TunnelEnd::KillSwitch,
+            Some(CloseCause::Shutdown) => TunnelEnd::Shutdown,
+            Some(CloseCause::Policy) | None => TunnelEnd::ClosedByPolicy,
+        }
+    }
+
     /// Name for logs.
     pub fn as_str(self) -> &'static str {
         match self {
             TunnelEnd::Closed => "closed",
             TunnelEnd::Error => "error",
             TunnelEnd::ClosedByPolicy => "closed_by_policy",
+            TunnelEnd::KillSwitch => "kill_switch",
+            TunnelEnd::Shutdown => "shutdown",
             TunnelEnd::IdleTimeout => "idle_timeout",
         }
     }
@@ -166,7 +181,7 @@ where
                 .poll_closed(&mut parts.context(Parts::CONTROL))
                 .is_ready()
             {
-                return Poll::Ready(TunnelEnd::ClosedByPolicy);
+                return Poll::Ready(TunnelEnd::closed_by(close.cause()));
             }
             if idled
                 .as_mut()
@@ -683,7 +698,7 @@ mod tests {
         let c2 = close.clone();
         let relay =
             tokio::spawn(async move { relay_plain(&client_side, &upstream_side, &c2).await });
-        close.close();
+        close.close(CloseCause::Policy);
         let stats = relay.await.unwrap();
         assert_eq!(stats.end, TunnelEnd::ClosedByPolicy);
         // The client sees the connection end.

@@ -186,11 +186,12 @@ pub fn compile_with_limits(
     let default_refusal = c.refusal(&d.status, &d.retry_after, &d.jitter, &d.body, false);
     let mut default_decider = |name: &str, value: &Option<Spanned<String>>, fallback: &str| {
         let action = c.action(value, fallback, &default_refusal);
+        let (kinds, admits) = action.possible_decisions(false);
         Decider {
             name: Arc::from(name),
             health: (!matches!(action, Action::Deny(_))).then(|| metrics.rule_health(name)),
+            counters: metrics.rule_counters_for(name, kinds, admits),
             action,
-            counters: metrics.rule_counters(name),
             close_existing: false,
             drain: DEFAULT_DRAIN,
         }
@@ -302,8 +303,11 @@ pub fn compile_with_limits(
                     // A shadow deny rule never decides, so it never admits either.
                     health: (!matches!(action, Action::Deny(_)) && mode == Mode::Enforce)
                         .then(|| metrics.rule_health(name)),
+                    counters: {
+                        let (kinds, admits) = action.possible_decisions(mode == Mode::Shadow);
+                        metrics.rule_counters_for(name, kinds, admits)
+                    },
                     action,
-                    counters: metrics.rule_counters(name),
                     close_existing: r.close_existing.unwrap_or(false),
                     drain,
                 },

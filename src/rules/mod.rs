@@ -20,7 +20,7 @@ use http::StatusCode;
 
 use crate::extract::{Extractor, Found, HeaderSource};
 use crate::limits::LimitState;
-use crate::metrics::{RuleCounters, RuleHealth};
+use crate::metrics::{DecisionKind, RuleCounters, RuleHealth};
 use crate::version::{FirmwareVersion, VersionOrdering};
 use index::VersionIndex;
 use range::VersionRange;
@@ -41,6 +41,21 @@ pub enum Action {
     Deny(Refusal),
     /// Admit it within a rate and/or concurrency limit; over it, refuse (429 by default).
     Limit(LimitAction),
+}
+
+impl Action {
+    /// The decisions a decider with this action can be counted under, and whether it admits
+    /// connections: a shadow rule only ever counts `shadow_*` (it never decides), an enforced
+    /// one what its action does. For [`crate::metrics::Metrics::rule_counters_for`].
+    pub fn possible_decisions(&self, shadow: bool) -> (&'static [DecisionKind], bool) {
+        match (self, shadow) {
+            (Action::Deny(_), true) => (&[DecisionKind::shadow_deny], false),
+            (_, true) => (&[DecisionKind::shadow_allow], false),
+            (Action::Allow, false) => (&[DecisionKind::allow], true),
+            (Action::Deny(_), false) => (&[DecisionKind::deny], false),
+            (Action::Limit(_), false) => (&[DecisionKind::allow, DecisionKind::limited], true),
+        }
+    }
 }
 
 /// A rule's `limit` action: the shared limiter state and how to refuse when over it.

@@ -157,3 +157,70 @@ async fn mutating_endpoints_need_the_token() {
     assert_eq!(admin_get(&proxy, "/v1/reload").await.0, 405);
     proxy.stop().await;
 }
+
+/// `/metrics` exports a decision series only where that decision can happen: fixed limits
+/// only refuse (`limited`), deny rules and kill-switch entries only `deny`, shadow rules only
+/// `shadow_*`, and only deciders that admit have an open-connection gauge.
+#[tokio::test]
+async fn only_series_that_can_move_are_exported() {
+    let backend = http_backend().await;
+    let rules = r#"
+[[rule]]
+name = "block"
+versions = "<1.0.0"
+action = "deny"
+
+[[rule]]
+name = "try"
+versions = "<2.0.0"
+action = "deny"
+mode = "shadow"
+
+[[rule]]
+name = "throttle"
+versions = "<3.0.0"
+action = "limit"
+rate = "10/s"
+"#;
+    let proxy = start_proxy(rules, backend.addr, "").await;
+    let (status, text) = admin_post(
+        &proxy,
+        "/v1/killswitch",
+        Some(TEST_TOKEN),
+        r#"{"versions": ">=9", "reason": "series probe", "id": "probe"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{text}");
+    let (_, body) = admin_get(&proxy, "/metrics").await;
+    let has = |series: &str| body.lines().any(|l| l.starts_with(series));
+    for present in [
+        "fwgate_decisions_total{decision=\"limited\",rule=\"backoff\"}",
+        "fwgate_decisions_total{decision=\"limited\",rule=\"global:per_ip_rate\"}",
+        "fwgate_decisions_total{decision=\"deny\",rule=\"block\"}",
+        "fwgate_decisions_total{decision=\"shadow_deny\",rule=\"try\"}",
+        "fwgate_decisions_total{decision=\"allow\",rule=\"throttle\"}",
+        "fwgate_decisions_total{decision=\"limited\",rule=\"throttle\"}",
+        "fwgate_decisions_total{decision=\"allow\",rule=\"default\"}",
+        "fwgate_decisions_total{decision=\"deny\",rule=\"killswitch:probe\"}",
+        "fwgate_active_connections{rule=\"throttle\"}",
+    ] {
+        assert!(has(present), "missing {present}:\n{body}");
+    }
+    for absent in [
+        "fwgate_decisions_total{decision=\"allow\",rule=\"backoff\"}",
+        "fwgate_decisions_total{decision=\"deny\",rule=\"backoff\"}",
+        "fwgate_decisions_total{decision=\"shadow_allow\",rule=\"upstream:capacity\"}",
+        "fwgate_decisions_total{decision=\"allow\",rule=\"block\"}",
+        "fwgate_decisions_total{decision=\"limited\",rule=\"block\"}",
+        "fwgate_decisions_total{decision=\"deny\",rule=\"try\"}",
+        "fwgate_decisions_total{decision=\"shadow_allow\",rule=\"try\"}",
+        "fwgate_decisions_total{decision=\"deny\",rule=\"throttle\"}",
+        "fwgate_decisions_total{decision=\"allow\",rule=\"killswitch:probe\"}",
+        "fwgate_active_connections{rule=\"block\"}",
+        "fwgate_active_connections{rule=\"backoff\"}",
+        "fwgate_active_connections{rule=\"killswitch:probe\"}",
+    ] {
+        assert!(!has(absent), "{absent} can never move:\n{body}");
+    }
+    proxy.stop().await;
+}

@@ -252,3 +252,47 @@ async fn idle_tunnels_are_closed() {
     assert!(started.elapsed() >= Duration::from_millis(300));
     proxy.stop().await;
 }
+
+/// `max_connections_per_ip`: one address cannot hold more connections than the cap (partial
+/// heads included); past it a 503 at once, counted; a closed connection frees its place.
+#[tokio::test]
+async fn max_connections_per_ip_refuses_the_excess_and_counts_it() {
+    let backend = http_backend().await;
+    let proxy = start_proxy(
+        "[defaults]\naction = \"allow\"\n",
+        backend.addr,
+        "[listen]\nmax_connections_per_ip = 2\n",
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        held.push(s);
+    }
+    // The two are counted once their tasks run: wait until a third is refused.
+    let third = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    eventually(
+        "a third connection from the same address is refused",
+        || async {
+            raw_exchange(proxy.addr, third)
+                .await
+                .starts_with("HTTP/1.1 503")
+        },
+    )
+    .await;
+    let refused = raw_exchange(proxy.addr, third).await;
+    assert!(refused.contains("from this address"), "{refused:?}");
+    assert!(metric(
+        &proxy,
+        "fwgate_connections_closed_total{reason=\"per_ip_limit\"}"
+    )
+    .await
+    .is_some_and(|n| n >= 1.0));
+    drop(held.pop());
+    eventually("a freed place admits a new connection", || async {
+        get(proxy.addr, "/", &[]).await.0 == 200
+    })
+    .await;
+    proxy.stop().await;
+}

@@ -431,7 +431,10 @@ async fn a_stalled_watch_is_detected_and_replaced() {
         status_for(&c, Some("4.4.0")).await == 503
     })
     .await;
-    assert!(metric(&c, "fwgate_fleet_watch_restarts_total{reason=\"stalled\"}").await >= Some(1.0));
+    eventually("the stalled watch's restart is counted", || async {
+        metric(&c, "fwgate_fleet_watch_restarts_total{reason=\"stalled\"}").await >= Some(1.0)
+    })
+    .await;
     a.stop().await;
     c.stop().await;
 }

@@ -220,3 +220,66 @@ async fn the_dry_run_explain_audit_diff_and_upstream_views() {
     assert_eq!(v["last_minute"]["samples"], 6, "{v}");
     proxy.stop().await;
 }
+
+/// In fleet mode `fwgate check --preview` needs no `--admin`: it asks every live instance the
+/// store lists.
+#[tokio::test]
+async fn in_fleet_mode_check_preview_asks_every_live_instance() {
+    if !crate::etcd::available("in_fleet_mode_check_preview_asks_every_live_instance") {
+        return;
+    }
+    let etcd = crate::etcd::Etcd::start().await;
+    let backend = http_backend().await;
+    let fleet = |id: &str| {
+        format!(
+            "[fleet]\netcd = [\"{}\"]\ninstance_id = \"{id}\"\nheartbeat_interval = \"200ms\"\n",
+            etcd.url()
+        )
+    };
+    let a = start_proxy(RULES, backend.addr, &fleet("a")).await;
+    let b = start_proxy(RULES, backend.addr, &fleet("b")).await;
+    for p in [&a, &b] {
+        eventually("synced with the store", || async {
+            admin_get(p, "/readyz").await.0 == 200
+        })
+        .await;
+    }
+    traffic(&a, "3.8.0-b3", 2).await;
+    traffic(&b, "3.8.0-b3", 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.toml"), BLOCK).unwrap();
+    std::fs::write(
+        dir.path().join("fwgate.toml"),
+        format!(
+            "rules = \"rules.toml\"\nstate_dir = \"state\"\n{}",
+            fleet("cli")
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("fwgate.toml").display().to_string();
+    eventually("both instances heartbeat", || async {
+        let (_, body) = admin_get(&a, "/v1/fleet").await;
+        body.matches("\"applied_revision\"").count() >= 2
+    })
+    .await;
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_fwgate"))
+            .args(["check", "--config", &config, "--preview"])
+            .env_remove("FWGATE_CONFIG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("impact over 2 instance(s)"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("3.8.0-b3") && l.trim_end().ends_with(" 5")),
+        "{text}"
+    );
+    a.stop().await;
+    b.stop().await;
+}

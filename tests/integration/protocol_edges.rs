@@ -264,3 +264,110 @@ fn dechunk(mut s: &str) -> String {
     }
     out
 }
+
+/// A request body that stops arriving is answered 408 after `body_read_timeout` (not held
+/// until the backend's response timeout), and counted as the client's doing.
+#[tokio::test]
+async fn a_stalled_request_body_is_a_408_counted_as_a_client_error() {
+    let backend = http_backend().await;
+    for (name, extra) in PATHS {
+        let listen = extra.strip_prefix("[listen]\n").unwrap_or(extra);
+        let config = format!(
+            "[listen]\nbody_read_timeout = \"300ms\"\n{listen}[upstream]\nresponse_timeout = \"20s\"\n"
+        );
+        let proxy = start_proxy(ADMIT_ALL, backend.addr, &config).await;
+        let started = std::time::Instant::now();
+        let (resp, closed) = exchange_until_close(
+            proxy.addr,
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly ten b",
+            DEADLINE,
+        )
+        .await;
+        assert!(closed, "{name}: {resp:?}");
+        let (status, _, _) = split_response(&resp);
+        assert_eq!(status, 408, "{name}: {resp:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{name}: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            metric(
+                &proxy,
+                "fwgate_connections_closed_total{reason=\"body_timeout\"}"
+            )
+            .await,
+            Some(1.0),
+            "{name}"
+        );
+        assert_eq!(
+            metric(&proxy, "fwgate_upstream_requests_total{outcome=\"error\"}").await,
+            None,
+            "{name}: counted as a backend error"
+        );
+        proxy.stop().await;
+    }
+}
+
+/// A malformed chunked body from the client is a 400 and a client error, not a 502.
+#[tokio::test]
+async fn a_malformed_chunked_request_body_is_a_400_counted_as_a_client_error() {
+    let backend = http_backend().await;
+    for (name, extra) in PATHS {
+        let proxy = start_proxy(ADMIT_ALL, backend.addr, extra).await;
+        let (resp, closed) = exchange_until_close(
+            proxy.addr,
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n",
+            DEADLINE,
+        )
+        .await;
+        assert!(closed, "{name}: {resp:?}");
+        let (status, _, body) = split_response(&resp);
+        assert_eq!(
+            (status, body.as_str()),
+            (400, "malformed request body\n"),
+            "{name}: {resp:?}"
+        );
+        assert_eq!(
+            metric(
+                &proxy,
+                "fwgate_connections_closed_total{reason=\"bad_request\"}"
+            )
+            .await,
+            Some(1.0),
+            "{name}"
+        );
+        assert_eq!(
+            metric(&proxy, "fwgate_upstream_requests_total{outcome=\"error\"}").await,
+            None,
+            "{name}: counted as a backend error"
+        );
+        proxy.stop().await;
+    }
+}
+
+/// The admin listener bounds its request bodies in time too.
+#[tokio::test]
+async fn a_stalled_admin_body_is_a_408() {
+    let backend = http_backend().await;
+    let proxy = start_proxy(
+        ADMIT_ALL,
+        backend.addr,
+        "[listen]\nbody_read_timeout = \"300ms\"\n",
+    )
+    .await;
+    let request = format!(
+        "POST /v1/killswitch HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TEST_TOKEN}\r\nContent-Length: 100\r\n\r\n{{\"versions\""
+    );
+    let mut s = TcpStream::connect(proxy.admin).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("no answer to a stalled admin body")
+        .unwrap();
+    let resp = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp:?}");
+    assert!(resp.contains("body_read_timeout"), "{resp:?}");
+    proxy.stop().await;
+}

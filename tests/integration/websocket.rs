@@ -187,3 +187,61 @@ async fn tunnel_counts_as_active_until_closed() {
     .await;
     proxy.stop().await;
 }
+
+/// A tunnel closed by fwgate says why, in the access log's `end=` and in
+/// `fwgate_tunnels_closed_total{end}`: a kill-switch entry, a rule change, or the shutdown.
+#[tokio::test]
+async fn tunnels_closed_by_fwgate_say_why() {
+    use fwgate::metrics::TunnelEndLabel;
+    let backend = ws_backend().await;
+    let rules = "[defaults]\naction = \"allow\"\nmissing = \"allow\"\n";
+    let proxy = start_proxy(rules, backend.addr, "").await;
+    let gate = proxy.gate.clone();
+    let count = |end: &'static str| {
+        gate.metrics
+            .tunnels_closed
+            .get_or_create(&TunnelEndLabel { end })
+            .get()
+    };
+    let mut killed = ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", "9.1.0")])
+        .await
+        .unwrap();
+    let mut kept = ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", "1.0.0")])
+        .await
+        .unwrap();
+    let (status, text) = admin_post(
+        &proxy,
+        "/v1/killswitch",
+        Some(TEST_TOKEN),
+        r#"{"versions": ">=9", "reason": "end probe", "drain": "0s"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{text}");
+    tokio::time::timeout(DEADLINE, async {
+        while killed.next().await.is_some_and(|m| m.is_ok()) {}
+    })
+    .await
+    .expect("the refused tunnel stayed open");
+    eventually("the kill-switch close is counted", || async {
+        count("kill_switch") == 1
+    })
+    .await;
+    kept.send(Message::text("alive")).await.unwrap();
+    assert_eq!(kept.next().await.unwrap().unwrap(), Message::text("alive"));
+    proxy.stop().await;
+    assert_eq!(count("shutdown"), 1, "the tunnel open at shutdown");
+    assert_eq!(count("closed_by_policy"), 0);
+    let logs = captured_logs();
+    assert!(
+        logs.lines().any(|l| l.contains("tunnel closed")
+            && l.contains("version=9.1.0")
+            && l.contains("end=\"kill_switch\"")),
+        "no kill_switch end in the access log"
+    );
+    assert!(
+        logs.lines().any(|l| l.contains("tunnel closed")
+            && l.contains("version=1.0.0")
+            && l.contains("end=\"shutdown\"")),
+        "no shutdown end in the access log"
+    );
+}

@@ -29,6 +29,8 @@
 mod chunked;
 mod encode;
 mod exchange;
+#[doc(hidden)]
+pub mod fuzzing;
 mod head;
 mod response_head;
 
@@ -65,6 +67,8 @@ pub(super) struct ConnGuards {
     pub _alive: mpsc::Sender<()>,
     /// The `max_open_connections` slot.
     pub _socket: OwnedSemaphorePermit,
+    /// The place in `max_connections_per_ip`, when that cap is on.
+    pub _per_ip: Option<super::per_ip::PerIpSlot>,
 }
 
 /// What to do with a complete request head.
