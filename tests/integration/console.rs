@@ -376,6 +376,13 @@ async fn console_adds_and_lifts_a_kill_switch_entry_with_the_token() {
     assert_eq!(handshake_status(&refused), 503);
     let other = ws_connect(proxy.addr, "/ws", &[("X-Firmware-Version", GOOD)]).await;
     assert_eq!(handshake_status(&other), 101);
+    // The refusal shows in the decisions chart by its kind, and the entry in its tile.
+    page.wait_for(
+        "a kill-switch refusal in the decisions chart",
+        "document.querySelectorAll('#decisions-chart rect.fill-killswitch').length > 0",
+    )
+    .await;
+    assert_eq!(page.text("#kill-count").await, "1");
 
     // Lift: two clicks, then the version is admitted again.
     page.click("#kill-rows tr[data-id] button.lift").await;
