@@ -1,12 +1,14 @@
 //! A small Chrome DevTools Protocol client for the console tests: it starts Debian's headless
 //! `chromium` with its own temporary profile, opens a page, evaluates JavaScript in it, types
 //! like a keyboard, and collects what the page complained about (console errors, uncaught
-//! exceptions, failed loads). The browser is killed and its profile removed on drop.
+//! exceptions, failed loads). [`Browser::close`] shuts it down cleanly; on drop (a failed
+//! test) its process group is killed. Either way its temporary profile is removed.
 //!
 //! No sleeps: every wait polls the page with a deadline and says what it waited for.
 
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader};
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,7 +52,8 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
 /// A running headless chromium and the DevTools connection to it.
 pub struct Browser {
     child: Child,
-    _profile: tempfile::TempDir,
+    /// The temporary user-data directory (removed once the browser is gone).
+    profile: PathBuf,
     outbox: mpsc::UnboundedSender<String>,
     pending: Pending,
     events: Arc<Mutex<Vec<Value>>>,
@@ -62,9 +65,29 @@ pub struct Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         self.reader.abort();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // `_profile` (the temporary user-data dir) is removed after this.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // Not closed (the test failed): kill the browser and its helpers, which share its
+            // process group, by that group's id; the plain kill is the fallback.
+            let group = format!("-{}", self.child.id());
+            let killed = Command::new("kill")
+                .args(["-KILL", "--", &group])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !killed {
+                let _ = self.child.kill();
+            }
+            let _ = self.child.wait();
+        }
+        // A helper that was still exiting may write one last file: try again a few times.
+        for _ in 0..20 {
+            match std::fs::remove_dir_all(&self.profile) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                _ => break,
+            }
+        }
     }
 }
 
@@ -72,7 +95,7 @@ impl Browser {
     /// Starts `binary` headless (flags from DEPENDENCIES.md and the machine notes: no sandbox
     /// as root, no GPU, no background networking, a fresh profile) and connects to it.
     pub async fn launch(binary: &std::path::Path) -> Browser {
-        let profile = tempfile::tempdir().unwrap();
+        let profile = tempfile::tempdir().unwrap().keep();
         let mut child = Command::new(binary)
             .args([
                 "--headless",
@@ -86,13 +109,17 @@ impl Browser {
                 "--disable-component-update",
                 "--disable-sync",
                 "--disable-extensions",
+                "--disable-crash-reporter",
+                "--disable-breakpad",
                 "--mute-audio",
                 "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0",
                 "--window-size=1400,1000",
             ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("--user-data-dir={}", profile.display()))
             .arg("about:blank")
+            // Its own process group, so that the helpers it starts can be killed with it.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -124,6 +151,7 @@ impl Browser {
             outcome => {
                 let _ = child.kill();
                 let _ = child.wait();
+                let _ = std::fs::remove_dir_all(&profile);
                 panic!(
                     "chromium did not print its DevTools address ({}):\n{}",
                     if outcome.is_err() {
@@ -169,7 +197,7 @@ impl Browser {
         });
         Browser {
             child,
-            _profile: profile,
+            profile,
             outbox,
             pending,
             events,
@@ -177,6 +205,19 @@ impl Browser {
             reader,
             stderr,
         }
+    }
+
+    /// Asks the browser to quit and waits until it has (helpers included); then drop removes
+    /// the profile.
+    pub async fn close(mut self) {
+        let _ = self
+            .outbox
+            .send(json!({"id": 0, "method": "Browser.close", "params": {}}).to_string());
+        let until = tokio::time::Instant::now() + DEADLINE;
+        while matches!(self.child.try_wait(), Ok(None)) && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Still running after the deadline: drop kills it.
     }
 
     /// Sends one command (to a page when `session` is set) and waits for its answer.

@@ -292,6 +292,7 @@ async fn console_shows_the_traffic_and_flags_the_slow_cohort() {
     );
     assert_eq!(after[2], "# half-typed rules");
     assert_no_problems(&page, EXPECTED_404S);
+    browser.close().await;
     drop((good, slow));
     proxy.stop().await;
 }
@@ -407,6 +408,7 @@ async fn console_adds_and_lifts_a_kill_switch_entry_with_the_token() {
         .await;
     assert_eq!(kept, 0);
     assert_no_problems(&page, EXPECTED_404S);
+    browser.close().await;
     proxy.stop().await;
 }
 
@@ -474,6 +476,7 @@ async fn console_actions_without_the_token_fail_with_a_clear_message() {
     );
     let entries = json(&unconfigured, "/v1/killswitch").await;
     assert_eq!(entries["entries"].as_array().unwrap().len(), 0);
+    browser.close().await;
     proxy.stop().await;
     unconfigured.stop().await;
 }
@@ -601,6 +604,7 @@ async fn console_explains_previews_and_shows_rules_audit_and_upstream() {
     );
     // The invalid file's 422 is the browser's own note of an answer the page handled.
     assert_no_problems(&page, &["/v1/fleet", "422 (Unprocessable Entity)"]);
+    browser.close().await;
     proxy.stop().await;
 }
 
@@ -674,6 +678,7 @@ async fn console_shows_the_fleet_in_fleet_mode() {
     .await;
     // In fleet mode every endpoint the page reads exists: not one complaint.
     assert_no_problems(&page, &[]);
+    browser.close().await;
     a.stop().await;
     b.stop().await;
 }
