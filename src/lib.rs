@@ -13,7 +13,8 @@
 //! - [`config`]: process settings (`fwgate.toml`), validated in two stages.
 //! - [`gate`]: the shared admission state: rules snapshot (arc-swap), metrics, registry, backend.
 //! - [`proxy`]: accept loop, admission service, forwarding, upgrade tunnels.
-//! - [`reload`]: watching the rules file's directory; [`admin`]: the admin listener.
+//! - [`reload`]: watching the rules file's directory; [`admin`]: the admin listener and its
+//!   incident console (`GET /`, [`admin::console`]).
 //! - [`killswitch`]: emergency entries decided before every rule, persisted and audited.
 //! - [`fleet`]: fleet mode: kill-switch entries (and optionally the rules) shared through etcd,
 //!   produced as snapshots the gate swaps in through the seam in [`shared`].

@@ -4,6 +4,7 @@
 //! compared in constant time.
 
 pub mod client;
+pub mod console;
 pub mod explain;
 pub mod preview;
 pub mod upstream;
@@ -152,6 +153,9 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Futu
 }
 
 async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(page) = console::serve(req.method(), req.uri().path(), req.headers()) {
+        return page;
+    }
     let gate = &admin.gate;
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {

@@ -3,10 +3,16 @@
 
 mod util;
 
+mod cdp;
+#[allow(dead_code)]
+#[path = "../../examples/storm/backend.rs"]
+mod storm_backend;
+
 mod admin;
 mod backoff;
 mod census;
 mod cli;
+mod console;
 mod edge;
 mod etcd;
 mod fast_path;

@@ -289,10 +289,16 @@ pub async fn start_proxy_in(dir: tempfile::TempDir, upstream: SocketAddr, extra:
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let tls = fwgate::TlsListener::from_config(&gate.config)
         .unwrap_or_else(|e| panic!("test TLS invalid: {e}"));
+    // `# no admin token` in `extra` runs with none configured (mutating endpoints answer 403).
+    let token = if extra.contains("# no admin token") {
+        AdminToken::none()
+    } else {
+        AdminToken::new(TEST_TOKEN)
+    };
     let task = tokio::spawn(fwgate::run(
         Listeners { proxy, admin, tls },
         gate.clone(),
-        AdminToken::new(TEST_TOKEN),
+        token,
         async move {
             let _ = rx.await;
         },
