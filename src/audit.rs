@@ -30,6 +30,21 @@ pub struct AuditEvent {
     pub detail: Option<String>,
 }
 
+impl AuditEvent {
+    /// A kill-switch entry added (or replaced), with `detail` (expiry, scope).
+    pub fn added(spec: &crate::killswitch::EntrySpec, detail: Option<String>) -> AuditEvent {
+        AuditEvent {
+            action: "kill_add",
+            id: Some(spec.id.clone()),
+            versions: Some(spec.versions.clone()),
+            reason: Some(spec.reason.clone()),
+            by: spec.created_by.clone(),
+            detail,
+            ..AuditEvent::default()
+        }
+    }
+}
+
 /// The last [`MAX_EVENTS`] events, newest last.
 #[derive(Default)]
 pub struct AuditTrail {

@@ -634,13 +634,9 @@ impl Gate {
             let entry = killswitch::compile_entry(spec.clone(), ordering, &self.metrics)?;
             let change = store.add_entry(&spec, expect, dry_run).await?;
             if !dry_run {
-                self.audit.record(AuditEvent {
-                    action: "kill_add",
-                    id: Some(spec.id.clone()),
-                    versions: Some(spec.versions.clone()),
-                    reason: Some(spec.reason.clone()),
-                    by: spec.created_by.clone(),
-                    detail: Some(format!(
+                self.audit.record(AuditEvent::added(
+                    &spec,
+                    Some(format!(
                         "fleet-wide through {}{}{}",
                         store.describe(),
                         change
@@ -652,8 +648,7 @@ impl Gate {
                             .map(|at| format!(", expires at {at} (unix)"))
                             .unwrap_or_default()
                     )),
-                    ..AuditEvent::default()
-                });
+                ));
             }
             // Applying the store's update closed what the entry closes; report the matches.
             let mut impact = self.kill_impact(&entry, true);
@@ -703,15 +698,10 @@ impl Gate {
         }
         self.kill_commit(&path, specs, ordering, KillSwitchAction::add)?;
         tracing::warn!(target: "fwgate::audit", action = "kill_add", id = %spec.id, versions = %spec.versions, reason = %spec.reason, by = spec.created_by.as_deref(), expires_at = spec.expires_at, status = spec.status, "kill-switch entry added");
-        self.audit.record(AuditEvent {
-            action: "kill_add",
-            id: Some(spec.id.clone()),
-            versions: Some(spec.versions.clone()),
-            reason: Some(spec.reason.clone()),
-            by: spec.created_by.clone(),
-            detail: spec.expires_at.map(|at| format!("expires at {at} (unix)")),
-            ..AuditEvent::default()
-        });
+        self.audit.record(AuditEvent::added(
+            &spec,
+            spec.expires_at.map(|at| format!("expires at {at} (unix)")),
+        ));
         Ok(self.kill_impact(&entry, false))
     }
 

@@ -2,8 +2,6 @@
 //! `fwgate check --preview` against two running instances), the kill-switch dry run's census
 //! impact, explain as JSON, the audit trail, the rules diff and the backend's health.
 
-use std::process::Command;
-
 use crate::util::*;
 
 const RULES: &str = "# admit everything\n";
@@ -73,18 +71,8 @@ async fn check_preview_sums_the_impact_over_two_running_instances() {
         "--admin".into(),
         format!("http://{}", b.admin),
     ];
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_fwgate"))
-            .args(&args)
-            .env_remove("FWGATE_CONFIG")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
+    let (ok, text) = run_fwgate(args).await;
+    assert!(ok, "{text}");
     assert!(text.contains("impact over 2 instance(s)"), "{text}");
     // 3.8.0-b3: 6 handshakes over both; 3.9.1: 1. Two versions newly refused, 7 per minute.
     assert!(
@@ -111,26 +99,22 @@ async fn check_preview_sums_the_impact_over_two_running_instances() {
     );
     let config = dir.path().join("fwgate.toml").display().to_string();
     let admin_a = format!("http://{}", a.admin);
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_fwgate"))
-            .args([
-                "check",
-                "--config",
-                &config,
-                "--preview",
-                "--admin",
-                &admin_a,
-                "--admin",
-                &dead,
-            ])
-            .env_remove("FWGATE_CONFIG")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(!out.status.success(), "{text}");
+    let (ok, text) = run_fwgate(
+        [
+            "check",
+            "--config",
+            &config,
+            "--preview",
+            "--admin",
+            &admin_a,
+            "--admin",
+            &dead,
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+    .await;
+    assert!(!ok, "{text}");
     assert!(
         text.contains("FAIL") && text.contains("did not answer"),
         "{text}"
@@ -262,18 +246,13 @@ async fn in_fleet_mode_check_preview_asks_every_live_instance() {
         body.matches("\"applied_revision\"").count() >= 2
     })
     .await;
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_fwgate"))
-            .args(["check", "--config", &config, "--preview"])
-            .env_remove("FWGATE_CONFIG")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
+    let (ok, text) = run_fwgate(
+        ["check", "--config", &config, "--preview"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert!(ok, "{text}");
     assert!(text.contains("impact over 2 instance(s)"), "{text}");
     assert!(
         text.lines()

@@ -479,6 +479,18 @@ pub async fn ws_connect(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, tokio_tungstenite::tungstenite::Error> {
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    ws_handshake(stream, proxy, path, headers).await
+}
+
+/// A WebSocket handshake on an open connection to `proxy`, with extra headers, bounded by
+/// [`DEADLINE`].
+async fn ws_handshake(
+    stream: TcpStream,
+    proxy: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, tokio_tungstenite::tungstenite::Error> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = format!("ws://{proxy}{path}").into_client_request().unwrap();
     for (k, v) in headers {
@@ -487,7 +499,6 @@ pub async fn ws_connect(
             http::HeaderValue::from_str(v).unwrap(),
         );
     }
-    let stream = TcpStream::connect(proxy).await.unwrap();
     tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(req, stream))
         .await
         .expect("websocket handshake timed out")
@@ -512,19 +523,8 @@ pub async fn ws_connect_from(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, tokio_tungstenite::tungstenite::Error> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut req = format!("ws://{proxy}{path}").into_client_request().unwrap();
-    for (k, v) in headers {
-        req.headers_mut().insert(
-            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            http::HeaderValue::from_str(v).unwrap(),
-        );
-    }
     let stream = connect_from(source, proxy).await;
-    tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(req, stream))
-        .await
-        .expect("websocket handshake timed out")
-        .map(|(ws, _)| ws)
+    ws_handshake(stream, proxy, path, headers).await
 }
 
 /// The status a WebSocket handshake got: 101, or the refusal's status.
@@ -534,4 +534,27 @@ pub fn handshake_status<S>(result: &Result<S, tokio_tungstenite::tungstenite::Er
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
         Err(e) => panic!("handshake failed without an HTTP answer: {e}"),
     }
+}
+
+/// Runs the `fwgate` binary with `args` off the runtime's threads (with the test token in
+/// `FWGATE_ADMIN_TOKEN`, no `FWGATE_CONFIG`); returns (success, stdout then stderr).
+pub async fn run_fwgate(args: Vec<String>) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fwgate"))
+            .args(&args)
+            .env("FWGATE_ADMIN_TOKEN", TEST_TOKEN)
+            .env_remove("FWGATE_CONFIG")
+            .output()
+            .expect("run fwgate");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    })
+    .await
+    .expect("fwgate runner")
 }
