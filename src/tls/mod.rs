@@ -47,7 +47,9 @@ pub use self::reload::{
     CERT_RECHECK_INTERVAL, CERT_RELOAD_DEBOUNCE,
 };
 pub use self::server::{server_config, SERVER_ALPN};
-pub use self::upstream::{upstream_client_config, upstream_server_name, UPSTREAM_ALPN};
+pub use self::upstream::{
+    upstream_client_config, upstream_server_name, ClientStream, UPSTREAM_ALPN,
+};
 
 /// The TLS files of a listener, as configured (paths are used as given, never canonicalized,
 /// so that Kubernetes Secret mounts keep working across their `..data` symlink swaps).
