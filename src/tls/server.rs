@@ -2,11 +2,10 @@
 
 use std::sync::Arc;
 
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ResolvesServerCert, WebPkiClientVerifier};
 use rustls::ServerConfig;
 
 use super::certs::load_roots;
-use super::reload::ReloadingCert;
 use super::{crypto_provider, TlsError, TlsFiles};
 
 /// ALPN protocols the server offers, in preference order: HTTP/2 for plain requests, HTTP/1.1
@@ -20,7 +19,7 @@ pub const SERVER_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 /// ([`super::watch_tls_files`]) builds a new configuration when it changes.
 pub fn server_config(
     files: &TlsFiles,
-    resolver: Arc<ReloadingCert>,
+    resolver: Arc<dyn ResolvesServerCert>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = crypto_provider();
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))

@@ -211,7 +211,7 @@ async fn handshake(
 
 fn server(files: &TlsFiles) -> (Arc<ReloadingCert>, Arc<ServerConfig>) {
     let resolver = ReloadingCert::new(load_certified_key(files).unwrap());
-    let config = server_config(files, Arc::clone(&resolver)).unwrap();
+    let config = server_config(files, resolver.clone()).unwrap();
     (resolver, config)
 }
 
