@@ -41,7 +41,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::FleetConfig;
@@ -114,16 +114,23 @@ pub struct FleetCore {
     pub cache_path: PathBuf,
     /// The heartbeat lease (0: none yet).
     pub lease: Mutex<i64>,
+    /// Woken when a call succeeds after the store was unreachable (a heartbeat, a write), so
+    /// the watch reconnects at once instead of at the end of its backoff: an instance that
+    /// answers heartbeats is expected by writers to follow changes too.
+    pub store_back: Notify,
 }
 
 impl FleetCore {
     /// Records a successful contact with the store.
     pub fn connected(&self, store_revision: i64) {
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        s.connected = true;
+        let was = std::mem::replace(&mut s.connected, true);
         s.store_revision = s.store_revision.max(store_revision);
         drop(s);
         self.metrics.fleet_connected(true);
+        if !was {
+            self.store_back.notify_one();
+        }
     }
 
     /// Records a failure to reach or use the store.
@@ -221,6 +228,7 @@ impl Fleet {
             applied,
             cache_path: cache::path(&state_dir),
             lease: Mutex::new(0),
+            store_back: Notify::new(),
             config,
         });
         core.metrics.fleet_connected(false);

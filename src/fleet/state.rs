@@ -281,15 +281,18 @@ pub async fn apply(core: &FleetCore, gate: &Gate, batch: Batch) {
         }
     }
     let changed = entries_changed || rules_changed || next.revision != before.revision || full;
+    // The copy is on disk before the applied revision moves: whoever sees this instance report
+    // a revision (the heartbeat, `kill add` waiting for the fleet) can rely on a restart with
+    // the store down starting from at least that state.
+    if changed {
+        save_copy(core, &next).await;
+    }
     *core.view.lock().unwrap_or_else(|e| e.into_inner()) = next.clone();
     core.applied.send_if_modified(|r| {
         let moved = *r != next.revision;
         *r = next.revision;
         moved
     });
-    if changed {
-        save_copy(core, &next).await;
-    }
 }
 
 /// Keeps at most [`killswitch::MAX_ENTRIES`] entries (the oldest), reporting the rest.

@@ -8,11 +8,11 @@
 //! - **Backoff**: reconnects wait a jittered, doubling delay ([`BACKOFF_BASE`] to [`BACKOFF_CAP`]),
 //!   reset once a watch has stayed healthy for a while.
 //! - **Stalls**: every third of `stall_timeout` a cheap read (keys and revisions under
-//!   `state/`, no values) checks the stream from outside: if the store holds a change newer than
-//!   what this instance applied, and the watch still has not delivered it at the next check,
-//!   the watch is stalled and is reconnected (resuming, so nothing is lost). A failing check
-//!   means the store is unreachable: the watch is dropped too, so the status says so. (Progress
-//!   requests on the stream itself cannot be used over etcd 3.4's gateway, see
+//!   `state/`, no values) checks the stream from outside: if the store has held a change newer
+//!   than what this instance applied for half of `stall_timeout` and the watch still has not
+//!   delivered it, the watch is stalled and is reconnected (resuming, so nothing is lost). A
+//!   failing check means the store is unreachable: the watch is dropped too, so the status says
+//!   so. (Progress requests on the stream itself cannot be used over etcd 3.4's gateway, see
 //!   [`super::etcd::watch`].)
 //! - **Auth**: a watch cancelled or refused for its token re-authenticates on reconnect.
 
@@ -165,7 +165,10 @@ pub async fn run(core: Arc<FleetCore>, gate: Arc<Gate>) {
             backoff.reset();
         }
         if !resync {
-            tokio::time::sleep(backoff.next_delay()).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = core.store_back.notified() => {}
+            }
         }
     }
 }
@@ -227,8 +230,10 @@ async fn watch(core: &FleetCore, gate: &Gate) -> End {
     let mut check = tokio::time::interval(core.config.stall_timeout / 3);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     check.tick().await;
-    // A store revision under state/ that was not applied at the last check.
-    let mut behind: Option<i64> = None;
+    // A store revision under state/ not applied yet, and when a check first saw it. Measured
+    // in time rather than in checks: on a loaded machine a tick or the check's own read can
+    // come late, and an event still in flight is not a stall.
+    let mut behind: Option<(i64, Instant)> = None;
     loop {
         tokio::select! {
             next = stream.next() => {
@@ -278,10 +283,17 @@ async fn watch(core: &FleetCore, gate: &Gate) -> End {
                 if store < seen {
                     return End::Rewound(store);
                 }
-                if behind.is_some_and(|b| applied < b) {
-                    return End::Stalled;
-                }
-                behind = (newest > applied).then_some(newest);
+                behind = match behind {
+                    _ if newest <= applied => None,
+                    // The change first seen missing is still missing.
+                    Some((rev, since)) if rev > applied => {
+                        if since.elapsed() >= core.config.stall_timeout / 2 {
+                            return End::Stalled;
+                        }
+                        Some((rev, since))
+                    }
+                    _ => Some((newest, Instant::now())),
+                };
             }
         }
     }

@@ -31,12 +31,26 @@ pub fn available(test: &str) -> bool {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A port for etcd that nothing else in this machine's tests can be handed meanwhile. A port
+/// from `bind(":0")` is released before etcd binds it, and the kernel may give it to any other
+/// socket in between (every proxy, backend and client connection in the suite takes ports from
+/// the ephemeral range), and again while a test has etcd stopped to simulate an outage. Ports
+/// below the ephemeral range (32768 and up on Linux) are only ever taken by an explicit bind,
+/// so each test process walks its own stretch of them, skipping any that is busy.
+fn reserved_port() -> u16 {
+    use std::sync::atomic::AtomicU32;
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 120) * 100;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range for etcd");
 }
 
 /// One etcd member.
@@ -66,8 +80,8 @@ impl Etcd {
             tempfile::tempdir().unwrap()
         };
         let mut etcd = Etcd {
-            client: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            peer: free_port(),
+            client: SocketAddr::from(([127, 0, 0, 1], reserved_port())),
+            peer: reserved_port(),
             dir,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),

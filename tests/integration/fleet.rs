@@ -273,11 +273,24 @@ async fn a_store_outage_never_loosens_enforcement_and_the_fleet_resyncs_after_it
         })
         .await;
     }
-    add(
+    // Heartbeats from before the outage are still in the store, but too old to count as live.
+    eventually("both instances live again", || async {
+        fleet_json(&b).await["instances"]
+            .as_array()
+            .is_some_and(|l| l.len() == 2 && l.iter().all(|i| i["live"] == true))
+    })
+    .await;
+    let v = add(
         &b,
         r#"{"versions": "1.5.0", "reason": "after the outage", "id": "after"}"#,
     )
     .await;
+    // Both watches follow again: the write's answer says both applied it.
+    assert_eq!(
+        v["fleet"]["applied"].as_array().map(Vec::len),
+        Some(2),
+        "{v}"
+    );
     assert_eq!(status_for(&a, Some("1.5.0")).await, 503);
     assert_eq!(status_for(&a, Some("0.9.0")).await, 503, "local entry kept");
     a.stop().await;
