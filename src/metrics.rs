@@ -204,8 +204,10 @@ pub enum CloseReason {
     bad_proxy_header,
     /// The TLS handshake failed or timed out.
     tls_handshake,
-    /// The request head (or PROXY header) did not arrive in time, or a keep-alive connection idled out.
+    /// The request head (or PROXY header) did not arrive in time.
     header_timeout,
+    /// A keep-alive connection sat idle between requests for `keepalive_timeout`.
+    keepalive_timeout,
     /// Malformed HTTP, in the head or the request body (400).
     bad_request,
     /// No request body bytes for `body_read_timeout` (408).

@@ -194,6 +194,10 @@ pub struct RawListen {
     pub header_read_timeout: Option<Spanned<String>>,
     /// Longest wait between two reads of a request body, e.g. `"30s"`; past it 408. Default 30s.
     pub body_read_timeout: Option<Spanned<String>>,
+    /// How long a keep-alive connection may sit idle between a response and the first byte of
+    /// the next request, e.g. `"75s"`. Default: `header_read_timeout` (as HAProxy's
+    /// `timeout http-keep-alive` defaults to `timeout http-request`).
+    pub keepalive_timeout: Option<Spanned<String>>,
     /// Open connections from one client address at once (0: no cap, the default: many devices
     /// share an address behind NAT). Past it a connection is refused at accept.
     pub max_connections_per_ip: Option<Spanned<i64>>,
@@ -315,6 +319,8 @@ pub struct ListenConfig {
     pub header_read_timeout: Duration,
     /// Longest wait between two reads of a request body (zero: none).
     pub body_read_timeout: Duration,
+    /// Longest idle time of a keep-alive connection between requests.
+    pub keepalive_timeout: Duration,
     /// Open connections per client address (0: no cap).
     pub max_connections_per_ip: usize,
     /// Maximum request-head size in bytes.
@@ -423,6 +429,7 @@ impl Config {
                 addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
                 header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
                 body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+                keepalive_timeout: DEFAULT_HEADER_READ_TIMEOUT,
                 max_connections_per_ip: 0,
                 max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
                 max_headers: DEFAULT_MAX_HEADERS,
@@ -485,10 +492,19 @@ impl Config {
             errors: &mut errors,
         };
 
+        let header_read_timeout =
+            v.duration(&raw.listen.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
+        let keepalive_timeout = v.duration(&raw.listen.keepalive_timeout, header_read_timeout);
+        if let (Some(s), true) = (&raw.listen.keepalive_timeout, keepalive_timeout.is_zero()) {
+            v.error(
+                s.span().start,
+                "keepalive_timeout must be more than 0s (an idle connection would be closed before it could be reused)".to_string(),
+            );
+        }
         let listen = ListenConfig {
             addr: v.socket_addr(&raw.listen.addr, DEFAULT_LISTEN_ADDR),
-            header_read_timeout: v
-                .duration(&raw.listen.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT),
+            header_read_timeout,
+            keepalive_timeout,
             body_read_timeout: v.duration(&raw.listen.body_read_timeout, DEFAULT_BODY_READ_TIMEOUT),
             max_connections_per_ip: v.bounded_int(
                 &raw.listen.max_connections_per_ip,

@@ -8,6 +8,7 @@
 
 pub mod forward;
 pub mod h1;
+mod idle;
 pub mod per_ip;
 pub mod prefixed;
 pub mod proxy_protocol;
@@ -377,21 +378,27 @@ where
     }
 }
 
-/// Runs a connection to its end; when shutdown starts, lets its current exchanges finish.
+/// Runs a connection to its end; when shutdown starts, or the connection idled out between
+/// requests (`idle` resolved), lets its current exchanges finish. True when it idled out.
 async fn until_done_or_drained<C: DrainableConnection>(
     conn: C,
     stop: &mut watch::Receiver<bool>,
-) -> C::Output {
+    idle: impl Future<Output = ()>,
+) -> (C::Output, bool) {
     tokio::pin!(conn);
     let stopping = async {
         // The watch guard is dropped inside this block, before any other await.
         let _ = stop.wait_for(|s| *s).await.map(|_| ());
     };
     tokio::select! {
-        r = conn.as_mut() => r,
+        r = conn.as_mut() => (r, false),
         () = stopping => {
             conn.as_mut().start_draining();
-            conn.await
+            (conn.await, false)
+        }
+        () = idle => {
+            conn.as_mut().start_draining();
+            (conn.await, true)
         }
     }
 }
@@ -399,20 +406,29 @@ async fn until_done_or_drained<C: DrainableConnection>(
 /// The admission service for one connection. The connection slot is shared with every
 /// request on it and handed to a tunnel on upgrade, so it stays taken for as long as anything
 /// of the connection is open.
+/// Every request counts in `keep_alive` until its response body is done.
 fn admission_service(
     gate: &Arc<Gate>,
     info: ConnInfo,
     slot: Arc<ConnPermit>,
+    keep_alive: Arc<idle::KeepAlive>,
 ) -> impl hyper::service::Service<
     http::Request<hyper::body::Incoming>,
-    Response = http::Response<response::ResponseBody>,
+    Response = http::Response<idle::Tracked<response::ResponseBody>>,
     Error = std::convert::Infallible,
     Future: Send + 'static,
 > + Clone
        + Send
        + 'static {
     let (gate, info) = (gate.clone(), Arc::new(info));
-    service_fn(move |req| service::handle(gate.clone(), info.clone(), slot.clone(), req))
+    service_fn(move |req| {
+        let in_flight = keep_alive.begin();
+        let answer = service::handle(gate.clone(), info.clone(), slot.clone(), req);
+        async move {
+            let response = answer.await?;
+            Ok(response.map(|body| idle::Tracked::new(body, in_flight)))
+        }
+    })
 }
 
 /// Serves HTTP/2 (negotiated by ALPN over TLS): plain requests through the same rules; upgrades
@@ -426,14 +442,20 @@ async fn serve_h2<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let svc = admission_service(&gate, info, slot);
+    let keep_alive = idle::KeepAlive::new();
+    let svc = admission_service(&gate, info, slot, keep_alive.clone());
     let listen = &gate.config.listen;
     let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(listen.max_header_bytes as u32)
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .serve_connection(io, svc);
-    let result = until_done_or_drained(conn, &mut stop).await;
+    let idle = keep_alive.idled_out(listen.keepalive_timeout);
+    let (result, idled_out) = until_done_or_drained(conn, &mut stop, idle).await;
+    if idled_out {
+        gate.metrics
+            .connection_closed(CloseReason::keepalive_timeout);
+    }
     if let Err(e) = result {
         gate.metrics.connection_closed(CloseReason::io);
         tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
@@ -450,7 +472,8 @@ pub(super) async fn serve_http<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let svc = admission_service(&gate, info, slot);
+    let keep_alive = idle::KeepAlive::new();
+    let svc = admission_service(&gate, info, slot, keep_alive.clone());
     let listen = &gate.config.listen;
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -459,7 +482,12 @@ pub(super) async fn serve_http<I>(
         .max_headers(listen.max_headers)
         .serve_connection(io, svc)
         .with_upgrades();
-    let result = until_done_or_drained(conn, &mut stop).await;
+    let idle = keep_alive.idled_out(listen.keepalive_timeout);
+    let (result, idled_out) = until_done_or_drained(conn, &mut stop, idle).await;
+    if idled_out {
+        gate.metrics
+            .connection_closed(CloseReason::keepalive_timeout);
+    }
     if let Err(e) = result {
         let reason = if e.is_timeout() {
             CloseReason::header_timeout

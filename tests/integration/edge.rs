@@ -58,28 +58,92 @@ async fn slowloris_is_cut_off_while_others_are_served() {
     proxy.stop().await;
 }
 
+/// Reads one response whose body ends with `tail`.
+async fn read_response_ending(s: &mut TcpStream, tail: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).ends_with(tail) {
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+            .await
+            .expect("response in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the response ended: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 #[tokio::test]
-async fn idle_keep_alive_connections_are_closed() {
+async fn idle_keep_alive_connections_have_their_own_timeout_on_both_http_paths() {
     let backend = http_backend().await;
     let proxy = start_proxy(
         NO_RULES,
         backend.addr,
-        "[listen]\nheader_read_timeout = \"400ms\"\n",
+        "[listen]\nheader_read_timeout = \"20s\"\nkeepalive_timeout = \"300ms\"\n",
     )
     .await;
+    // The fast path (a bodiless GET), then hyper's (a POST with a body hands the connection
+    // over): after the response, the connection idles out at keepalive_timeout, far from the
+    // 20 s head timeout.
+    let first_requests: [&[u8]; 2] = [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",
+    ];
+    for request in first_requests {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        read_response_ending(&mut s, "backend ok").await;
+        let took = time_to_close(&mut s).await;
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(10),
+            "{took:?}"
+        );
+    }
+    // On hyper's path, a response slower than the idle bound (a delayed head, a streamed
+    // body) is never cut by it, and the connection is still reused afterwards.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        .await
+        .unwrap();
+    read_response_ending(&mut s, "\r\n\r\n2").await;
+    s.write_all(b"GET /delay/700 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_response_ending(&mut s, "delayed ok").await;
+    s.write_all(b"GET /drip/14 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let drip = read_response_ending(&mut s, "\r\n0\r\n\r\n").await;
+    assert!(drip.matches('d').count() >= 14 * 1024);
+    // On the fast path, a head that started before the idle bound has the head timeout.
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 512];
-    while !String::from_utf8_lossy(&got).contains("backend ok") {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0);
-        got.extend_from_slice(&buf[..n]);
-    }
-    let took = time_to_close(&mut s).await;
-    assert!(took < Duration::from_secs(5), "{took:?}");
+    read_response_ending(&mut s, "backend ok").await;
+    s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(b"Host: x\r\n\r\n").await.unwrap();
+    read_response_ending(&mut s, "backend ok").await;
+    eventually("idle closes counted apart from head timeouts", || async {
+        metric(
+            &proxy,
+            "fwgate_connections_closed_total{reason=\"keepalive_timeout\"}",
+        )
+        .await
+            >= Some(2.0)
+    })
+    .await;
+    let head_timeouts = metric(
+        &proxy,
+        "fwgate_connections_closed_total{reason=\"header_timeout\"}",
+    )
+    .await;
+    assert_eq!(head_timeouts.unwrap_or(0.0), 0.0);
     proxy.stop().await;
 }
 

@@ -113,6 +113,7 @@ pub(super) async fn serve(
     let slot = Arc::new(slot);
     let mut buf = vec![0u8; HEAD_BUFFER];
     let mut filled = 0;
+    let mut first = true;
     loop {
         let step = match next_step(
             &gate,
@@ -122,6 +123,7 @@ pub(super) async fn serve(
             &mut buf,
             &mut filled,
             &mut stop,
+            std::mem::take(&mut first),
         )
         .await
         {
@@ -185,9 +187,12 @@ pub(super) async fn serve(
     None
 }
 
-/// Reads until the buffer holds a complete head (or a reason to stop), bounded by
-/// `header_read_timeout` from the end of the previous exchange. None: the connection is over
-/// (closed by the client, timed out, shutting down while idle, or a socket error).
+/// Reads until the buffer holds a complete head (or a reason to stop). The first head must
+/// arrive within `header_read_timeout` of the accept; after a response, the connection may
+/// idle for `keepalive_timeout`, and from the first byte of the next request its head has
+/// `header_read_timeout`. None: the connection is over (closed by the client, timed out,
+/// shutting down while idle, or a socket error).
+#[allow(clippy::too_many_arguments)]
 async fn next_step(
     gate: &Gate,
     info: &ConnInfo,
@@ -196,9 +201,17 @@ async fn next_step(
     buf: &mut Vec<u8>,
     filled: &mut usize,
     stop: &mut watch::Receiver<bool>,
+    first: bool,
 ) -> Option<Step> {
     let listen = &gate.config.listen;
-    let deadline = tokio::time::Instant::now() + listen.header_read_timeout;
+    // Waiting for the first byte of a later request is keep-alive idling.
+    let mut keepalive = !first && *filled == 0;
+    let mut deadline = tokio::time::Instant::now()
+        + if keepalive {
+            listen.keepalive_timeout
+        } else {
+            listen.header_read_timeout
+        };
     // Bytes left from the previous request (pipelining) may hold a whole head.
     let mut line_ended = *filled > 0;
     loop {
@@ -235,6 +248,9 @@ async fn next_step(
                 return None;
             }
             Ok(Ok(n)) => {
+                if std::mem::take(&mut keepalive) {
+                    deadline = tokio::time::Instant::now() + listen.header_read_timeout;
+                }
                 line_ended = buf[*filled..*filled + n].contains(&b'\n');
                 *filled += n;
             }
@@ -243,7 +259,11 @@ async fn next_step(
                 return None;
             }
             Err(_) => {
-                gate.metrics.connection_closed(CloseReason::header_timeout);
+                gate.metrics.connection_closed(if keepalive {
+                    CloseReason::keepalive_timeout
+                } else {
+                    CloseReason::header_timeout
+                });
                 return None;
             }
         }
