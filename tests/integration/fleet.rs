@@ -23,6 +23,25 @@ async fn member(endpoint: &str, id: &str, upstream: std::net::SocketAddr) -> Pro
     start_proxy(RULES, upstream, &fleet_config(endpoint, id, false)).await
 }
 
+/// Members with these ids on one store, each synced and ready.
+async fn synced<const N: usize>(
+    endpoint: &str,
+    upstream: std::net::SocketAddr,
+    ids: [&str; N],
+    rules: bool,
+) -> [Proxy; N] {
+    let mut members = Vec::with_capacity(N);
+    for id in ids {
+        members.push(start_proxy(RULES, upstream, &fleet_config(endpoint, id, rules)).await);
+    }
+    for p in &members {
+        eventually("every member synced and ready", || ready(p)).await;
+    }
+    members
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one member per id"))
+}
+
 async fn status_for(proxy: &Proxy, version: Option<&str>) -> u16 {
     match version {
         Some(v) => get(proxy.addr, "/", &[("X-Firmware-Version", v)]).await.0,
@@ -100,12 +119,7 @@ async fn three_instances_converge_after_add_and_after_remove() {
     }
     let etcd = Etcd::start().await;
     let backend = http_backend().await;
-    let a = member(&etcd.url(), "a", backend.addr).await;
-    let b = member(&etcd.url(), "b", backend.addr).await;
-    let c = member(&etcd.url(), "c", backend.addr).await;
-    for p in [&a, &b, &c] {
-        eventually("every member synced and ready", || ready(p)).await;
-    }
+    let [a, b, c] = synced(&etcd.url(), backend.addr, ["a", "b", "c"], false).await;
     eventually("three live instances listed", || async {
         fleet_json(&a).await["instances"]
             .as_array()
@@ -186,11 +200,7 @@ async fn a_store_outage_never_loosens_enforcement_and_the_fleet_resyncs_after_it
     }
     let mut etcd = Etcd::start().await;
     let backend = http_backend().await;
-    let a = member(&etcd.url(), "a", backend.addr).await;
-    let b = member(&etcd.url(), "b", backend.addr).await;
-    for p in [&a, &b] {
-        eventually("synced", || ready(p)).await;
-    }
+    let [a, b] = synced(&etcd.url(), backend.addr, ["a", "b"], false).await;
     add(
         &a,
         r#"{"versions": ">=3.8", "reason": "outage test", "id": "held"}"#,
@@ -539,11 +549,7 @@ async fn concurrent_writers_cannot_overwrite_each_other() {
     }
     let etcd = Etcd::start().await;
     let backend = http_backend().await;
-    let a = member(&etcd.url(), "a", backend.addr).await;
-    let b = member(&etcd.url(), "b", backend.addr).await;
-    for p in [&a, &b] {
-        eventually("synced", || ready(p)).await;
-    }
+    let [a, b] = synced(&etcd.url(), backend.addr, ["a", "b"], false).await;
     // Two operators create the same entry at once, each through its own instance, each
     // requiring that it does not exist yet: exactly one wins.
     let new_only = [("X-Fwgate-Expect-Revision", "0")];
@@ -624,11 +630,7 @@ async fn invalid_documents_written_into_etcd_are_refused_by_every_instance() {
     }
     let etcd = Etcd::start().await;
     let backend = http_backend().await;
-    let a = start_proxy(RULES, backend.addr, &fleet_config(&etcd.url(), "a", true)).await;
-    let b = start_proxy(RULES, backend.addr, &fleet_config(&etcd.url(), "b", true)).await;
-    for p in [&a, &b] {
-        eventually("synced", || ready(p)).await;
-    }
+    let [a, b] = synced(&etcd.url(), backend.addr, ["a", "b"], true).await;
     // Until something is published, the local rules file is in force.
     assert_eq!(status_for(&a, Some("1.0.0")).await, 200);
     let doc = |text: &str| {
@@ -719,11 +721,7 @@ async fn rules_push_history_diff_rollback_and_fleet_status_from_the_cli() {
     }
     let etcd = Etcd::start().await;
     let backend = http_backend().await;
-    let a = start_proxy(RULES, backend.addr, &fleet_config(&etcd.url(), "a", true)).await;
-    let b = start_proxy(RULES, backend.addr, &fleet_config(&etcd.url(), "b", true)).await;
-    for p in [&a, &b] {
-        eventually("synced", || ready(p)).await;
-    }
+    let [a, b] = synced(&etcd.url(), backend.addr, ["a", "b"], true).await;
     let ops = tempfile::tempdir().unwrap();
     let config = ops.path().join("fwgate.toml");
     std::fs::write(
