@@ -466,6 +466,26 @@ impl Client {
         self.send_on(conn, index, path, body, token).await
     }
 
+    /// A JSON POST to endpoint `index`, with the auth token when there is one.
+    fn post(&self, index: usize, path: &str, token: Option<&str>) -> http::request::Builder {
+        let authority = self
+            .inner
+            .transport
+            .endpoints
+            .get(index)
+            .map(|e| e.authority())
+            .unwrap_or_default();
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(http::header::HOST, authority)
+            .header(http::header::CONTENT_TYPE, "application/json");
+        match token {
+            Some(t) => req.header(http::header::AUTHORIZATION, t),
+            None => req,
+        }
+    }
+
     async fn send_on(
         &self,
         mut conn: Connection<Full<Bytes>>,
@@ -474,22 +494,8 @@ impl Client {
         body: &Bytes,
         token: Option<&str>,
     ) -> Result<(StatusCode, Bytes), Failure> {
-        let authority = self
-            .inner
-            .transport
-            .endpoints
-            .get(index)
-            .map(|e| e.authority())
-            .unwrap_or_default();
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(path)
-            .header(http::header::HOST, authority)
-            .header(http::header::CONTENT_TYPE, "application/json");
-        if let Some(t) = token {
-            req = req.header(http::header::AUTHORIZATION, t);
-        }
-        let req = req
+        let req = self
+            .post(index, path, token)
             .body(Full::new(body.clone()))
             .map_err(|e| Failure::NotSent(format!("request: {e}")))?;
         conn.sender

@@ -7,7 +7,7 @@
 //! [`crate::fleet::sync`]).
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
+use http::StatusCode;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 
@@ -81,22 +81,8 @@ impl Client {
         token: Option<&str>,
     ) -> Result<OpenOutcome, String> {
         let mut conn = self.inner.transport.connect::<Full<Bytes>>(index).await?;
-        let authority = self
-            .inner
-            .transport
-            .endpoints
-            .get(index)
-            .map(|e| e.authority())
-            .unwrap_or_default();
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri("/v3/watch")
-            .header(http::header::HOST, authority)
-            .header(http::header::CONTENT_TYPE, "application/json");
-        if let Some(t) = token {
-            req = req.header(http::header::AUTHORIZATION, t);
-        }
-        let req = req
+        let req = self
+            .post(index, "/v3/watch", token)
             .body(Full::new(first))
             .map_err(|e| format!("request: {e}"))?;
         let resp = conn
