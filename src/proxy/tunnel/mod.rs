@@ -13,7 +13,18 @@
 //! - `generic`: the relay for any other streams (TLS on a leg);
 //! - `supervise`: what both relays run under: per-part wake-ups, the close signal, the idle
 //!   timer;
-//! - `pool`: the per-thread pool of relay buffers.
+//! - `pool`: the per-thread pool of relay buffers;
+//! - `ws_frames`: where WebSocket messages begin and end, from their headers alone;
+//! - `ws_close`: the Close frames sent when fwgate closes a WebSocket tunnel on purpose.
+//!
+//! When fwgate closes a tunnel (a rule with `close_existing`, a kill-switch entry, the
+//! shutdown drain), a tunnel that is not WebSocket has both connections closed at once. A
+//! WebSocket tunnel first lets each direction finish the message in flight (within
+//! [`WS_CLOSE_WAIT`]), then sends each peer a Close frame, shuts its write side and reads what
+//! the peer still sends until it closes too, so that the close is orderly and the frame is
+//! not lost to a reset.
+
+use std::sync::atomic::{AtomicU64, AtomicU8};
 
 use crate::registry::CloseCause;
 
@@ -23,11 +34,50 @@ mod supervise;
 mod tcp;
 #[cfg(test)]
 mod tests;
+mod ws_close;
+mod ws_frames;
 
 pub use generic::relay_generic;
 pub use pool::RELAY_BUFFER_BYTES;
 pub use tcp::relay_tcp;
 pub(in crate::proxy) use tcp::{read_drained, send_now};
+pub use ws_close::{device_code, GOING_AWAY, POLICY_VIOLATION, TRY_AGAIN_LATER, WS_CLOSE_WAIT};
+
+/// What a tunnel carries, as the backend's 101 named it (its `Upgrade` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `Upgrade: websocket`: closes by fwgate send Close frames.
+    WebSocket,
+    /// Any other protocol: closes by fwgate close the connections.
+    Other,
+}
+
+impl Protocol {
+    /// The protocol a 101's `Upgrade` value names.
+    pub fn of_upgrade(value: Option<&[u8]>) -> Protocol {
+        match value {
+            Some(v) if v.trim_ascii().eq_ignore_ascii_case(b"websocket") => Protocol::WebSocket,
+            _ => Protocol::Other,
+        }
+    }
+}
+
+/// What a relay's directions count, read by the supervisor when the tunnel ends. Atomics
+/// only because the relay's future must be `Send`: everything runs in one task.
+#[derive(Debug, Default)]
+pub(super) struct Counts {
+    /// Bytes from the client to the backend.
+    up: AtomicU64,
+    /// Bytes from the backend to the client.
+    down: AtomicU64,
+    /// Close frames sent: [`SENT_TO_DEVICE`], [`SENT_TO_BACKEND`].
+    close_frames: AtomicU8,
+}
+
+/// [`Counts::close_frames`]: the device got its Close frame.
+const SENT_TO_DEVICE: u8 = 1;
+/// [`Counts::close_frames`]: the backend got its Close frame.
+const SENT_TO_BACKEND: u8 = 2;
 
 /// How a tunnel ended, with byte counts for the access log.
 #[derive(Debug, Default)]
@@ -38,6 +88,11 @@ pub struct TunnelStats {
     pub upstream_to_client: u64,
     /// Why it ended.
     pub end: TunnelEnd,
+    /// The code of the Close frame sent to the device, if fwgate closed a WebSocket tunnel
+    /// and the frame went out.
+    pub device_close_code: Option<u16>,
+    /// Whether the backend was sent its Close frame ([`GOING_AWAY`]).
+    pub backend_close_sent: bool,
 }
 
 /// Why a tunnel ended.

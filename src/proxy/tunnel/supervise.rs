@@ -8,12 +8,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use super::{TunnelEnd, TunnelStats};
+use super::ws_close::{device_code, WS_CLOSE_WAIT};
+use super::{Counts, Protocol, TunnelEnd, TunnelStats, SENT_TO_BACKEND, SENT_TO_DEVICE};
 use crate::registry::CloseSignal;
 
 /// Runs a relay's two directions until both end (or one fails), `close` is signalled, or the
-/// tunnel idles out, and reports how it ended with the bytes each way (`up`/`down`, which the
-/// directions count). Both relays end this way.
+/// tunnel idles out, and reports how it ended with what the directions counted. Both relays
+/// end this way.
+///
+/// When `close` is signalled on a WebSocket tunnel the directions are not dropped: they see
+/// the signal themselves, finish the message in flight, send their Close frames and read their
+/// source to its end; the tunnel ends when both are done, or when [`WS_CLOSE_WAIT`] has
+/// passed (then the connections are cut, as any other tunnel's). A direction that fails while
+/// closing only ends itself.
 ///
 /// Each part is polled only when its own wake-up came: a relayed message wakes one direction,
 /// and polling the other direction, the close signal and the idle timer as well would cost
@@ -24,56 +31,100 @@ pub(super) async fn supervise<A, B>(
     first: impl FnOnce() -> A,
     second: impl FnOnce() -> B,
     close: &CloseSignal,
+    protocol: Protocol,
     idle_timeout: Duration,
-    up: &AtomicU64,
-    down: &AtomicU64,
+    counts: &Counts,
 ) -> TunnelStats
 where
     A: std::future::Future<Output = io::Result<()>>,
     B: std::future::Future<Output = io::Result<()>>,
 {
+    let websocket = protocol == Protocol::WebSocket;
     let mut first = std::pin::pin!(Some(first()));
     let mut second = std::pin::pin!(Some(second()));
-    let mut idled = std::pin::pin!(idle(idle_timeout, up, down));
+    let mut control = std::pin::pin!(watch(close, websocket, idle_timeout, counts));
+    // A WebSocket close is under way: the directions are closing themselves.
+    let closing = || websocket && close.cause().is_some();
     let parts = Parts::new();
     let end = std::future::poll_fn(|cx| {
-        let woken = parts.woken(cx.waker());
+        let mut woken = parts.woken(cx.waker());
         if woken & Parts::CONTROL != 0 {
-            if close
-                .poll_closed(&mut parts.context(Parts::CONTROL))
-                .is_ready()
-            {
-                return Poll::Ready(TunnelEnd::closed_by(close.cause()));
+            if let Poll::Ready(end) = control.as_mut().poll(&mut parts.context(Parts::CONTROL)) {
+                return Poll::Ready(end);
             }
-            if idled
-                .as_mut()
-                .poll(&mut parts.context(Parts::CONTROL))
-                .is_ready()
-            {
-                return Poll::Ready(TunnelEnd::IdleTimeout);
+            if closing() {
+                // They wait for their sockets: polled now, they see the signal.
+                woken |= Parts::FIRST | Parts::SECOND;
             }
         }
-        let failed = (woken & Parts::FIRST != 0
-            && poll_direction(&mut first, &mut parts.context(Parts::FIRST)).is_err())
-            || (woken & Parts::SECOND != 0
-                && poll_direction(&mut second, &mut parts.context(Parts::SECOND)).is_err());
-        if failed {
-            Poll::Ready(TunnelEnd::Error)
-        } else if first.is_none() && second.is_none() {
-            Poll::Ready(TunnelEnd::Closed)
+        if woken & Parts::FIRST != 0
+            && poll_direction(&mut first, &mut parts.context(Parts::FIRST)).is_err()
+            && !closing()
+        {
+            return Poll::Ready(TunnelEnd::Error);
+        }
+        if woken & Parts::SECOND != 0
+            && poll_direction(&mut second, &mut parts.context(Parts::SECOND)).is_err()
+            && !closing()
+        {
+            return Poll::Ready(TunnelEnd::Error);
+        }
+        if first.is_none() && second.is_none() {
+            Poll::Ready(if closing() {
+                TunnelEnd::closed_by(close.cause())
+            } else {
+                TunnelEnd::Closed
+            })
         } else {
             Poll::Pending
         }
     })
     .await;
+    let sent = counts.close_frames.load(Ordering::Relaxed);
     TunnelStats {
-        client_to_upstream: up.load(Ordering::Relaxed),
-        upstream_to_client: down.load(Ordering::Relaxed),
+        client_to_upstream: counts.up.load(Ordering::Relaxed),
+        upstream_to_client: counts.down.load(Ordering::Relaxed),
         end,
+        device_close_code: close
+            .cause()
+            .filter(|_| sent & SENT_TO_DEVICE != 0)
+            .map(device_code),
+        backend_close_sent: sent & SENT_TO_BACKEND != 0,
     }
 }
 
-/// Polls one direction of a relay unless it has finished; an error ends the tunnel.
+/// The tunnel's control part: resolves with its end once it idles out, once `close` is
+/// signalled (a tunnel that is not WebSocket), or [`WS_CLOSE_WAIT`] after it was (a WebSocket
+/// tunnel, whose directions close themselves meanwhile). The idle timer and the close bound
+/// are never alive together, so they share their slot in every idle tunnel's state.
+async fn watch(
+    close: &CloseSignal,
+    websocket: bool,
+    idle_timeout: Duration,
+    counts: &Counts,
+) -> TunnelEnd {
+    let closed = {
+        let mut idled = std::pin::pin!(idle(idle_timeout, &counts.up, &counts.down));
+        std::future::poll_fn(|cx| {
+            if close.poll_closed(cx).is_ready() {
+                Poll::Ready(true)
+            } else {
+                idled.as_mut().poll(cx).map(|()| false)
+            }
+        })
+        .await
+    };
+    if !closed {
+        return TunnelEnd::IdleTimeout;
+    }
+    if websocket {
+        tokio::time::sleep(WS_CLOSE_WAIT).await;
+    }
+    TunnelEnd::closed_by(close.cause())
+}
+
+/// Polls one direction of a relay unless it has finished; an error ends the direction (and,
+/// unless it is closing, the tunnel).
 fn poll_direction<F: std::future::Future<Output = io::Result<()>>>(
     direction: &mut std::pin::Pin<&mut Option<F>>,
     cx: &mut Context<'_>,

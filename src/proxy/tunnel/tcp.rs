@@ -4,19 +4,23 @@
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::pool::PooledBuffer;
 #[cfg(test)]
 use super::pool::WAITED_FOR_ROOM;
+use super::pool::{PooledBuffer, RELAY_BUFFER_BYTES};
 use super::supervise::supervise;
-use super::TunnelStats;
+use super::ws_close::{sent_bit, write_close_frame, Peer};
+use super::ws_frames::FrameTracker;
+use super::{Counts, Protocol, TunnelStats};
 use crate::registry::CloseSignal;
 
 /// Relays bytes between two TCP sockets until both directions finish, an error occurs, or
-/// `close` is signalled. `client_early`/`upstream_early` are bytes each side already sent that
+/// `close` is signalled (a WebSocket tunnel then closes with Close frames; see
+/// [`super::supervise`]). `client_early`/`upstream_early` are bytes each side already sent that
 /// HTTP parsing had buffered; they are delivered first. A tunnel with no byte either way for
 /// `idle_timeout` is closed (zero: never).
 pub async fn relay_tcp(
@@ -25,36 +29,71 @@ pub async fn relay_tcp(
     upstream: &TcpStream,
     upstream_early: &[u8],
     close: &CloseSignal,
+    protocol: Protocol,
     idle_timeout: Duration,
 ) -> TunnelStats {
-    let up = AtomicU64::new(0);
-    let down = AtomicU64::new(0);
-    let ended = AtomicBool::new(false);
-    let client_to_upstream = || pump(client, client_early, upstream, &up, &ended);
-    let upstream_to_client = || pump(upstream, upstream_early, client, &down, &ended);
+    let shared = Shared {
+        close,
+        websocket: protocol == Protocol::WebSocket,
+        ended: AtomicBool::new(false),
+        counts: Counts::default(),
+    };
+    let client_to_upstream = || pump(client, client_early, upstream, Peer::Backend, &shared);
+    let upstream_to_client = || pump(upstream, upstream_early, client, Peer::Device, &shared);
     supervise(
         client_to_upstream,
         upstream_to_client,
         close,
+        protocol,
         idle_timeout,
-        &up,
-        &down,
+        &shared.counts,
     )
     .await
 }
 
-/// One direction: first the bytes HTTP parsing had already read from `from` (`early`), then
-/// wait for readability without a buffer and borrow one only for the copy.
-/// `other_ended` is shared by the two directions: the first to reach end-of-stream passes the
-/// half-close on; the second does not need to, because both sockets close right after it
-/// (fully read, so the close is an orderly FIN), which saves a `shutdown` per tunnel.
+/// What the two directions of a TCP relay share.
+struct Shared<'a> {
+    close: &'a CloseSignal,
+    /// Follow frames, and close with Close frames.
+    websocket: bool,
+    /// The first direction to reach its source's end passes the half-close on (see [`pump`]).
+    ended: AtomicBool,
+    counts: Counts,
+}
+
+impl Shared<'_> {
+    /// A WebSocket close is under way.
+    fn closing(&self) -> bool {
+        self.websocket && self.close.cause().is_some()
+    }
+
+    /// The byte count of the direction that writes to `peer`.
+    fn count(&self, peer: Peer) -> &AtomicU64 {
+        match peer {
+            Peer::Backend => &self.counts.up,
+            Peer::Device => &self.counts.down,
+        }
+    }
+}
+
+/// One direction, writing to `to` (which is `to_peer`): first the bytes HTTP parsing had
+/// already read from `from` (`early`), then wait for readability without a buffer and borrow
+/// one only for the copy. The first direction to reach end-of-stream passes the half-close on;
+/// the second does not need to, because both sockets close right after it (fully read, so the
+/// close is an orderly FIN), which saves a `shutdown` per tunnel. On a WebSocket tunnel the
+/// frames are followed as they pass, and a close signal hands over to [`close_direction`].
 async fn pump(
     from: &TcpStream,
     early: &[u8],
     to: &TcpStream,
-    count: &AtomicU64,
-    other_ended: &AtomicBool,
+    to_peer: Peer,
+    shared: &Shared<'_>,
 ) -> io::Result<()> {
+    let count = shared.count(to_peer);
+    let mut frames = FrameTracker::default();
+    if shared.websocket {
+        frames.advance(early);
+    }
     write_all(to, early, count).await?;
     loop {
         // Waiting before each read costs less than trying first: a short read below clears the
@@ -62,13 +101,23 @@ async fn pump(
         // readable()) also takes over the socket's single reader waker slot, so the waker hyper
         // left there while reading the HTTP head is released: otherwise it pins the finished
         // connection task's memory for the tunnel's whole life.
-        std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
+        let closing = std::future::poll_fn(|cx| {
+            if shared.closing() {
+                return Poll::Ready(Ok(true));
+            }
+            from.poll_read_ready(cx).map_ok(|()| false)
+        })
+        .await?;
+        if closing {
+            // Boxed: made once per closed tunnel, it does not grow every idle tunnel's state.
+            return Box::pin(close_direction(from, to, to_peer, shared, frames)).await;
+        }
         let mut loan = None;
         let n = match read_drained(from, || loan.insert(PooledBuffer::take()).as_mut()) {
             Ok(0) => {
                 // The sender is done: pass the half-close on, keep the other direction open.
                 // An error here means the peer is already gone; the other pump will notice.
-                if !other_ended.swap(true, Ordering::Relaxed) {
+                if !shared.ended.swap(true, Ordering::Relaxed) {
                     let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
                 }
                 return Ok(());
@@ -78,9 +127,78 @@ async fn pump(
             Err(e) => return Err(e),
         };
         if let Some(mut buf) = loan {
-            write_all(to, &buf.as_mut()[..n], count).await?;
+            let bytes = &buf.as_mut()[..n];
+            if shared.websocket {
+                frames.advance(bytes);
+            }
+            write_all(to, bytes, count).await?;
         }
     }
+}
+
+/// A direction of a WebSocket tunnel fwgate closes: the message in flight goes through and
+/// nothing after it; then `to` gets its Close frame and its write side is shut; then `from` is
+/// read until its peer's answer to the Close frame the other direction sent it (or its end of
+/// stream), so that no socket is closed with unread bytes, which would reset the connection
+/// and could lose the Close frame on its way. The supervisor bounds all of it.
+async fn close_direction(
+    from: &TcpStream,
+    to: &TcpStream,
+    to_peer: Peer,
+    shared: &Shared<'_>,
+    mut frames: FrameTracker,
+) -> io::Result<()> {
+    let count = shared.count(to_peer);
+    while !frames.between_messages() {
+        std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
+        let limit = frames.next_unit().min(RELAY_BUFFER_BYTES);
+        let mut loan = None;
+        match read_drained(from, || {
+            &mut loan.insert(PooledBuffer::take()).as_mut()[..limit]
+        }) {
+            Ok(0) => {
+                // The source ended inside a message: no Close frame can follow it.
+                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                return Ok(());
+            }
+            Ok(n) => {
+                if let Some(mut buf) = loan {
+                    let bytes = &buf.as_mut()[..n];
+                    frames.advance(bytes);
+                    write_all(to, bytes, count).await?;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(cause) = shared.close.cause() {
+        let mut buf = PooledBuffer::take();
+        let reason = shared.close.reason().unwrap_or("");
+        let n = write_close_frame(to_peer, cause, reason, buf.as_mut());
+        write_all(to, &buf.as_mut()[..n], count).await?;
+        shared
+            .counts
+            .close_frames
+            .fetch_or(sent_bit(to_peer), Ordering::Relaxed);
+    }
+    let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+    // Until the peer's own Close frame (its answer) or its end of stream.
+    while !frames.ended_with_close() {
+        std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
+        let mut loan = None;
+        match read_drained(from, || loan.insert(PooledBuffer::take()).as_mut()) {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Some(mut buf) = loan {
+                    frames.advance(&buf.as_mut()[..n]);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Reads what the socket holds. A short read means the receive buffer is now empty, so the

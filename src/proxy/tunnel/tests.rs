@@ -20,7 +20,16 @@ async fn pair() -> (TcpStream, TcpStream) {
 
 /// A plain relay with no early bytes and no idle timeout, as most tests want it.
 async fn relay_plain(client: &TcpStream, upstream: &TcpStream, close: &CloseSignal) -> TunnelStats {
-    relay_tcp(client, b"", upstream, b"", close, Duration::ZERO).await
+    relay_tcp(
+        client,
+        b"",
+        upstream,
+        b"",
+        close,
+        Protocol::Other,
+        Duration::ZERO,
+    )
+    .await
 }
 
 #[tokio::test]
@@ -87,6 +96,7 @@ async fn relays_both_ways_with_early_bytes_and_half_close() {
             &upstream_side,
             b"early-down ",
             &c2,
+            Protocol::Other,
             Duration::ZERO,
         )
         .await
@@ -134,8 +144,18 @@ async fn idle_tunnels_are_closed_and_active_ones_are_not() {
     let close = CloseSignal::default();
     let idle = Duration::from_millis(300);
     // The relay owns the sockets, as in the proxy: they close when it ends.
-    let relay =
-        async move { relay_tcp(&client_side, b"", &upstream_side, b"", &close, idle).await };
+    let relay = async move {
+        relay_tcp(
+            &client_side,
+            b"",
+            &upstream_side,
+            b"",
+            &close,
+            Protocol::Other,
+            idle,
+        )
+        .await
+    };
     assert_closed_only_once_idle(relay, client, backend, idle).await;
 }
 
@@ -145,7 +165,15 @@ async fn the_buffered_relay_also_closes_only_idle_tunnels() {
     let (upstream_side, backend) = pair().await;
     let close = Arc::new(CloseSignal::default());
     let idle = Duration::from_millis(300);
-    let relay = relay_generic(client_side, b"", upstream_side, b"", close, idle);
+    let relay = relay_generic(
+        client_side,
+        b"",
+        upstream_side,
+        b"",
+        close,
+        Protocol::Other,
+        idle,
+    );
     assert_closed_only_once_idle(relay, client, backend, idle).await;
 }
 
@@ -163,6 +191,7 @@ async fn the_buffered_relay_holds_no_buffer_while_idle() {
         upstream_side,
         b"",
         close,
+        Protocol::Other,
         idle,
     ));
     let mut got = [0u8; 11];
@@ -209,6 +238,7 @@ async fn the_buffered_relay_is_exact_under_backpressure() {
         upstream_side,
         b"",
         close,
+        Protocol::Other,
         Duration::ZERO,
     ));
     const EACH_WAY: usize = 300_000;
@@ -297,7 +327,16 @@ async fn both_directions_at_once_lose_no_wake_up() {
     let relay = tokio::spawn(async move {
         let close = CloseSignal::default();
         let idle = Duration::from_secs(30);
-        relay_tcp(&client_side, b"", &upstream_side, b"", &close, idle).await
+        relay_tcp(
+            &client_side,
+            b"",
+            &upstream_side,
+            b"",
+            &close,
+            Protocol::Other,
+            idle,
+        )
+        .await
     });
     const EACH_WAY: usize = 2_000_000;
     exchange_both_ways(client, backend, EACH_WAY).await;
