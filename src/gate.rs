@@ -934,3 +934,44 @@ fn compile_if_changed(
         .map_err(|_| crate::diag::FileError::whole(path, "rules file is not valid UTF-8"))?;
     file::compile_with_limits(&text, Some(path), metrics, limits, generation).map(Some)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn deny(name: &str, retry_after: Option<Duration>) -> Decider {
+        let metrics = Metrics::new();
+        Decider {
+            counters: metrics.rule_counters_for(name, &[DecisionKind::deny], false),
+            name: Arc::from(name),
+            action: Action::Deny(Refusal {
+                retry_after,
+                ..Refusal::default_deny()
+            }),
+            close_existing: true,
+            drain: Duration::ZERO,
+            health: None,
+        }
+    }
+
+    #[test]
+    fn close_reasons_name_the_rule_or_entry_and_keep_the_retry_delay_whole() {
+        let secs = Duration::from_secs;
+        assert_eq!(
+            &*close_reason_for(&deny("block", Some(secs(30)))),
+            "refused by rule block; retry after 30s"
+        );
+        assert_eq!(
+            &*close_reason_for(&deny("killswitch:k-3", Some(secs(300)))),
+            "refused by emergency kill switch k-3; retry after 300s"
+        );
+        assert_eq!(
+            &*close_reason_for(&deny("block", None)),
+            "refused by rule block"
+        );
+        let long = close_reason_for(&deny(&"r".repeat(300), Some(secs(30))));
+        assert_eq!(long.len(), crate::registry::MAX_CLOSE_REASON_BYTES);
+        assert!(long.ends_with("rrr; retry after 30s"), "{long}");
+    }
+}

@@ -371,6 +371,25 @@ mod tests {
     }
 
     #[test]
+    fn the_first_close_keeps_its_reason_with_its_cause() {
+        let signal = CloseSignal::default();
+        assert_eq!((signal.cause(), signal.reason()), (None, None));
+        signal.close_with(CloseCause::KillSwitch, Some(close_reason("entry k-1")));
+        signal.close_with(CloseCause::Shutdown, Some(close_reason("later")));
+        assert_eq!(signal.cause(), Some(CloseCause::KillSwitch));
+        assert_eq!(signal.reason(), Some("entry k-1"));
+    }
+
+    #[test]
+    fn a_close_reason_fits_a_close_frame_and_is_cut_between_characters() {
+        assert_eq!(&*close_reason("short"), "short");
+        let long = "ü".repeat(100);
+        let cut = close_reason(&long);
+        assert_eq!(cut.len(), 122, "61 two-byte characters fit 123 bytes");
+        assert!(cut.chars().all(|c| c == 'ü'));
+    }
+
+    #[test]
     fn close_plan_spreads_over_the_drain() {
         let r = Arc::new(Registry::default());
         let regs: Vec<_> = (0..4)

@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::pool::{ON_LOAN, WAITED_FOR_ROOM};
 use super::*;
-use crate::registry::CloseSignal;
+use crate::registry::{CloseCause, CloseSignal};
 
 /// A connected pair of loopback sockets.
 async fn pair() -> (TcpStream, TcpStream) {
@@ -430,4 +430,189 @@ async fn large_transfers_are_exact() {
     assert_eq!(got.len(), expected.len());
     assert!(got == expected);
     drop(writer);
+}
+
+/// A WebSocket frame as a peer sends it (FIN, opcode, payload; masked with `mask`).
+fn ws_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mut out = vec![0x80 | opcode, payload.len() as u8];
+    match mask {
+        None => out.extend_from_slice(payload),
+        Some(key) => {
+            out[1] |= 0x80;
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+    }
+    out
+}
+
+/// Reads one WebSocket Close frame: (masked, code, reason).
+async fn read_close_frame(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> (bool, u16, String) {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], 0x88, "not a Close frame: {head:?}");
+    let masked = head[1] & 0x80 != 0;
+    let mut key = [0u8; 4];
+    if masked {
+        s.read_exact(&mut key).await.unwrap();
+    }
+    let mut payload = vec![0u8; usize::from(head[1] & 0x7f)];
+    s.read_exact(&mut payload).await.unwrap();
+    if masked {
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= key[i % 4];
+        }
+    }
+    let code = u16::from_be_bytes([payload[0], payload[1]]);
+    (
+        masked,
+        code,
+        String::from_utf8(payload[2..].to_vec()).unwrap(),
+    )
+}
+
+/// The close comes in the middle of a backend frame: the device gets the rest of that frame
+/// and nothing after it, then its Close frame; the backend gets a masked 1001; the tunnel ends
+/// once both peers answered.
+#[tokio::test]
+async fn a_websocket_close_finishes_the_frame_in_flight_then_sends_close_frames() {
+    let (mut client, client_side) = pair().await;
+    let (upstream_side, mut backend) = pair().await;
+    let close = Arc::new(CloseSignal::default());
+    let c2 = close.clone();
+    let relay = tokio::spawn(async move {
+        let (c, u) = (&client_side, &upstream_side);
+        relay_tcp(c, b"", u, b"", &c2, Protocol::WebSocket, Duration::ZERO).await
+    });
+    let message = ws_frame(0x2, b"0123456789", None);
+    backend.write_all(&message[..6]).await.unwrap();
+    let mut got = vec![0u8; 6];
+    client.read_exact(&mut got).await.unwrap();
+    close.close_with(
+        CloseCause::KillSwitch,
+        Some(crate::registry::close_reason("entry k-1")),
+    );
+    // The backend gets its Close frame at once: its direction was between messages.
+    assert_eq!(
+        read_close_frame(&mut backend).await,
+        (true, 1001, "entry k-1".into())
+    );
+    // The rest of the frame, then a frame that must not be relayed any more.
+    backend.write_all(&message[6..]).await.unwrap();
+    backend
+        .write_all(&ws_frame(0x1, b"late", None))
+        .await
+        .unwrap();
+    let mut rest = vec![0u8; message.len() - 6];
+    client.read_exact(&mut rest).await.unwrap();
+    got.extend(rest);
+    assert_eq!(got, message, "the frame in flight arrived whole");
+    assert_eq!(
+        read_close_frame(&mut client).await,
+        (false, 1013, "entry k-1".into())
+    );
+    let mut after = Vec::new();
+    client.read_to_end(&mut after).await.unwrap();
+    assert!(after.is_empty(), "bytes after the Close frame: {after:?}");
+    // Both answer the close; the tunnel ends without waiting out its bound.
+    let started = std::time::Instant::now();
+    client
+        .write_all(&ws_frame(0x8, &1013u16.to_be_bytes(), Some([1, 2, 3, 4])))
+        .await
+        .unwrap();
+    backend
+        .write_all(&ws_frame(0x8, &1001u16.to_be_bytes(), None))
+        .await
+        .unwrap();
+    let stats = tokio::time::timeout(Duration::from_secs(10), relay)
+        .await
+        .expect("the relay did not end")
+        .unwrap();
+    assert!(started.elapsed() < WS_CLOSE_WAIT, "waited out the bound");
+    assert_eq!(stats.end, TunnelEnd::KillSwitch);
+    assert_eq!(stats.device_close_code, Some(TRY_AGAIN_LATER));
+    assert!(stats.backend_close_sent);
+}
+
+/// Over the buffered relay (TLS legs), a message that never ends keeps its direction from
+/// getting a Close frame: at the bound the tunnel is cut, the other side having got its frame.
+#[tokio::test]
+async fn the_buffered_relay_cuts_a_message_that_never_ends_at_the_bound() {
+    let (mut client, client_side) = tokio::io::duplex(64 * 1024);
+    let (upstream_side, mut backend) = tokio::io::duplex(64 * 1024);
+    let close = Arc::new(CloseSignal::default());
+    let relay = tokio::spawn(relay_generic(
+        client_side,
+        b"",
+        upstream_side,
+        b"",
+        close.clone(),
+        Protocol::WebSocket,
+        Duration::ZERO,
+    ));
+    // The device is half-way through a masked frame when the close comes.
+    let message = ws_frame(0x1, b"never finished", Some([9, 9, 9, 9]));
+    client.write_all(&message[..8]).await.unwrap();
+    let mut got = [0u8; 8];
+    backend.read_exact(&mut got).await.unwrap();
+    let started = std::time::Instant::now();
+    close.close_with(
+        CloseCause::Policy,
+        Some(crate::registry::close_reason("rule r")),
+    );
+    assert_eq!(
+        read_close_frame(&mut client).await,
+        (false, 1008, "rule r".into()),
+        "the device's direction was between messages"
+    );
+    let stats = tokio::time::timeout(Duration::from_secs(10), relay)
+        .await
+        .expect("the relay did not end")
+        .unwrap();
+    assert!(started.elapsed() >= WS_CLOSE_WAIT, "ended before the bound");
+    assert_eq!(stats.end, TunnelEnd::ClosedByPolicy);
+    assert_eq!(stats.device_close_code, Some(POLICY_VIOLATION));
+    assert!(
+        !stats.backend_close_sent,
+        "a Close frame inside the device's message"
+    );
+    let mut rest = Vec::new();
+    backend.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "bytes after the cut: {rest:?}");
+}
+
+/// What every idle tunnel holds is mostly these futures: following frames and closing with
+/// Close frames must not make them grow much (the idle WebSocket budget is 4 KiB in all).
+#[tokio::test]
+async fn idle_relay_state_stays_small() {
+    let (_client, client_side) = pair().await;
+    let (upstream_side, _backend) = pair().await;
+    let close = CloseSignal::default();
+    let tcp = relay_tcp(
+        &client_side,
+        b"",
+        &upstream_side,
+        b"",
+        &close,
+        Protocol::WebSocket,
+        Duration::ZERO,
+    );
+    let tcp_size = std::mem::size_of_val(&tcp);
+    let (a, _a) = tokio::io::duplex(64);
+    let (b, _b) = tokio::io::duplex(64);
+    let generic = relay_generic(
+        a,
+        b"",
+        b,
+        b"",
+        Arc::new(CloseSignal::default()),
+        Protocol::WebSocket,
+        Duration::ZERO,
+    );
+    let generic_size = std::mem::size_of_val(&generic);
+    eprintln!(
+        "relay_tcp future: {tcp_size} bytes, relay_generic (duplex) future: {generic_size} bytes"
+    );
+    assert!(tcp_size <= 1024, "relay_tcp future: {tcp_size} bytes");
 }

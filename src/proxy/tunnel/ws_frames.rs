@@ -34,9 +34,32 @@ const FIRST_CONTROL_OPCODE: u8 = 0x8;
 const OPCODE_CLOSE: u8 = 0x8;
 
 impl FrameTracker {
-    /// Follows `bytes`, the next bytes of the stream.
+    /// Follows `bytes`, the next bytes of the stream. Runs for every relayed read of a
+    /// WebSocket tunnel, so the two usual reads take a few instructions: one whole small frame
+    /// from a frame boundary (a device's message), and a piece of a large payload.
     #[inline]
-    pub(super) fn advance(&mut self, mut bytes: &[u8]) {
+    pub(super) fn advance(&mut self, bytes: &[u8]) {
+        if self.header_seen == 0 {
+            if self.payload_left == 0 {
+                if let [first, second, ..] = *bytes {
+                    let short = usize::from(second & 0x7f);
+                    let mask = usize::from(second >> 7) << 2;
+                    if short < 126 && 2 + mask + short == bytes.len() {
+                        self.frame_starts(first);
+                        return;
+                    }
+                }
+            } else if self.payload_left >= bytes.len() as u64 {
+                self.payload_left -= bytes.len() as u64;
+                return;
+            }
+        }
+        self.advance_any(bytes);
+    }
+
+    /// [`FrameTracker::advance`] for any bytes: several frames, headers split across reads.
+    #[inline(never)]
+    fn advance_any(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             if self.header_seen == 0 && self.payload_left > 0 {
                 let skip = self.payload_left.min(bytes.len() as u64);
@@ -133,16 +156,22 @@ impl FrameTracker {
     /// The header is complete: its payload follows.
     fn header_done(&mut self) {
         self.header_seen = 0;
-        if self.first & 0x0f < FIRST_CONTROL_OPCODE {
+        self.frame_starts(self.first);
+    }
+
+    /// A frame whose header's first byte is `first` begins (its header passed).
+    #[inline]
+    fn frame_starts(&mut self, first: u8) {
+        self.first = first;
+        if first & 0x0f < FIRST_CONTROL_OPCODE {
             // A data or continuation frame: the message ends with the frame that has FIN.
-            self.in_fragmented_message = self.first & 0x80 == 0;
+            self.in_fragmented_message = first & 0x80 == 0;
         }
     }
 }
 
 /// The length of a header whose second byte is `second`: 2, plus 2 or 8 bytes of extended
 /// length, plus 4 of mask key if masked.
-#[inline]
 fn header_len(second: u8) -> usize {
     let extended = match second & 0x7f {
         126 => 2,
