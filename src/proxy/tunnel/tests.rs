@@ -614,5 +614,11 @@ async fn idle_relay_state_stays_small() {
     eprintln!(
         "relay_tcp future: {tcp_size} bytes, relay_generic (duplex) future: {generic_size} bytes"
     );
-    assert!(tcp_size <= 1024, "relay_tcp future: {tcp_size} bytes");
+    // Debug build (cargo test): 1056 and 840 bytes before WebSocket closes, 1168 and 1008 with
+    // them (a frame tracker per direction, the close signal's reference, the close bound).
+    assert!(tcp_size <= 1280, "relay_tcp future: {tcp_size} bytes");
+    assert!(
+        generic_size <= 1152,
+        "relay_generic future: {generic_size} bytes"
+    );
 }
