@@ -20,7 +20,7 @@ use crate::limits::{key_hash, Capacity, ConnPermit, GlobalLimits, LimitOutcome, 
 use crate::metrics::KillSwitchAction;
 use crate::metrics::{DecisionKind, Metrics, ReloadLabel, ReloadResult};
 use crate::proxy::forward::Upstream;
-use crate::registry::{CloseCause, Registry};
+use crate::registry::{close_reason, CloseCause, CloseOrder, Registry};
 use crate::rules::{
     file, jittered_wait_secs, Action, DecidedBy, Decider, Decision, Refusal, RuleSet, VersionInput,
 };
@@ -558,13 +558,26 @@ impl Gate {
     /// `close_existing`; returns how many.
     pub fn close_refused(&self) -> usize {
         let snap = self.snapshot();
+        // One reason per decider, shared by the connections it closes.
+        let mut reasons: std::collections::HashMap<Arc<str>, Arc<str>> = Default::default();
         let plan = self.registry.plan_close(|t| {
             let d = self.decide(&snap, &t.version, &t.path);
+            if d.admits() || !d.decider.close_existing {
+                return None;
+            }
             let cause = match d.by {
                 DecidedBy::KillSwitch => CloseCause::KillSwitch,
                 _ => CloseCause::Policy,
             };
-            (!d.admits() && d.decider.close_existing).then_some((d.decider.drain, cause))
+            let reason = reasons
+                .entry(d.decider.name.clone())
+                .or_insert_with(|| close_reason_for(d.decider))
+                .clone();
+            Some(CloseOrder {
+                drain: d.decider.drain,
+                cause,
+                reason: Some(reason),
+            })
         });
         let n = plan.len();
         let counter = self.metrics.tunnels_closed_by_policy.clone();
@@ -573,6 +586,33 @@ impl Gate {
         });
         n
     }
+}
+
+/// What a WebSocket device that `decider` closes is told in its Close frame: who refused it,
+/// in the words of its refusal body, and the refusal's base `Retry-After` when it has one.
+/// The retry part is kept whole when a long name has to be cut to fit the frame.
+fn close_reason_for(decider: &Decider) -> Arc<str> {
+    let who = match decider.name.strip_prefix("killswitch:") {
+        Some(id) => format!("refused by emergency kill switch {id}"),
+        None => format!("refused by rule {}", decider.name),
+    };
+    let retry = match &decider.action {
+        Action::Deny(r) => r.retry_after,
+        _ => None,
+    };
+    let Some(retry) = retry else {
+        return close_reason(&who);
+    };
+    let retry = format!("; retry after {}s", retry.as_secs().max(1));
+    let room = crate::registry::MAX_CLOSE_REASON_BYTES.saturating_sub(retry.len());
+    let mut who = who;
+    let mut end = who.len().min(room);
+    while !who.is_char_boundary(end) {
+        end -= 1;
+    }
+    who.truncate(end);
+    who.push_str(&retry);
+    close_reason(&who)
 }
 
 impl Gate {
@@ -588,13 +628,17 @@ impl Gate {
     /// should close (spread over its drain).
     fn kill_impact(&self, entry: &killswitch::Entry, dry_run: bool) -> Impact {
         let mut matching = 0;
+        let reason = close_reason_for(&entry.decider);
         let plan = self.registry.plan_close(|t| {
             if !entry.matches(&t.version) {
                 return None;
             }
             matching += 1;
-            (!dry_run && entry.decider.close_existing)
-                .then_some((entry.decider.drain, CloseCause::KillSwitch))
+            (!dry_run && entry.decider.close_existing).then(|| CloseOrder {
+                drain: entry.decider.drain,
+                cause: CloseCause::KillSwitch,
+                reason: Some(reason.clone()),
+            })
         });
         let closing = plan.len();
         let counter = self.metrics.tunnels_closed_by_policy.clone();
@@ -889,4 +933,45 @@ fn compile_if_changed(
     let text = String::from_utf8(text)
         .map_err(|_| crate::diag::FileError::whole(path, "rules file is not valid UTF-8"))?;
     file::compile_with_limits(&text, Some(path), metrics, limits, generation).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn deny(name: &str, retry_after: Option<Duration>) -> Decider {
+        let metrics = Metrics::new();
+        Decider {
+            counters: metrics.rule_counters_for(name, &[DecisionKind::deny], false),
+            name: Arc::from(name),
+            action: Action::Deny(Refusal {
+                retry_after,
+                ..Refusal::default_deny()
+            }),
+            close_existing: true,
+            drain: Duration::ZERO,
+            health: None,
+        }
+    }
+
+    #[test]
+    fn close_reasons_name_the_rule_or_entry_and_keep_the_retry_delay_whole() {
+        let secs = Duration::from_secs;
+        assert_eq!(
+            &*close_reason_for(&deny("block", Some(secs(30)))),
+            "refused by rule block; retry after 30s"
+        );
+        assert_eq!(
+            &*close_reason_for(&deny("killswitch:k-3", Some(secs(300)))),
+            "refused by emergency kill switch k-3; retry after 300s"
+        );
+        assert_eq!(
+            &*close_reason_for(&deny("block", None)),
+            "refused by rule block"
+        );
+        let long = close_reason_for(&deny(&"r".repeat(300), Some(secs(30))));
+        assert_eq!(long.len(), crate::registry::MAX_CLOSE_REASON_BYTES);
+        assert!(long.ends_with("rrr; retry after 30s"), "{long}");
+    }
 }

@@ -61,6 +61,10 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+/// What a WebSocket device is told when the shutdown drain closes its tunnel (with 1013, Try
+/// Again Later: another instance will take it).
+pub const SHUTDOWN_CLOSE_REASON: &str = "fwgate shutting down; reconnect";
+
 use crate::admin::{Admin, AdminToken};
 use crate::gate::Gate;
 
@@ -198,11 +202,17 @@ pub async fn run(
     drop(kill_watcher);
     let _ = stop_tx.send(true);
     let deadline = tokio::time::Instant::now() + grace;
-    // Tunnels are closed gradually so the fleet reconnects to other instances in a trickle.
+    // Tunnels are closed gradually so the fleet reconnects to other instances in a trickle,
+    // the last early enough to finish its WebSocket close within the grace period.
+    let reason = registry::close_reason(SHUTDOWN_CLOSE_REASON);
+    let spread = grace.saturating_sub(proxy::tunnel::WS_CLOSE_WAIT);
     gate.registry
         .plan_close(|t| {
-            (t.kind == registry::TrackedKind::Tunnel)
-                .then_some((grace, registry::CloseCause::Shutdown))
+            (t.kind == registry::TrackedKind::Tunnel).then(|| registry::CloseOrder {
+                drain: spread,
+                cause: registry::CloseCause::Shutdown,
+                reason: Some(reason.clone()),
+            })
         })
         .execute(|| {});
     if tokio::time::timeout_at(deadline, proxy_task).await.is_err() {

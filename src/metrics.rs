@@ -228,6 +228,24 @@ pub struct TunnelEndLabel {
     pub end: &'static str,
 }
 
+/// Labels of `fwgate_websocket_close_frames_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseFrameLabel {
+    /// The Close frame's code: `1001` (to a backend), `1008` or `1013` (to a device); see
+    /// [`close_code_label`].
+    pub code: &'static str,
+}
+
+/// The label of a Close frame code fwgate sends (a closed set: anything else is `other`).
+pub fn close_code_label(code: u16) -> &'static str {
+    match code {
+        1001 => "1001",
+        1008 => "1008",
+        1013 => "1013",
+        _ => "other",
+    }
+}
+
 /// Labels of `fwgate_connections_closed_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CloseLabel {
@@ -312,6 +330,9 @@ pub struct Metrics {
     /// `fwgate_tunnels_closed_total{end}`: tunnels ended, by how (a shutdown, a kill-switch
     /// entry and a rule change are told apart).
     pub tunnels_closed: Family<TunnelEndLabel, Counter>,
+    /// `fwgate_websocket_close_frames_total{code}`: Close frames fwgate sent when it closed
+    /// WebSocket tunnels (to devices 1008/1013, to backends 1001).
+    pub websocket_close_frames: Family<CloseFrameLabel, Counter>,
     /// `fwgate_killswitch_changes_total{action}`.
     pub killswitch_changes: Family<KillSwitchLabel, Counter>,
     /// `fwgate_killswitch_entries`: entries in the state in force (including not yet pruned expired ones).
@@ -535,7 +556,14 @@ impl Metrics {
             "Tunnels ended, by how: closed, error, idle_timeout, closed_by_policy, kill_switch, shutdown",
             tunnels_closed.clone(),
         );
+        let websocket_close_frames = Family::<CloseFrameLabel, Counter>::default();
+        registry.register(
+            "websocket_close_frames",
+            "Close frames fwgate sent when it closed WebSocket tunnels, by code: 1008 and 1013 to devices, 1001 to backends",
+            websocket_close_frames.clone(),
+        );
         Metrics {
+            websocket_close_frames,
             backend_seconds,
             backend_failures,
             tunnel_seconds,

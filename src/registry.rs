@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -62,23 +62,58 @@ impl CloseCause {
 }
 
 /// Tells one tracked connection to close, and why. Latched: a signal sent before the
-/// connection waits for it is seen when it does (the first cause sent is kept). Each signal
-/// has a single waiter (the task serving that connection), so one byte and one waker slot do
-/// the work of a `Notify`'s waiter list without its lock: every forwarded request and every
-/// tunnel waits on one.
+/// connection waits for it is seen when it does (the first cause sent is kept, with its
+/// reason). Each signal has a single waiter (the task serving that connection), so one byte
+/// and one waker slot do the work of a `Notify`'s waiter list without its lock: every
+/// forwarded request and every tunnel waits on one.
 #[derive(Debug, Default)]
 pub struct CloseSignal {
-    /// 0 while open, else a [`CloseCause`].
+    /// 0 while open, [`CLAIMED`] while the first closer stores its reason, else a
+    /// [`CloseCause`].
     cause: AtomicU8,
+    /// What a WebSocket tunnel tells its device in its Close frame (set by the first closer,
+    /// before its cause is published, so whoever sees the cause sees this too).
+    reason: OnceLock<Arc<str>>,
     waker: atomic_waker::AtomicWaker,
 }
 
+/// [`CloseSignal::cause`] while the first closer is storing its reason: not closed yet.
+const CLAIMED: u8 = u8::MAX;
+
+/// Longest reason a WebSocket Close frame carries (RFC 6455 §5.5: a control frame's payload
+/// is at most 125 bytes, two of them the code).
+pub const MAX_CLOSE_REASON_BYTES: usize = 123;
+
+/// A close reason cut to [`MAX_CLOSE_REASON_BYTES`] on a character boundary, shared by every
+/// connection a close plan closes (one allocation per plan, none per connection).
+pub fn close_reason(text: &str) -> Arc<str> {
+    let mut end = text.len().min(MAX_CLOSE_REASON_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Arc::from(&text[..end])
+}
+
 impl CloseSignal {
-    /// Asks the connection to close for `cause`.
+    /// Asks the connection to close for `cause`, without a reason.
     pub fn close(&self, cause: CloseCause) {
-        let _ = self
+        self.close_with(cause, None);
+    }
+
+    /// Asks the connection to close for `cause`; a WebSocket tunnel sends `reason` to its
+    /// device in the Close frame. Only the first call counts.
+    pub fn close_with(&self, cause: CloseCause, reason: Option<Arc<str>>) {
+        if self
             .cause
-            .compare_exchange(0, cause as u8, Ordering::AcqRel, Ordering::Acquire);
+            .compare_exchange(0, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        if let Some(reason) = reason {
+            let _ = self.reason.set(reason);
+        }
+        self.cause.store(cause as u8, Ordering::Release);
         self.waker.wake();
     }
 
@@ -87,14 +122,19 @@ impl CloseSignal {
         CloseCause::from_u8(self.cause.load(Ordering::Acquire))
     }
 
+    /// The reason given with the close, if any (read once [`CloseSignal::cause`] is Some).
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.get().map(|r| &**r)
+    }
+
     /// Ready once [`CloseSignal::close`] was called; otherwise wakes `cx` when it is.
     pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.cause.load(Ordering::Acquire) != 0 {
+        if self.cause().is_some() {
             return Poll::Ready(());
         }
         self.waker.register(cx.waker());
         // Checked again: a close between the first check and the registration woke nothing.
-        if self.cause.load(Ordering::Acquire) != 0 {
+        if self.cause().is_some() {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -151,11 +191,23 @@ impl Drop for Registration {
     }
 }
 
+/// How to close one connection: when (a drain period, spread by [`Registry::plan_close`]),
+/// why, and what a WebSocket device is told.
+#[derive(Debug, Clone)]
+pub struct CloseOrder {
+    /// Over how long the closes of one plan are spread (then: this connection's delay).
+    pub drain: Duration,
+    /// Why.
+    pub cause: CloseCause,
+    /// The Close frame's reason (see [`close_reason`]); shared by the plan's connections.
+    pub reason: Option<Arc<str>>,
+}
+
 /// Connections to close and how to spread their closing.
 #[derive(Debug, Default)]
 pub struct ClosePlan {
-    /// (close handle, delay from now, why) for each connection.
-    pub targets: Vec<(Arc<CloseSignal>, Duration, CloseCause)>,
+    /// (close handle, what to do: its `drain` is the delay from now) for each connection.
+    pub targets: Vec<(Arc<CloseSignal>, CloseOrder)>,
 }
 
 impl ClosePlan {
@@ -176,9 +228,9 @@ impl ClosePlan {
         }
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
-            for (close, delay, cause) in self.targets {
-                tokio::time::sleep_until(start + delay).await;
-                close.close(cause);
+            for (close, order) in self.targets {
+                tokio::time::sleep_until(start + order.drain).await;
+                close.close_with(order.cause, order.reason);
                 on_close();
             }
         });
@@ -234,22 +286,18 @@ impl Registry {
         self.lock().is_empty()
     }
 
-    /// Plans closing every connection for which `refuses` returns a drain period and a cause:
-    /// the closures are spread evenly over the longest drain so a fleet does not reconnect in
-    /// one wave.
-    pub fn plan_close(
-        &self,
-        mut refuses: impl FnMut(&Tracked) -> Option<(Duration, CloseCause)>,
-    ) -> ClosePlan {
+    /// Plans closing every connection for which `refuses` returns an order: the closures are
+    /// spread evenly over the longest drain so a fleet does not reconnect in one wave.
+    pub fn plan_close(&self, mut refuses: impl FnMut(&Tracked) -> Option<CloseOrder>) -> ClosePlan {
         let open = self.lock();
-        let mut picked: Vec<(Arc<CloseSignal>, Duration, CloseCause)> = open
+        let mut picked: Vec<(Arc<CloseSignal>, CloseOrder)> = open
             .values()
-            .filter_map(|t| refuses(t).map(|(drain, cause)| (t.close.clone(), drain, cause)))
+            .filter_map(|t| refuses(t).map(|order| (t.close.clone(), order)))
             .collect();
         drop(open);
         let n = picked.len() as u32;
-        for (i, (_, drain, _)) in picked.iter_mut().enumerate() {
-            *drain = drain.mul_f64(i as f64 / f64::from(n.max(1)));
+        for (i, (_, order)) in picked.iter_mut().enumerate() {
+            order.drain = order.drain.mul_f64(i as f64 / f64::from(n.max(1)));
         }
         ClosePlan { targets: picked }
     }
@@ -323,6 +371,25 @@ mod tests {
     }
 
     #[test]
+    fn the_first_close_keeps_its_reason_with_its_cause() {
+        let signal = CloseSignal::default();
+        assert_eq!((signal.cause(), signal.reason()), (None, None));
+        signal.close_with(CloseCause::KillSwitch, Some(close_reason("entry k-1")));
+        signal.close_with(CloseCause::Shutdown, Some(close_reason("later")));
+        assert_eq!(signal.cause(), Some(CloseCause::KillSwitch));
+        assert_eq!(signal.reason(), Some("entry k-1"));
+    }
+
+    #[test]
+    fn a_close_reason_fits_a_close_frame_and_is_cut_between_characters() {
+        assert_eq!(&*close_reason("short"), "short");
+        let long = "ü".repeat(100);
+        let cut = close_reason(&long);
+        assert_eq!(cut.len(), 122, "61 two-byte characters fit 123 bytes");
+        assert!(cut.chars().all(|c| c == 'ü'));
+    }
+
+    #[test]
     fn close_plan_spreads_over_the_drain() {
         let r = Arc::new(Registry::default());
         let regs: Vec<_> = (0..4)
@@ -337,10 +404,14 @@ mod tests {
             })
             .collect();
         let plan = r.plan_close(|t| {
-            (&*t.path == "/a").then_some((Duration::from_secs(10), CloseCause::Policy))
+            (&*t.path == "/a").then(|| CloseOrder {
+                drain: Duration::from_secs(10),
+                cause: CloseCause::Policy,
+                reason: None,
+            })
         });
         assert_eq!(plan.len(), 2);
-        let mut delays: Vec<_> = plan.targets.iter().map(|(_, d, _)| *d).collect();
+        let mut delays: Vec<_> = plan.targets.iter().map(|(_, o)| o.drain).collect();
         delays.sort();
         assert_eq!(delays, vec![Duration::ZERO, Duration::from_secs(5)]);
         drop(regs);

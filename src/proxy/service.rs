@@ -494,11 +494,16 @@ async fn forward(
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status())
     {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let protocol = tunnel::Protocol::of_upgrade(
+            resp.headers()
+                .get(http::header::UPGRADE)
+                .map(|v| v.as_bytes()),
+        );
         let idle = gate.config.listen.tunnel_idle_timeout;
         let tunnel = OpenTunnel::open(gate, admitted, path, started, backend_time);
         tokio::spawn(async move {
             let stats = match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((c, u)) => relay(c, u, tunnel.close_signal(), idle).await,
+                Ok((c, u)) => relay(c, u, tunnel.close_signal(), protocol, idle).await,
                 Err(e) => {
                     tracing::debug!(error = %e, "upgrade did not complete");
                     TunnelStats::default()
@@ -613,6 +618,18 @@ impl OpenTunnel {
                 end: stats.end.as_str(),
             })
             .inc();
+        let codes = [
+            stats.device_close_code,
+            stats.backend_close_sent.then_some(tunnel::GOING_AWAY),
+        ];
+        for code in codes.into_iter().flatten() {
+            gate.metrics
+                .websocket_close_frames
+                .get_or_create(&crate::metrics::CloseFrameLabel {
+                    code: crate::metrics::close_code_label(code),
+                })
+                .inc();
+        }
         let lifetime = started.elapsed().saturating_sub(backend_time);
         // Churn is a tunnel that ended on its own soon after it opened; a long-lived tunnel
         // ending is health, and closes fwgate caused never count against the device.
@@ -706,6 +723,7 @@ async fn relay(
     client: Upgraded,
     upstream: Upgraded,
     close: Arc<CloseSignal>,
+    protocol: tunnel::Protocol,
     idle: Duration,
 ) -> TunnelStats {
     let plain = client
@@ -732,6 +750,7 @@ async fn relay(
                 TokioIo::new(upstream),
                 &[],
                 close,
+                protocol,
                 idle,
             ))
             .await
@@ -750,6 +769,7 @@ async fn relay(
                         &tcp,
                         &upstream_early,
                         &close,
+                        protocol,
                         idle,
                     )
                     .await
@@ -761,6 +781,7 @@ async fn relay(
                         tls,
                         &upstream_early,
                         close,
+                        protocol,
                         idle,
                     ))
                     .await
@@ -774,6 +795,7 @@ async fn relay(
                 TokioIo::new(upstream),
                 &[],
                 close,
+                protocol,
                 idle,
             ))
             .await

@@ -30,3 +30,4 @@ mod state_faults;
 mod tls;
 mod versions;
 mod websocket;
+mod ws_close;

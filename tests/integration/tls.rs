@@ -17,13 +17,13 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::util::*;
 
 /// A throwaway CA in the proxy's directory, signing server and device certificates.
-struct TestPki {
+pub struct TestPki {
     issuer: Issuer<'static, KeyPair>,
     ca_pem: String,
 }
 
 impl TestPki {
-    fn new() -> TestPki {
+    pub fn new() -> TestPki {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -60,7 +60,7 @@ impl TestPki {
         std::fs::write(dir.join("ca.pem"), &self.ca_pem).unwrap();
     }
 
-    fn client(&self, alpn: &[&[u8]], device: Option<&str>) -> TlsConnector {
+    pub fn client(&self, alpn: &[&[u8]], device: Option<&str>) -> TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
@@ -98,14 +98,23 @@ status = 503
 "#;
 
 /// Starts fwgate with TLS: the certificate files must exist before it starts.
-async fn start_tls_proxy(pki: &TestPki, upstream: std::net::SocketAddr) -> Proxy {
+pub async fn start_tls_proxy(pki: &TestPki, upstream: std::net::SocketAddr) -> Proxy {
+    start_tls_proxy_with(pki, upstream, RULES).await
+}
+
+/// [`start_tls_proxy`] with other rules.
+pub async fn start_tls_proxy_with(
+    pki: &TestPki,
+    upstream: std::net::SocketAddr,
+    rules: &str,
+) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     pki.install_server_cert(dir.path(), "server-1");
-    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
+    std::fs::write(dir.path().join("rules.toml"), rules).unwrap();
     start_proxy_in(dir, upstream, TLS_CONFIG).await
 }
 
-async fn connect(
+pub async fn connect(
     proxy: &Proxy,
     connector: &TlsConnector,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
@@ -240,7 +249,7 @@ fn check_validates_tls_files() {
 }
 
 /// `IntoClientRequest` for a parsed URI, without unwrap noise at call sites.
-trait ClientRequestExt {
+pub trait ClientRequestExt {
     fn into_client_request_ok(self) -> http::Request<()>;
 }
 

@@ -96,6 +96,7 @@ pub(super) async fn forward_upgrade(
     }
     let client_early = early.to_vec();
     let upstream_early = head.rest;
+    let protocol = head.protocol;
     let tunnel = OpenTunnel::open(gate.clone(), admitted, path, started, backend_time);
     let idle = gate.config.listen.tunnel_idle_timeout;
     let close = tunnel.close_signal();
@@ -106,11 +107,13 @@ pub(super) async fn forward_upgrade(
     Forwarded::Tunnel(Box::pin(async move {
         let stats = match upstream {
             UpstreamStream::Plain(tcp) => {
-                tunnel::relay_tcp(&client, &client_early, &tcp, &upstream_early, &close, idle).await
+                let (early, up_early) = (&client_early, &upstream_early);
+                tunnel::relay_tcp(&client, early, &tcp, up_early, &close, protocol, idle).await
             }
             tls => {
+                let (early, up_early) = (&client_early, &upstream_early);
                 let relay =
-                    tunnel::relay_generic(client, &client_early, tls, &upstream_early, close, idle);
+                    tunnel::relay_generic(client, early, tls, up_early, close, protocol, idle);
                 Box::pin(relay).await
             }
         };

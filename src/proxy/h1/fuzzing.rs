@@ -55,7 +55,7 @@ pub fn response_head(bytes: &[u8]) -> ResponseVerdict {
         match parse_response_head(&bytes[at..], false, false, false) {
             Ok(ResponseParse::Partial) => return ResponseVerdict::Partial,
             Ok(ResponseParse::Informational(n)) => at += n,
-            Ok(ResponseParse::Complete(n, status, client_head, framing, _)) => {
+            Ok(ResponseParse::Complete(n, status, client_head, framing, _, _)) => {
                 return ResponseVerdict::Complete {
                     status,
                     framing: match framing {

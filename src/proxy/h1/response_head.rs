@@ -9,6 +9,7 @@ use tokio::io::AsyncReadExt as _;
 
 use super::super::forward::{is_connection_option, parse_content_length, UpstreamStream};
 use super::super::response::ProxyFailure;
+use super::super::tunnel::Protocol;
 use super::encode::push_date;
 use super::head::{is_hop_by_hop, listed_in_connection, push_header, tokens};
 use crate::extract::visible_ascii;
@@ -32,6 +33,8 @@ pub(super) struct BackendHead {
     /// The client connection closes after this response (it said `Connection: close`, or
     /// the body ends only when the backend closes).
     pub(super) client_close: bool,
+    /// What a 101 switched to (its `Upgrade` header).
+    pub(super) protocol: Protocol,
 }
 
 /// How a response body ends (RFC 9112 §6.3).
@@ -69,7 +72,7 @@ pub(super) async fn read_response_head(
                     filled -= n;
                     continue;
                 }
-                ResponseParse::Complete(n, status, client_head, framing, keep_alive) => {
+                ResponseParse::Complete(n, status, client_head, framing, keep_alive, protocol) => {
                     return Ok(BackendHead {
                         status,
                         client_head,
@@ -78,6 +81,7 @@ pub(super) async fn read_response_head(
                         backend_keep_alive: keep_alive,
                         client_close: status != 101
                             && (client_close || framing == Framing::UntilClose),
+                        protocol,
                     })
                 }
             }
@@ -121,9 +125,9 @@ pub(super) enum ResponseParse {
     Partial,
     /// An informational head of this length, to skip.
     Informational(usize),
-    /// Head length, status, the head for the client, the body's framing, and whether the
-    /// backend keeps the connection open after it.
-    Complete(usize, u16, Vec<u8>, Framing, bool),
+    /// Head length, status, the head for the client, the body's framing, whether the
+    /// backend keeps the connection open after it, and what a 101 switched to.
+    Complete(usize, u16, Vec<u8>, Framing, bool, Protocol),
 }
 
 /// Parses a response head and rewrites it for the client: hop-by-hop headers removed (the
@@ -248,7 +252,10 @@ pub(super) fn parse_response_head(
     }
     out.extend_from_slice(b"\r\n");
     let keep_alive = !backend_close && framing != Framing::UntilClose;
-    Ok(ResponseParse::Complete(n, status, out, framing, keep_alive))
+    let protocol = Protocol::of_upgrade(upgrade_value.filter(|_| status == 101));
+    Ok(ResponseParse::Complete(
+        n, status, out, framing, keep_alive, protocol,
+    ))
 }
 
 /// Whether the last transfer coding is `chunked`, read as hyper reads it: the text after the
@@ -265,7 +272,9 @@ mod tests {
 
     fn complete(bytes: &[u8], upgrade: bool, head: bool) -> (usize, u16, String, Framing) {
         match parse_response_head(bytes, upgrade, head, true) {
-            Ok(ResponseParse::Complete(n, s, h, f, _)) => (n, s, String::from_utf8(h).unwrap(), f),
+            Ok(ResponseParse::Complete(n, s, h, f, _, _)) => {
+                (n, s, String::from_utf8(h).unwrap(), f)
+            }
             other => panic!("not complete: {:?}", other.is_ok()),
         }
     }
@@ -446,11 +455,11 @@ mod tests {
                 }
                 head.push_str("\r\n");
                 let first = parse_response_head(head.as_bytes(), false, false, false);
-                let Ok(ResponseParse::Complete(_, s1, out, f1, _)) = first else {
+                let Ok(ResponseParse::Complete(_, s1, out, f1, _, _)) = first else {
                     // Only a random header colliding with framing can make it unusable.
                     return Ok(());
                 };
-                let Ok(ResponseParse::Complete(n2, s2, _, f2, _)) =
+                let Ok(ResponseParse::Complete(n2, s2, _, f2, _, _)) =
                     parse_response_head(&out, false, false, false)
                 else {
                     return Err(TestCaseError::fail(format!("rewritten head does not parse: {:?}", String::from_utf8_lossy(&out))));
