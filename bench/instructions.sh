@@ -7,6 +7,9 @@
 #
 #     bash bench/instructions.sh [FWGATE_BIN ...]
 #
+# KEEP_PROFILES=DIR keeps each phase's callgrind file there (BIN.1 http, .2 handshake, .3 echo,
+# .4 refused) for `callgrind_annotate`.
+#
 # Default binary: the repo's release build (built if missing). For each binary prints
 # instructions per HTTP request (keep-alive), per admitted WebSocket handshake, per echoed
 # message and per refused handshake. valgrind's count of `rep movsb` is per byte, so large
@@ -104,6 +107,11 @@ for bin in "${BINS[@]}"; do
     "$LOADTOOL" refused --target "$PROXY" --path /ws --header 'X-Firmware-Version: 3.8.0-b3' --device-ids refused --count "$REF_N" --concurrency 10 --max-secs 300 >/dev/null 2>&1
     callgrind_control -d refused "$pid" >/dev/null 2>&1
     kill "$pid"; wait "$pid" 2>/dev/null
+    if [[ -n ${KEEP_PROFILES:-} ]]; then
+        # For callgrind_annotate: one file per phase, named after the binary.
+        mkdir -p "$KEEP_PROFILES"
+        for f in "$out".*; do cp "$f" "$KEEP_PROFILES/$(basename "$bin").${f##*.}"; done
+    fi
     line="$(basename "$bin"):"
     for part in 1 2 3 4; do
         f="$out.$part"

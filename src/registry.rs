@@ -122,6 +122,12 @@ impl CloseSignal {
         CloseCause::from_u8(self.cause.load(Ordering::Acquire))
     }
 
+    /// Whether a close was asked for: one load, for the relay's check before every read.
+    #[inline]
+    pub fn is_closing(&self) -> bool {
+        self.cause.load(Ordering::Acquire) != 0
+    }
+
     /// The reason given with the close, if any (read once [`CloseSignal::cause`] is Some).
     pub fn reason(&self) -> Option<&str> {
         self.reason.get().map(|r| &**r)
@@ -129,12 +135,12 @@ impl CloseSignal {
 
     /// Ready once [`CloseSignal::close`] was called; otherwise wakes `cx` when it is.
     pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.cause().is_some() {
+        if self.is_closing() {
             return Poll::Ready(());
         }
         self.waker.register(cx.waker());
         // Checked again: a close between the first check and the registration woke nothing.
-        if self.cause().is_some() {
+        if self.is_closing() {
             Poll::Ready(())
         } else {
             Poll::Pending

@@ -252,7 +252,7 @@ where
         let relay = Relay {
             counts: this.counts,
             websocket: this.websocket,
-            closing: (this.websocket && this.close.cause().is_some()).then_some(this.close),
+            closing: (this.websocket && this.close.is_closing()).then_some(this.close),
         };
         let mut forward = poll_flow(&mut this.a_to_b, this.a, this.b, &relay, cx);
         let mut back = poll_flow(&mut this.b_to_a, this.b, this.a, &relay, cx);

@@ -44,7 +44,7 @@ where
     let mut second = std::pin::pin!(Some(second()));
     let mut control = std::pin::pin!(watch(close, websocket, idle_timeout, counts));
     // A WebSocket close is under way: the directions are closing themselves.
-    let closing = || websocket && close.cause().is_some();
+    let closing = || websocket && close.is_closing();
     let parts = Parts::new();
     let end = std::future::poll_fn(|cx| {
         let mut woken = parts.woken(cx.waker());

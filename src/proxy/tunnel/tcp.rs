@@ -65,7 +65,7 @@ impl Shared<'_> {
     /// A WebSocket close is under way.
     #[inline]
     fn closing(&self) -> bool {
-        self.websocket && self.close.cause().is_some()
+        self.websocket && self.close.is_closing()
     }
 
     /// The byte count of the direction that writes to `peer`.
