@@ -15,6 +15,8 @@ pub mod proxy_protocol;
 pub mod response;
 pub mod tunnel;
 
+mod admission;
+mod outcome;
 mod service;
 
 use std::future::Future;

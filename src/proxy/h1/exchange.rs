@@ -9,9 +9,10 @@ use std::time::Instant;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
+use super::super::admission::Admitted;
 use super::super::forward::UpstreamStream;
+use super::super::outcome::{self, Exchange, OpenTunnel};
 use super::super::response::{BodyDone, ProxyFailure};
-use super::super::service::{self, Admitted, Exchange, OpenTunnel};
 use super::super::tunnel;
 use super::chunked::ChunkedEnd;
 use super::encode::encode_response;
@@ -75,7 +76,7 @@ pub(super) async fn forward_upgrade(
         }
     };
     let backend_time = started.elapsed();
-    service::backend_answered(gate, &admitted, backend_time);
+    outcome::backend_answered(gate, &admitted, backend_time);
     if head.status != 101 {
         let exchange = Exchange::new(
             gate,
@@ -182,7 +183,7 @@ pub(super) async fn forward_request(
         }
     };
     let backend_time = started.elapsed();
-    service::backend_answered(gate, &admitted, backend_time);
+    outcome::backend_answered(gate, &admitted, backend_time);
     let exchange = Exchange::new(
         gate,
         admitted,
@@ -223,7 +224,7 @@ fn failure_answer(
     (method, path, started): (&http::Method, &str, Instant),
     close: bool,
 ) -> Vec<u8> {
-    let resp = service::backend_failed(gate, &admitted, failure, method.as_str(), path, started);
+    let resp = outcome::backend_failed(gate, &admitted, failure, method.as_str(), path, started);
     drop(admitted);
     encode_response(&resp, close)
 }

@@ -5,7 +5,7 @@
 //! dispatch channel per backend connection and, for a handshake, hyper's upgrade hand-over on
 //! both legs: over half of fwgate's instructions per request (bench/README.md). Here the head
 //! is read into one buffer and parsed with httparse (the parser hyper uses), decided by the
-//! same [`service::admit`] as hyper's path, rewritten into one write to a backend connection
+//! same [`admission::admit`] as hyper's path, rewritten into one write to a backend connection
 //! (pooled, or new for an upgrade), and the backend's head is parsed the same way. The body is
 //! relayed as the backend framed it (length, chunked or until close), byte for byte; on 101
 //! both sockets are joined in a tunnel task.
@@ -46,8 +46,8 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use self::encode::encode_answer;
 use self::exchange::{forward_request, forward_upgrade, Forwarded};
 use self::head::{upstream_request_head, RequestShape};
+use super::admission::{self, Admitted, RequestHead};
 use super::prefixed::Prefixed;
-use super::service::{self, Admitted, RequestHead};
 use super::{tunnel, ConnInfo};
 use crate::gate::Gate;
 use crate::limits::ConnPermit;
@@ -334,9 +334,9 @@ fn prepare(
         target_len: target.as_str().len(),
         connection_may_name_headers: shape.lists_names,
     };
-    let admitted = match service::admit(gate, info, slot, &head) {
-        service::Admission::Admit(admitted) => admitted,
-        service::Admission::Refuse(refusal) => {
+    let admitted = match admission::admit(gate, info, slot, &head) {
+        admission::Admission::Admit(admitted) => admitted,
+        admission::Admission::Refuse(refusal) => {
             return Some(Step::Respond {
                 consumed,
                 bytes: encode_answer(&refusal, close),
