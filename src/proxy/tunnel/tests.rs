@@ -18,18 +18,20 @@ async fn pair() -> (TcpStream, TcpStream) {
     (a.unwrap(), b.unwrap().0)
 }
 
+/// A relay with no early bytes.
+async fn relay_between(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    close: &CloseSignal,
+    protocol: Protocol,
+    idle: Duration,
+) -> TunnelStats {
+    relay_tcp(client, b"", upstream, b"", close, protocol, idle).await
+}
+
 /// A plain relay with no early bytes and no idle timeout, as most tests want it.
 async fn relay_plain(client: &TcpStream, upstream: &TcpStream, close: &CloseSignal) -> TunnelStats {
-    relay_tcp(
-        client,
-        b"",
-        upstream,
-        b"",
-        close,
-        Protocol::Other,
-        Duration::ZERO,
-    )
-    .await
+    relay_between(client, upstream, close, Protocol::Other, Duration::ZERO).await
 }
 
 #[tokio::test]
@@ -145,16 +147,7 @@ async fn idle_tunnels_are_closed_and_active_ones_are_not() {
     let idle = Duration::from_millis(300);
     // The relay owns the sockets, as in the proxy: they close when it ends.
     let relay = async move {
-        relay_tcp(
-            &client_side,
-            b"",
-            &upstream_side,
-            b"",
-            &close,
-            Protocol::Other,
-            idle,
-        )
-        .await
+        relay_between(&client_side, &upstream_side, &close, Protocol::Other, idle).await
     };
     assert_closed_only_once_idle(relay, client, backend, idle).await;
 }
@@ -327,16 +320,7 @@ async fn both_directions_at_once_lose_no_wake_up() {
     let relay = tokio::spawn(async move {
         let close = CloseSignal::default();
         let idle = Duration::from_secs(30);
-        relay_tcp(
-            &client_side,
-            b"",
-            &upstream_side,
-            b"",
-            &close,
-            Protocol::Other,
-            idle,
-        )
-        .await
+        relay_between(&client_side, &upstream_side, &close, Protocol::Other, idle).await
     });
     const EACH_WAY: usize = 2_000_000;
     exchange_both_ways(client, backend, EACH_WAY).await;
