@@ -87,11 +87,16 @@ pub const MAX_CLOSE_REASON_BYTES: usize = 123;
 /// A close reason cut to [`MAX_CLOSE_REASON_BYTES`] on a character boundary, shared by every
 /// connection a close plan closes (one allocation per plan, none per connection).
 pub fn close_reason(text: &str) -> Arc<str> {
-    let mut end = text.len().min(MAX_CLOSE_REASON_BYTES);
+    Arc::from(cut_to(text, MAX_CLOSE_REASON_BYTES))
+}
+
+/// The longest start of `text` of at most `max` bytes that ends on a character boundary.
+pub fn cut_to(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    Arc::from(&text[..end])
+    &text[..end]
 }
 
 impl CloseSignal {

@@ -11,7 +11,7 @@ use crate::audit::AuditEvent;
 use crate::diag::FileErrors;
 use crate::limits::LimitStore;
 use crate::metrics::{Metrics, ReloadLabel, ReloadResult};
-use crate::registry::{close_reason, CloseCause, CloseOrder};
+use crate::registry::{close_reason, cut_to, CloseCause, CloseOrder};
 use crate::rules::{file, Action, DecidedBy, Decider, RuleSet};
 
 /// What the last reload attempt did, for `/v1/rules` and `POST /v1/reload`.
@@ -218,14 +218,7 @@ pub(super) fn close_reason_for(decider: &Decider) -> Arc<str> {
     };
     let retry = format!("; retry after {}s", retry.as_secs().max(1));
     let room = crate::registry::MAX_CLOSE_REASON_BYTES.saturating_sub(retry.len());
-    let mut who = who;
-    let mut end = who.len().min(room);
-    while !who.is_char_boundary(end) {
-        end -= 1;
-    }
-    who.truncate(end);
-    who.push_str(&retry);
-    close_reason(&who)
+    close_reason(&format!("{}{retry}", cut_to(&who, room)))
 }
 
 /// Compiles the rules file unless its content hash is unchanged (and `force` is off).

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use crate::registry::{CloseCause, MAX_CLOSE_REASON_BYTES};
+use crate::registry::{cut_to, CloseCause, MAX_CLOSE_REASON_BYTES};
 
 /// How long a WebSocket close may take from the close signal: the message in flight each way
 /// (its end is waited for, so no frame is cut in two), the Close frames, and the peers'
@@ -62,11 +62,7 @@ pub(super) fn write_close_frame(
     out: &mut [u8],
 ) -> usize {
     debug_assert!(out.len() >= MAX_CLOSE_FRAME, "close frame buffer too small");
-    let mut end = reason.len().min(MAX_CLOSE_REASON_BYTES);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    let reason = &reason.as_bytes()[..end];
+    let reason = cut_to(reason, MAX_CLOSE_REASON_BYTES).as_bytes();
     let code = match peer {
         Peer::Device => device_code(cause),
         Peer::Backend => GOING_AWAY,
