@@ -129,7 +129,9 @@ impl FleetCore {
         drop(s);
         self.metrics.fleet_connected(true);
         if !was {
-            self.store_back.notify_one();
+            // Only a watch waiting right now: no permit is kept, so the watch's own
+            // reconnect (which also lands here) cannot cut a later backoff short.
+            self.store_back.notify_waiters();
         }
     }
 

@@ -22,7 +22,8 @@ pub const WS_CLOSE_WAIT: Duration = Duration::from_secs(2);
 pub const GOING_AWAY: u16 = 1001;
 /// RFC 6455 §7.4.1: a message violated the endpoint's policy (a deny rule closed it).
 pub const POLICY_VIOLATION: u16 = 1008;
-/// IANA registry: try again later (a kill-switch entry, a limit, the shutdown drain).
+/// IANA registry: try again later (a kill-switch entry, the shutdown drain; limits never close
+/// an open tunnel, they refuse new handshakes).
 pub const TRY_AGAIN_LATER: u16 = 1013;
 
 /// Longest Close frame: 2 header bytes, 4 of mask key, the code and the longest reason.
