@@ -7,6 +7,7 @@
 #
 #     bash bench/instructions.sh [FWGATE_BIN ...]
 #
+# FAST_PATH=false measures hyper's path (what TLS listeners and handed-over connections use).
 # KEEP_PROFILES=DIR keeps each phase's callgrind file there (BIN.1 http, .2 handshake, .3 echo,
 # .4 refused) for `callgrind_annotate`.
 #
@@ -62,6 +63,7 @@ workers = 1
 rules = "$BENCH_DIR/rules-100.toml"
 [listen]
 addr = "$PROXY"
+fast_path = ${FAST_PATH:-true}
 [upstream]
 addr = "$BACKEND"
 [admin]
